@@ -1,0 +1,93 @@
+"""Component loaders: read a diffusers-layout folder and load each component with the loader its class names.
+
+`LOADERS` is the plain registry from a component's [library, class] (as written in model_index.json) to its loader.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from component_loaders.model_index import ModelIndex, read_model_index
+from component_loaders.models import (load_diffusers_model, load_own_transformer, load_processor, load_scheduler,
+                                      load_transformers_model)
+from component_loaders.tokenizer import load_tokenizer
+from gen.types import GenError
+
+log = logging.getLogger(__name__)
+
+LOADERS = {
+    # tokenizers
+    ("transformers", "CLIPTokenizer"): load_tokenizer,
+    ("transformers", "CLIPTokenizerFast"): load_tokenizer,
+    ("transformers", "T5Tokenizer"): load_tokenizer,
+    ("transformers", "T5TokenizerFast"): load_tokenizer,
+    ("transformers", "AutoTokenizer"): load_tokenizer,
+    ("transformers", "Qwen2Tokenizer"): load_tokenizer,
+    ("transformers", "Qwen2TokenizerFast"): load_tokenizer,
+    # text / image encoders
+    ("transformers", "CLIPTextModel"): load_transformers_model,
+    ("transformers", "T5EncoderModel"): load_transformers_model,
+    ("transformers", "UMT5EncoderModel"): load_transformers_model,
+    ("transformers", "CLIPVisionModel"): load_transformers_model,
+    ("transformers", "CLIPVisionModelWithProjection"): load_transformers_model,
+    ("transformers", "Qwen2_5_VLForConditionalGeneration"): load_transformers_model,
+    # processors
+    ("transformers", "CLIPImageProcessor"): load_processor,
+    ("transformers", "CLIPImageProcessorPil"): load_processor,  # what save_pretrained records without torchvision
+    ("transformers", "Qwen2VLProcessor"): load_processor,
+    ("transformers", "Qwen2_5_VLProcessor"): load_processor,
+    # diffusion transformers: our own implementations
+    ("diffusers", "FluxTransformer2DModel"): load_own_transformer,
+    ("diffusers", "WanTransformer3DModel"): load_own_transformer,
+    ("diffusers", "QwenImageTransformer2DModel"): load_own_transformer,
+    # VAEs
+    ("diffusers", "AutoencoderKL"): load_diffusers_model,
+    ("diffusers", "AutoencoderKLWan"): load_diffusers_model,
+    ("diffusers", "AutoencoderKLQwenImage"): load_diffusers_model,
+    # schedulers
+    ("diffusers", "FlowMatchEulerDiscreteScheduler"): load_scheduler,
+    ("diffusers", "UniPCMultistepScheduler"): load_scheduler,
+}
+
+
+@dataclass
+class Components:
+    """A loaded model folder: its index and one object per filled component slot."""
+
+    index: ModelIndex
+    modules: dict[str, Any]
+
+    def __getitem__(self, slot: str) -> Any:
+        return self.modules[slot]
+
+    def get(self, slot: str, default: Any = None) -> Any:
+        return self.modules.get(slot, default)
+
+
+def load_component(folder: Path, library: str, class_name: str, device: torch.device, dtype: torch.dtype,
+                   variant: str | None = None) -> Any:
+    loader = LOADERS.get((library, class_name))
+    if loader is None:
+        raise GenError(f"no loader for component class [{library!r}, {class_name!r}] ({folder}); "
+                       f"supported: {sorted(c for _, c in LOADERS)}", param="model_path")
+    return loader(folder, class_name, device=device, dtype=dtype, variant=variant)
+
+
+def load_components(path: str | Path, device: torch.device, dtype: torch.dtype, variant: str | None = None,
+                    skip: tuple[str, ...] = ()) -> Components:
+    """Load every component named in `path/model_index.json` (slots in `skip` are left out)."""
+    index = read_model_index(path)
+    modules: dict[str, Any] = {}
+    for slot, spec in index.components.items():
+        if spec is None or slot in skip:
+            continue
+        folder = index.path / slot
+        if not folder.is_dir():
+            raise GenError(f"component folder {str(folder)!r} named in model_index.json is missing", param="model_path")
+        log.info("loading %s (%s.%s) from %s", slot, *spec, folder)
+        modules[slot] = load_component(folder, *spec, device=device, dtype=dtype, variant=variant)
+    return Components(index=index, modules=modules)

@@ -1,0 +1,89 @@
+"""Loaders for model components: our own DiTs (meta + assign), transformers and diffusers modules, schedulers."""
+from __future__ import annotations
+
+import importlib
+from pathlib import Path
+
+import torch
+
+from component_loaders.weights import find_weight_files, load_weights
+from gen.config import config_from_dict, read_json
+from gen.types import GenError
+
+# diffusers transformer class -> (module, model class, config class) of our own implementation.
+OWN_TRANSFORMERS = {
+    "FluxTransformer2DModel": ("gen.models.flux", "FluxTransformer", "FluxConfig"),
+    "WanTransformer3DModel": ("gen.models.wan", "WanTransformer", "WanConfig"),
+    "QwenImageTransformer2DModel": ("gen.models.qwen_image", "QwenImageTransformer", "QwenImageConfig"),
+}
+
+
+def _config(folder: Path) -> dict:
+    try:
+        return read_json(folder / "config.json")
+    except (FileNotFoundError, ValueError) as e:
+        raise GenError(f"{folder}: {e}", param="model_path") from None
+
+
+def load_own_transformer(folder: Path, class_name: str, device: torch.device, dtype: torch.dtype,
+                         variant: str | None = None):
+    module_name, model_cls, config_cls = OWN_TRANSFORMERS[class_name]
+    module = importlib.import_module(module_name)
+    try:
+        config = config_from_dict(getattr(module, config_cls), _config(folder))
+    except (TypeError, ValueError, AssertionError) as e:
+        raise GenError(f"{folder}/config.json does not describe a valid {class_name}: {e}", param="model_path") from None
+    with torch.device("meta"):
+        model = getattr(module, model_cls)(config)
+    return load_weights(model, folder, device, dtype, variant)
+
+
+def _check_loading_info(folder: Path, info: dict) -> None:
+    missing = info.get("missing_keys") or []
+    mismatched = info.get("mismatched_keys") or []
+    if missing:
+        raise GenError(f"{folder}: missing weights: {sorted(missing)[:12]}", param="model_path")
+    if mismatched:
+        raise GenError(f"{folder}: weights of the wrong shape: {sorted(map(str, mismatched))[:12]}", param="model_path")
+
+
+def load_transformers_model(folder: Path, class_name: str, device: torch.device, dtype: torch.dtype,
+                            variant: str | None = None):
+    import transformers
+
+    _config(folder)
+    find_weight_files(folder, variant)  # a clear error when weights are absent
+    cls = getattr(transformers, class_name)
+    model, info = cls.from_pretrained(str(folder), dtype=dtype, variant=variant, output_loading_info=True)
+    _check_loading_info(folder, info)
+    return model.to(device).eval()
+
+
+def load_diffusers_model(folder: Path, class_name: str, device: torch.device, dtype: torch.dtype,
+                         variant: str | None = None):
+    import diffusers
+
+    _config(folder)
+    files = find_weight_files(folder, variant)
+    if variant is None and ".safetensors" in files[0].name:
+        variant = next((v for v in ("fp16", "bf16") if f".{v}." in files[0].name), None)
+    cls = getattr(diffusers, class_name)
+    model, info = cls.from_pretrained(str(folder), torch_dtype=dtype, variant=variant, output_loading_info=True)
+    _check_loading_info(folder, info)
+    return model.to(device).eval()
+
+
+def load_scheduler(folder: Path, class_name: str, **_):
+    import diffusers
+
+    if not (folder / "scheduler_config.json").is_file():
+        raise GenError(f"{folder}/scheduler_config.json is missing", param="model_path")
+    return getattr(diffusers, class_name).from_pretrained(str(folder))
+
+
+def load_processor(folder: Path, class_name: str, **_):
+    import transformers
+
+    if not folder.is_dir():
+        raise GenError(f"processor folder {str(folder)!r} is missing", param="model_path")
+    return getattr(transformers, class_name).from_pretrained(str(folder))

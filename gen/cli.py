@@ -1,0 +1,109 @@
+"""The `gen` command: `gen generate` here; `gen serve` and `gen consistency` come from their own modules."""
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+
+from gen.types import GenError
+
+# subcommand -> (module with `add_arguments(parser)` and `run(args) -> int`, help line)
+COMMANDS = {
+    "generate": ("gen.cli", "generate an image or a video"),
+}
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model-path", help="diffusers-layout model folder (default: the embedded default model)")
+    p.add_argument("--prompt", required=True, help="what to generate")
+    p.add_argument("--negative-prompt", help="what to steer away from (true CFG)")
+    p.add_argument("--seed", type=int, help="random seed (default: random; printed)")
+    p.add_argument("--num-inference-steps", type=int, help="denoising steps (default: the model family's)")
+    p.add_argument("--guidance-scale", type=float, help="guidance scale (default: the model family's)")
+    p.add_argument("--true-cfg-scale", type=float, help="true classifier-free guidance scale (needs a negative prompt)")
+    p.add_argument("--height", type=int, help="output height in pixels, a multiple of 16")
+    p.add_argument("--width", type=int, help="output width in pixels, a multiple of 16")
+    p.add_argument("--num-frames", type=int, help="video frames, 4k+1 (video models)")
+    p.add_argument("--fps", type=int, help="video frames per second (video models)")
+    p.add_argument("--image", action="append", default=[], help="input image (edit / image-to-video); repeatable")
+    p.add_argument("--output", help="output file: .png/.jpg/.webp for images, .mp4 for video "
+                                    "(default: out.png or out.mp4)")
+    p.add_argument("--device", help="cpu or an accelerator (default: the accelerator if present)")
+    p.add_argument("--dtype", help="fp32, bf16 or fp16 (default: bf16 on accelerators, fp32 on cpu)")
+
+
+def run(args: argparse.Namespace) -> int:
+    from gen.generator import Generator, load_image
+    from gen.types import check_writable
+
+    images = [load_image(p) for p in args.image]  # fail on bad images before loading the model
+    if args.output:
+        check_writable(args.output)
+    gen = Generator.from_pretrained(args.model_path, device=args.device, dtype=args.dtype)
+    output = args.output or ("out.mp4" if gen.modality == "video" else "out.png")
+    check_writable(output)
+    bar = _ProgressBar()
+    result = gen.generate(prompt=args.prompt, negative_prompt=args.negative_prompt, seed=args.seed,
+                          num_inference_steps=args.num_inference_steps, guidance_scale=args.guidance_scale,
+                          true_cfg_scale=args.true_cfg_scale, height=args.height, width=args.width,
+                          num_frames=args.num_frames, fps=args.fps, images=images, progress=bar)
+    bar.close()
+    path = result.save(output)
+    timings = ", ".join(f"{k} {v:.2f}s" for k, v in result.timings.items())
+    print(f"wrote {path} (seed {result.seed}; {timings})")
+    return 0
+
+
+class _ProgressBar:
+    """A step progress bar on stderr (tqdm)."""
+
+    def __init__(self):
+        self.bar = None
+
+    def __call__(self, step: int, total: int) -> None:
+        from tqdm import tqdm
+
+        if self.bar is None:
+            self.bar = tqdm(total=total, desc="denoising", unit="step", file=sys.stderr)
+        self.bar.update(step - self.bar.n)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # argparse's own errors: exit code 2 with one line
+        self.print_usage(sys.stderr)
+        print(f"error: {message}", file=sys.stderr)
+        raise SystemExit(2)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="gen", description="Diffusion generation: FLUX, Wan, Qwen-Image.")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log what is loaded and how")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    for name, (module_name, help_line) in COMMANDS.items():
+        module = importlib.import_module(module_name)
+        p = sub.add_parser(name, help=help_line)
+        module.add_arguments(p)
+        p.set_defaults(_run=module.run)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
+    try:
+        return args._run(args)
+    except GenError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,97 @@
+"""`Generator`: the Python API. Loads a model folder once, then turns requests into images or videos."""
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+import torch
+from PIL import Image, UnidentifiedImageError
+
+from component_loaders import load_components
+from component_loaders.model_index import read_model_index
+from gen.device import resolve_device, resolve_dtype
+from gen.registry import pipeline_class
+from gen.types import CancelFn, GenError, GenerationRequest, GenerationResult, ProgressFn
+
+log = logging.getLogger(__name__)
+ASSETS = Path(__file__).resolve().parents[1] / "assets"
+DEFAULT_MODEL = "flux-tiny"
+
+
+def default_model_path() -> Path:
+    """The embedded default model that ships in the repository's assets/ folder."""
+    path = ASSETS / DEFAULT_MODEL
+    if not (path / "model_index.json").is_file():
+        raise GenError(f"the embedded default model is not at {path}; install gen from its repository "
+                       "(pip install -e .) or pass --model-path", param="model_path")
+    return path
+
+
+def load_image(image) -> Image.Image:
+    """A PIL image, or a path to one, as RGB; unreadable or non-image files are named in the error."""
+    if isinstance(image, Image.Image):
+        return image.convert("RGB")
+    if not isinstance(image, (str, os.PathLike)):
+        raise GenError(f"an input image must be a PIL image or a file path, got {type(image).__name__}", param="image")
+    path = Path(image)
+    if not path.is_file():
+        raise GenError(f"input image {str(path)!r} does not exist", param="image")
+    try:
+        with Image.open(path) as im:
+            im.load()
+            return im.convert("RGB")
+    except (UnidentifiedImageError, OSError, Image.DecompressionBombError) as e:
+        raise GenError(f"input image {str(path)!r} is not a readable image ({e})", param="image") from None
+
+
+class Generator:
+    def __init__(self, pipeline, model_path: Path):
+        self.pipeline = pipeline
+        self.model_path = model_path
+
+    @classmethod
+    def from_pretrained(cls, path: str | os.PathLike | None = None, device: str | torch.device | None = None,
+                        dtype: str | torch.dtype | None = None, variant: str | None = None) -> "Generator":
+        """Load a diffusers-layout folder (`None`: the embedded default) on `device` in `dtype`."""
+        path = Path(path) if path is not None else default_model_path()
+        device = resolve_device(device)
+        dtype = resolve_dtype(dtype, device)
+        pipe_cls = pipeline_class(read_model_index(path).class_name)
+        components = load_components(path, device, dtype, variant=variant)
+        log.info("loaded %s (%s) on %s in %s", path, pipe_cls.__name__, device, dtype)
+        return cls(pipe_cls(components, device, dtype), path)
+
+    @property
+    def modality(self) -> str:
+        return self.pipeline.modality
+
+    @property
+    def family(self) -> str:
+        return self.pipeline.family
+
+    @property
+    def defaults(self):
+        return self.pipeline.defaults
+
+    def generate(self, prompt: str, *, negative_prompt: str | None = None, seed: int | None = None,
+                 num_inference_steps: int | None = None, guidance_scale: float | None = None,
+                 true_cfg_scale: float | None = None, height: int | None = None, width: int | None = None,
+                 num_frames: int | None = None, fps: int | None = None, images=None, num_outputs: int = 1,
+                 enhance_prompt: bool = False, progress: ProgressFn | None = None,
+                 cancel: CancelFn | None = None) -> GenerationResult:
+        """Generate images (image models) or frames (video models); see GenerationRequest for the fields."""
+        if images is None:
+            images = ()
+        elif isinstance(images, (Image.Image, str, os.PathLike)):
+            images = (images,)
+        req = GenerationRequest(prompt=prompt, negative_prompt=negative_prompt, seed=seed,
+                                num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
+                                true_cfg_scale=true_cfg_scale, height=height, width=width, num_frames=num_frames,
+                                fps=fps, images=tuple(load_image(i) for i in images), num_outputs=num_outputs,
+                                enhance_prompt=enhance_prompt)
+        return self.run(req, progress=progress, cancel=cancel)
+
+    def run(self, req: GenerationRequest, progress: ProgressFn | None = None,
+            cancel: CancelFn | None = None) -> GenerationResult:
+        return self.pipeline(req, progress=progress, cancel=cancel)

@@ -1,0 +1,344 @@
+"""The FLUX.1 diffusion transformer (dev and schnell), parameter names = diffusers checkpoint keys; not the pipeline."""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from gen.models.attention import attention
+
+Rope = tuple[torch.Tensor, torch.Tensor]  # (cos, sin), each (S, head_dim) float32
+
+
+@dataclass(frozen=True)
+class FluxConfig:
+    """Fields = the keys of a diffusers `FluxTransformer2DModel` config.json (defaults = FLUX.1-dev)."""
+
+    patch_size: int = 1
+    in_channels: int = 64
+    out_channels: int | None = None  # None = in_channels
+    num_layers: int = 19
+    num_single_layers: int = 38
+    attention_head_dim: int = 128
+    num_attention_heads: int = 24
+    joint_attention_dim: int = 4096
+    pooled_projection_dim: int = 768
+    guidance_embeds: bool = False
+    axes_dims_rope: tuple[int, ...] = (16, 56, 56)
+
+    def __post_init__(self):
+        if sum(self.axes_dims_rope) != self.attention_head_dim:
+            raise ValueError(
+                f"axes_dims_rope={self.axes_dims_rope} must sum to attention_head_dim={self.attention_head_dim}"
+            )
+        if any(d % 2 for d in self.axes_dims_rope):
+            raise ValueError(f"axes_dims_rope={self.axes_dims_rope} must all be even")
+
+    @property
+    def inner_dim(self) -> int:
+        return self.num_attention_heads * self.attention_head_dim
+
+
+# ---------------------------------------------------------------- RoPE
+
+
+def rope_from_ids(ids: torch.Tensor, axes_dims: tuple[int, ...], theta: float = 10000.0) -> Rope:
+    """Per-axis rotary tables for positions `ids` (S, n_axes) -> (cos, sin), each (S, sum(axes_dims)) float32.
+
+    Each pair of channels (2i, 2i+1) shares one frequency (interleaved layout, as BFL and diffusers).
+    """
+    if ids.ndim != 2 or ids.shape[-1] != len(axes_dims):
+        raise ValueError(f"ids must be (S, {len(axes_dims)}) for axes_dims={axes_dims}, got shape {tuple(ids.shape)}")
+    # float64 where the device has it (diffusers does the same), float32 elsewhere.
+    fdtype = torch.float32 if ids.device.type in ("mps", "npu") else torch.float64
+    pos = ids.float().to(fdtype)  # (S, n_axes)
+    angles = []
+    for i, dim in enumerate(axes_dims):
+        freqs = 1.0 / theta ** (torch.arange(0, dim, 2, dtype=fdtype, device=ids.device) / dim)  # (dim/2,)
+        angles.append(torch.outer(pos[:, i], freqs))  # (S, dim/2)
+    angle = torch.cat(angles, dim=-1).repeat_interleave(2, dim=-1)  # (S, D)
+    return angle.cos().float(), angle.sin().float()
+
+
+def apply_rope(x: torch.Tensor, rope: Rope) -> torch.Tensor:
+    """Rotate channel pairs (2i, 2i+1) of x (B, S, H, D) by the angles in rope; math in fp32, result in x.dtype."""
+    cos, sin = (t.to(x.device)[None, :, None, :] for t in rope)  # (1, S, 1, D)
+    re, im = x.float().unflatten(-1, (-1, 2)).unbind(-1)  # (B, S, H, D/2) each
+    rotated = torch.stack([-im, re], dim=-1).flatten(-2)  # (B, S, H, D)
+    return (x.float() * cos + rotated * sin).to(x.dtype)
+
+
+# ---------------------------------------------------------------- embeddings
+
+
+def timestep_sinusoids(t: torch.Tensor, dim: int = 256, max_period: float = 10000.0) -> torch.Tensor:
+    """Sinusoidal embedding of t (B,) -> (B, dim) float32, laid out [cos | sin]."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
+    args = t[:, None].float() * freqs[None]  # (B, half)
+    return torch.cat([args.cos(), args.sin()], dim=-1)
+
+
+class MLPEmbedder(nn.Module):
+    """Linear -> SiLU -> Linear (diffusers' TimestepEmbedding / PixArtAlphaTextProjection)."""
+
+    def __init__(self, in_dim: int, dim: int):
+        super().__init__()
+        self.linear_1 = nn.Linear(in_dim, dim)
+        self.linear_2 = nn.Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.linear_2(F.silu(self.linear_1(x)))
+
+
+class TimeTextEmbed(nn.Module):
+    """temb = MLP(sin(t)) [+ MLP(sin(guidance))] + MLP(pooled text); t and guidance already scaled to [0, 1000]."""
+
+    def __init__(self, dim: int, pooled_dim: int, guidance: bool):
+        super().__init__()
+        self.timestep_embedder = MLPEmbedder(256, dim)
+        self.guidance_embedder = MLPEmbedder(256, dim) if guidance else None
+        self.text_embedder = MLPEmbedder(pooled_dim, dim)
+
+    def forward(self, t: torch.Tensor, guidance: torch.Tensor | None, pooled: torch.Tensor) -> torch.Tensor:
+        emb = self.timestep_embedder(timestep_sinusoids(t).to(pooled.dtype))  # (B, dim)
+        if self.guidance_embedder is not None:
+            emb = emb + self.guidance_embedder(timestep_sinusoids(guidance).to(pooled.dtype))
+        return emb + self.text_embedder(pooled)
+
+
+# ---------------------------------------------------------------- layers
+
+
+class Modulation(nn.Module):
+    """adaLN: SiLU(temb) -> Linear -> n chunks of (B, dim) (diffusers' AdaLayerNormZero[Single]'s `linear`)."""
+
+    def __init__(self, dim: int, n: int):
+        super().__init__()
+        self.n = n
+        self.linear = nn.Linear(dim, n * dim)
+
+    def forward(self, temb: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return self.linear(F.silu(temb)).chunk(self.n, dim=1)
+
+
+def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """LayerNorm (no affine, eps 1e-6) of x (B, L, dim), then scale/shift (B, dim) per sample."""
+    return F.layer_norm(x, x.shape[-1:], eps=1e-6) * (1 + scale[:, None]) + shift[:, None]
+
+
+class GeluProj(nn.Module):
+    def __init__(self, dim: int, hidden: int):
+        super().__init__()
+        self.proj = nn.Linear(dim, hidden)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.gelu(self.proj(x), approximate="tanh")
+
+
+class FeedForward(nn.Module):
+    """dim -> 4 dim (tanh GELU) -> dim; `net.0.proj` / `net.2` as in diffusers (net.1 is its dropout slot)."""
+
+    def __init__(self, dim: int, mult: int = 4):
+        super().__init__()
+        self.net = nn.Sequential(GeluProj(dim, mult * dim), nn.Identity(), nn.Linear(mult * dim, dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+
+def _heads(x: torch.Tensor, proj: nn.Linear, head_dim: int) -> torch.Tensor:
+    return proj(x).unflatten(-1, (-1, head_dim))  # (B, L, H, D)
+
+
+class SelfAttention(nn.Module):
+    """Single-stream attention: q/k/v + q/k RMSNorm + RoPE; the output projection lives in the block's proj_out."""
+
+    def __init__(self, dim: int, heads: int, head_dim: int):
+        super().__init__()
+        self.head_dim = head_dim
+        self.norm_q = nn.RMSNorm(head_dim, eps=1e-6)
+        self.norm_k = nn.RMSNorm(head_dim, eps=1e-6)
+        self.to_q = nn.Linear(dim, heads * head_dim)
+        self.to_k = nn.Linear(dim, heads * head_dim)
+        self.to_v = nn.Linear(dim, heads * head_dim)
+
+    def forward(self, x: torch.Tensor, rope: Rope) -> torch.Tensor:
+        q = self.norm_q(_heads(x, self.to_q, self.head_dim))  # (B, S, H, D)
+        k = self.norm_k(_heads(x, self.to_k, self.head_dim))
+        v = _heads(x, self.to_v, self.head_dim)
+        out = attention(apply_rope(q, rope), apply_rope(k, rope), v)  # (B, S, H, D)
+        return out.flatten(2)  # (B, S, H*D)
+
+
+class JointAttention(nn.Module):
+    """Double-stream attention: separate image (to_*) and text (add_*_proj) weights, one attention over [txt, img]."""
+
+    def __init__(self, dim: int, heads: int, head_dim: int):
+        super().__init__()
+        self.head_dim = head_dim
+        inner = heads * head_dim
+        self.norm_q = nn.RMSNorm(head_dim, eps=1e-6)
+        self.norm_k = nn.RMSNorm(head_dim, eps=1e-6)
+        self.to_q = nn.Linear(dim, inner)
+        self.to_k = nn.Linear(dim, inner)
+        self.to_v = nn.Linear(dim, inner)
+        self.to_out = nn.ModuleList([nn.Linear(inner, dim)])
+        self.norm_added_q = nn.RMSNorm(head_dim, eps=1e-6)
+        self.norm_added_k = nn.RMSNorm(head_dim, eps=1e-6)
+        self.add_q_proj = nn.Linear(dim, inner)
+        self.add_k_proj = nn.Linear(dim, inner)
+        self.add_v_proj = nn.Linear(dim, inner)
+        self.to_add_out = nn.Linear(inner, dim)
+
+    def img_qkv(self, img: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        hd = self.head_dim
+        q = self.norm_q(_heads(img, self.to_q, hd))  # (B, L, H, D)
+        k = self.norm_k(_heads(img, self.to_k, hd))
+        return q, k, _heads(img, self.to_v, hd)
+
+    def txt_qkv(self, txt: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        hd = self.head_dim
+        q = self.norm_added_q(_heads(txt, self.add_q_proj, hd))
+        k = self.norm_added_k(_heads(txt, self.add_k_proj, hd))
+        return q, k, _heads(txt, self.add_v_proj, hd)
+
+    def forward(self, img: torch.Tensor, txt: torch.Tensor, rope: Rope) -> tuple[torch.Tensor, torch.Tensor]:
+        """img (B, L, dim), txt (B, T, dim), rope over the T + L joint positions -> (img_out, txt_out)."""
+        (iq, ik, iv), (tq, tk, tv) = self.img_qkv(img), self.txt_qkv(txt)  # (B, L|T, H, D)
+        q = apply_rope(torch.cat([tq, iq], dim=1), rope)  # (B, T+L, H, D)
+        k = apply_rope(torch.cat([tk, ik], dim=1), rope)
+        v = torch.cat([tv, iv], dim=1)
+        out = attention(q, k, v).flatten(2)  # (B, T+L, H*D)
+        txt_out, img_out = out.split([txt.shape[1], img.shape[1]], dim=1)
+        return self.to_out[0](img_out), self.to_add_out(txt_out)
+
+
+def _clip_fp16(x: torch.Tensor) -> torch.Tensor:
+    return x.clip(-65504, 65504) if x.dtype == torch.float16 else x
+
+
+class FluxDoubleBlock(nn.Module):
+    """MMDiT block: image and text streams each with own modulation / MLP, attending jointly."""
+
+    def __init__(self, dim: int, heads: int, head_dim: int):
+        super().__init__()
+        self.norm1 = Modulation(dim, 6)
+        self.norm1_context = Modulation(dim, 6)
+        self.attn = JointAttention(dim, heads, head_dim)
+        self.ff = FeedForward(dim)
+        self.ff_context = FeedForward(dim)
+
+    def forward(self, img: torch.Tensor, txt: torch.Tensor, temb: torch.Tensor, rope: Rope):
+        """img (B, L, dim), txt (B, T, dim), temb (B, dim) -> (img, txt)."""
+        i_shift, i_scale, i_gate, i_shift2, i_scale2, i_gate2 = self.norm1(temb)
+        t_shift, t_scale, t_gate, t_shift2, t_scale2, t_gate2 = self.norm1_context(temb)
+        img_attn, txt_attn = self.attn(modulate(img, i_shift, i_scale), modulate(txt, t_shift, t_scale), rope)
+
+        img = img + i_gate[:, None] * img_attn
+        img = img + i_gate2[:, None] * self.ff(modulate(img, i_shift2, i_scale2))
+
+        txt = txt + t_gate[:, None] * txt_attn
+        txt = txt + t_gate2[:, None] * self.ff_context(modulate(txt, t_shift2, t_scale2))
+        return img, _clip_fp16(txt)
+
+
+class FluxSingleBlock(nn.Module):
+    """Parallel attention + MLP over the joint [txt, img] sequence, one fused output projection."""
+
+    def __init__(self, dim: int, heads: int, head_dim: int, mlp_ratio: float = 4.0):
+        super().__init__()
+        mlp_dim = int(dim * mlp_ratio)
+        self.norm = Modulation(dim, 3)
+        self.attn = SelfAttention(dim, heads, head_dim)
+        self.proj_mlp = nn.Linear(dim, mlp_dim)
+        self.proj_out = nn.Linear(heads * head_dim + mlp_dim, dim)
+
+    def forward(self, x: torch.Tensor, temb: torch.Tensor, rope: Rope) -> torch.Tensor:
+        """x (B, T+L, dim) -> same."""
+        shift, scale, gate = self.norm(temb)
+        h = modulate(x, shift, scale)
+        mlp = F.gelu(self.proj_mlp(h), approximate="tanh")  # (B, S, mlp_dim)
+        out = self.proj_out(torch.cat([self.attn(h, rope), mlp], dim=-1))  # (B, S, dim)
+        return _clip_fp16(x + gate[:, None] * out)
+
+
+class OutNorm(nn.Module):
+    """Final adaLN (diffusers' AdaLayerNormContinuous): note its chunk order is (scale, shift)."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.linear = nn.Linear(dim, 2 * dim)
+
+    def forward(self, x: torch.Tensor, temb: torch.Tensor) -> torch.Tensor:
+        scale, shift = self.linear(F.silu(temb).to(x.dtype)).chunk(2, dim=1)
+        return modulate(x, shift, scale)
+
+
+# ---------------------------------------------------------------- model
+
+
+class FluxTransformer(nn.Module):
+    def __init__(self, config: FluxConfig):
+        super().__init__()
+        self.config = c = config
+        dim, heads, hd = c.inner_dim, c.num_attention_heads, c.attention_head_dim
+        self.out_channels = c.out_channels or c.in_channels
+        self.x_embedder = nn.Linear(c.in_channels, dim)
+        self.context_embedder = nn.Linear(c.joint_attention_dim, dim)
+        self.time_text_embed = TimeTextEmbed(dim, c.pooled_projection_dim, c.guidance_embeds)
+        self.transformer_blocks = nn.ModuleList([FluxDoubleBlock(dim, heads, hd) for _ in range(c.num_layers)])
+        self.single_transformer_blocks = nn.ModuleList(
+            [FluxSingleBlock(dim, heads, hd) for _ in range(c.num_single_layers)]
+        )
+        self.norm_out = OutNorm(dim)
+        self.proj_out = nn.Linear(dim, c.patch_size * c.patch_size * self.out_channels)
+
+    def rope(self, txt_ids: torch.Tensor, img_ids: torch.Tensor) -> Rope:
+        """(cos, sin) for the joint sequence [txt, img], each (T+L, head_dim)."""
+        return rope_from_ids(torch.cat([txt_ids, img_ids], dim=0), self.config.axes_dims_rope)
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        encoder_hidden_states: torch.Tensor,
+        pooled_projections: torch.Tensor,
+        timestep: torch.Tensor,
+        img_ids: torch.Tensor,
+        txt_ids: torch.Tensor,
+        guidance: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """hidden_states (B, L, C) packed latents, encoder_hidden_states (B, T, joint_dim), pooled (B, P),
+        timestep (B,) in [0, 1], img_ids (L, 3), txt_ids (T, 3), guidance (B,) for dev -> (B, L, out_channels)."""
+        if self.config.guidance_embeds and guidance is None:
+            raise ValueError("guidance is None, but this model has guidance_embeds=True (FLUX.1-dev): pass guidance")
+        if not self.config.guidance_embeds and guidance is not None:
+            raise ValueError("guidance was given, but this model has guidance_embeds=False (FLUX.1-schnell)")
+        img_ids, txt_ids = _unbatch_ids(img_ids, "img_ids"), _unbatch_ids(txt_ids, "txt_ids")
+        rope = self.rope(txt_ids, img_ids)
+
+        img = self.x_embedder(hidden_states)  # (B, L, dim)
+        txt = self.context_embedder(encoder_hidden_states)  # (B, T, dim)
+        t = timestep.to(img.dtype) * 1000
+        g = guidance.to(img.dtype) * 1000 if guidance is not None else None
+        temb = self.time_text_embed(t, g, pooled_projections)  # (B, dim)
+
+        for block in self.transformer_blocks:
+            img, txt = block(img, txt, temb, rope)
+        x = torch.cat([txt, img], dim=1)  # (B, T+L, dim)
+        for block in self.single_transformer_blocks:
+            x = block(x, temb, rope)
+        img = x[:, txt.shape[1] :]  # (B, L, dim)
+        return self.proj_out(self.norm_out(img, temb))  # (B, L, out_channels)
+
+
+def _unbatch_ids(ids: torch.Tensor, name: str) -> torch.Tensor:
+    """Accept (S, 3) or the deprecated (B, S, 3) (first batch entry, as diffusers does)."""
+    if ids.ndim == 3:
+        ids = ids[0]
+    if ids.ndim != 2:
+        raise ValueError(f"{name} must be (S, n_axes) or (B, S, n_axes), got shape {tuple(ids.shape)}")
+    return ids

@@ -1,0 +1,1 @@
+"""Pipelines, one file per model family: defaults, the list of stages, and the family-specific bits."""

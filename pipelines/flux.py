@@ -1,0 +1,82 @@
+"""FLUX.1 text-to-image (dev and schnell): CLIP pooled + T5 text encoding, packed 2x2 latents, flow matching."""
+from __future__ import annotations
+
+import copy
+
+import torch
+
+from gen.types import GenerationRequest, GenerationResult
+from pipelines.base import Pipeline, Timings
+from stages.decode import decode_image
+from stages.denoise import denoise, true_cfg
+from stages.latents import draw_noise, image_token_ids, pack_2x2, unpack_2x2
+from stages.text_encode import encode_clip_pooled, encode_t5
+from stages.timesteps import linear_sigmas, scheduler_shift, set_timesteps
+from stages.validate import FamilyDefaults, validate_request
+
+T5_MAX_LENGTH = 512
+
+
+class FluxPipeline(Pipeline):
+    family = "flux"
+    defaults = FamilyDefaults(num_inference_steps=28, guidance_scale=3.5, height=1024, width=1024)
+    required = ("tokenizer", "text_encoder", "tokenizer_2", "text_encoder_2", "transformer", "vae", "scheduler")
+
+    def __init__(self, components, device, dtype):
+        super().__init__(components, device, dtype)
+        c = components
+        self.transformer = c["transformer"]
+        self.vae = c["vae"]
+        self.vae_scale = 2 ** (len(self.vae.config.block_out_channels) - 1)
+        if not self.transformer.config.guidance_embeds:  # schnell: distilled for few steps, no guidance
+            self.defaults = FamilyDefaults(num_inference_steps=4, guidance_scale=0.0, height=1024, width=1024)
+
+    def encode(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        c = self.components
+        pooled = encode_clip_pooled(c["tokenizer"], c["text_encoder"], prompts, self.device, self.dtype)
+        seq, _ = encode_t5(c["tokenizer_2"], c["text_encoder_2"], prompts, T5_MAX_LENGTH, self.device, self.dtype,
+                          masked=False)
+        return seq, pooled
+
+    def __call__(self, req: GenerationRequest, progress=None, cancel=None) -> GenerationResult:
+        t = Timings()
+        with t("validate"):
+            req = validate_request(req, self.defaults)
+            self.check_images(req)
+            n = req.num_outputs
+        with t("encode_text"):
+            seq, pooled = self.encode([req.prompt] * n)
+            use_cfg = req.true_cfg_scale > 1 and req.negative_prompt is not None
+            if use_cfg:
+                neg_seq, neg_pooled = self.encode([req.negative_prompt] * n)
+        with t("prepare_latents"):
+            h = 2 * (req.height // (self.vae_scale * 2))  # latent height
+            w = 2 * (req.width // (self.vae_scale * 2))
+            channels = self.transformer.config.in_channels // 4
+            latents = pack_2x2(draw_noise((n, channels, h, w), req.seed, self.device, seq.dtype))
+            img_ids = image_token_ids(h // 2, w // 2, self.device, seq.dtype)
+            txt_ids = torch.zeros(seq.shape[1], 3, device=self.device, dtype=seq.dtype)
+            guidance = None
+            if self.transformer.config.guidance_embeds:
+                guidance = torch.full((n,), req.guidance_scale, device=self.device, dtype=torch.float32)
+        with t("timesteps"):
+            scheduler = copy.deepcopy(self.components["scheduler"])
+            steps = req.num_inference_steps
+            timesteps = set_timesteps(scheduler, steps, self.device, sigmas=linear_sigmas(steps),
+                                      mu=scheduler_shift(scheduler, latents.shape[1]))
+
+        def model_fn(x: torch.Tensor, ts: torch.Tensor, i: int) -> torch.Tensor:
+            timestep = ts.expand(x.shape[0]).to(x.dtype) / 1000
+            pred = self.transformer(hidden_states=x, encoder_hidden_states=seq, pooled_projections=pooled,
+                                    timestep=timestep, img_ids=img_ids, txt_ids=txt_ids, guidance=guidance)
+            if use_cfg:
+                neg = self.transformer(hidden_states=x, encoder_hidden_states=neg_seq, pooled_projections=neg_pooled,
+                                       timestep=timestep, img_ids=img_ids, txt_ids=txt_ids, guidance=guidance)
+                pred = true_cfg(pred, neg, req.true_cfg_scale)
+            return pred
+
+        with t("denoise"):
+            latents = denoise(model_fn, scheduler, latents, timesteps, progress, cancel)
+        with t("decode"):
+            images = decode_image(self.vae, unpack_2x2(latents, h, w))
+        return GenerationResult(seed=req.seed, images=images, timings=dict(t), request=req)
