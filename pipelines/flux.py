@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import copy
+from dataclasses import replace
 
 import torch
 
@@ -29,7 +30,10 @@ class FluxPipeline(Pipeline):
         self.vae = c["vae"]
         self.vae_scale = 2 ** (len(self.vae.config.block_out_channels) - 1)
         if not self.transformer.config.guidance_embeds:  # schnell: distilled for few steps, no guidance
-            self.defaults = FamilyDefaults(num_inference_steps=4, guidance_scale=0.0, height=1024, width=1024)
+            self.defaults = replace(self.defaults, num_inference_steps=4, guidance_scale=0.0)
+        size = self.vae.config.get("sample_size")  # the VAE's native resolution (1024 for FLUX.1)
+        if isinstance(size, int) and size % 16 == 0:
+            self.defaults = replace(self.defaults, height=size, width=size)
 
     def encode(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         c = self.components

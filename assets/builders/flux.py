@@ -13,7 +13,7 @@ def tiny_flux_vae() -> AutoencoderKL:
     """FLUX's VAE layout (16 latent channels in the real one), 8x downsampling, tiny widths."""
     return AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 4,
                          up_block_types=("UpDecoderBlock2D",) * 4, block_out_channels=(8, 16, 16, 16),
-                         layers_per_block=1, latent_channels=4, norm_num_groups=4, sample_size=64,
+                         layers_per_block=1, latent_channels=4, norm_num_groups=4, sample_size=128,
                          scaling_factor=0.3611, shift_factor=0.1159, use_quant_conv=False, use_post_quant_conv=False)
 
 
