@@ -1,33 +1,82 @@
 """The one attention entry point every model calls; backends and sequence parallelism plug in here.
 
-Not a module with weights: projections, norms and RoPE live in the model files.
+Not a module with weights: projections, norms and RoPE live in the model files. The backend is chosen once
+(`select_attention_backend`) and every model's attention goes through `attention()`.
 """
 from __future__ import annotations
 
+import logging
 from typing import Callable
 
 import torch
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+log = logging.getLogger(__name__)
 
 # (q, k, v, mask) -> out; q/k/v are (B, L, H, D); mask is None or bool (B, Lk) with True = attend.
 AttentionFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None], torch.Tensor]
 
 
-def sdpa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-    """Plain PyTorch scaled-dot-product attention. q, k, v: (B, L, H, D) -> (B, Lq, H, D)."""
-    attn_mask = None
-    if mask is not None:
-        attn_mask = mask[:, None, None, :].to(torch.bool)  # (B, 1, 1, Lk)
-    out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=attn_mask)
+def _sdpa(q, k, v, mask, backends: list[SDPBackend] | None = None) -> torch.Tensor:
+    attn_mask = None if mask is None else mask[:, None, None, :].to(torch.bool)  # (B, 1, 1, Lk)
+    q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H, L, D)
+    if backends is None:
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
+    else:
+        with sdpa_kernel(backends):
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
     return out.transpose(1, 2)
 
+
+def sdpa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """PyTorch SDPA with PyTorch's own choice of kernel. q, k, v: (B, L, H, D) -> (B, Lq, H, D)."""
+    return _sdpa(q, k, v, mask)
+
+
+def math_attention(q, k, v, mask=None) -> torch.Tensor:
+    """The plain softmax(QK^T/sqrt(d))V reference, in the inputs' dtype."""
+    return _sdpa(q, k, v, mask, [SDPBackend.MATH])
+
+
+def cudnn_attention(q, k, v, mask=None) -> torch.Tensor:
+    """SDPA pinned to cuDNN's fused attention (fastest on Hopper for head dim 128); masks fall back to flash/efficient."""
+    if mask is not None:
+        return _sdpa(q, k, v, mask, [SDPBackend.EFFICIENT_ATTENTION, SDPBackend.CUDNN_ATTENTION])
+    return _sdpa(q, k, v, mask, [SDPBackend.CUDNN_ATTENTION])
+
+
+def flash_attention(q, k, v, mask=None) -> torch.Tensor:
+    """SDPA pinned to the FlashAttention-2 kernel (no masks: falls back to memory-efficient for those)."""
+    if mask is not None:
+        return _sdpa(q, k, v, mask, [SDPBackend.EFFICIENT_ATTENTION])
+    return _sdpa(q, k, v, mask, [SDPBackend.FLASH_ATTENTION])
+
+
+def efficient_attention(q, k, v, mask=None) -> torch.Tensor:
+    return _sdpa(q, k, v, mask, [SDPBackend.EFFICIENT_ATTENTION])
+
+
+# name -> backend; the order of PREFERENCE lists the fastest first for accelerators.
+BACKENDS: dict[str, AttentionFn] = {
+    "sdpa": sdpa_attention,
+    "math": math_attention,
+    "cudnn": cudnn_attention,
+    "flash": flash_attention,
+    "efficient": efficient_attention,
+}
+PREFERENCE = ("cudnn", "flash", "efficient", "sdpa")
 
 _BACKEND: AttentionFn = sdpa_attention
 
 
-def set_attention_backend(fn: AttentionFn) -> AttentionFn:
-    """Install `fn` as the attention used by every model; returns the previous one (to restore)."""
+def set_attention_backend(fn: AttentionFn | str) -> AttentionFn:
+    """Install `fn` (or a name from BACKENDS) as the attention used by every model; returns the previous one."""
     global _BACKEND
+    if isinstance(fn, str):
+        if fn not in BACKENDS:
+            raise ValueError(f"unknown attention backend {fn!r}; known: {sorted(BACKENDS)}")
+        fn = BACKENDS[fn]
     previous, _BACKEND = _BACKEND, fn
     return previous
 
@@ -39,3 +88,38 @@ def get_attention_backend() -> AttentionFn:
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
     """Attention over (B, L, H, D) tensors; `mask` (B, Lk) bool marks keys to attend. Returns (B, Lq, H, D)."""
     return _BACKEND(q, k, v, mask)
+
+
+def backend_agrees(name: str, device: torch.device, dtype: torch.dtype, head_dim: int = 128) -> bool:
+    """Does backend `name` run here and match the math reference (fp32) on random inputs, with and without a mask?"""
+    g = torch.Generator("cpu").manual_seed(0)
+    q, k, v = (torch.randn(2, 77, 4, head_dim, generator=g).to(device, dtype) for _ in range(3))
+    mask = torch.ones(2, 77, dtype=torch.bool, device=device)
+    mask[1, 50:] = False
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    for m in (None, mask):
+        try:
+            out = BACKENDS[name](q, k, v, m).float()
+        except RuntimeError as e:  # the kernel is not available for this device/dtype/shape
+            log.info("attention backend %s unavailable: %s", name, str(e).splitlines()[0])
+            return False
+        ref = math_attention(q.float(), k.float(), v.float(), m)
+        if ((out - ref).norm() / ref.norm()).item() > tol:
+            log.warning("attention backend %s disagrees with the math reference; not used", name)
+            return False
+    return True
+
+
+def select_attention_backend(device: torch.device, dtype: torch.dtype, name: str = "auto") -> str:
+    """Choose once at start-up: on accelerators the first of PREFERENCE that runs and agrees; plain SDPA on CPU."""
+    if name != "auto":
+        if name not in BACKENDS:
+            raise ValueError(f"unknown attention backend {name!r}; known: {sorted(BACKENDS)}")
+        set_attention_backend(name)
+        return name
+    chosen = "sdpa"
+    if device.type != "cpu":
+        chosen = next((n for n in PREFERENCE if backend_agrees(n, device, dtype)), "sdpa")
+    set_attention_backend(chosen)
+    log.info("attention backend: %s", chosen)
+    return chosen
