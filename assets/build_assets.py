@@ -13,6 +13,7 @@ ROOT = Path(__file__).resolve().parent
 BUILDERS = {
     "flux": "assets.builders.flux",
     "wan": "assets.builders.wan",
+    "qwen_image": "assets.builders.qwen_image",
 }
 
 

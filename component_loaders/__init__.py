@@ -14,6 +14,7 @@ import torch
 from component_loaders.model_index import ModelIndex, read_model_index
 from component_loaders.models import (load_diffusers_model, load_own_transformer, load_processor, load_scheduler,
                                       load_transformers_model)
+from component_loaders.qwen import load_qwen_vl_processor
 from component_loaders.tokenizer import load_tokenizer
 from gen.types import GenError
 
@@ -38,8 +39,8 @@ LOADERS = {
     # processors
     ("transformers", "CLIPImageProcessor"): load_processor,
     ("transformers", "CLIPImageProcessorPil"): load_processor,  # what save_pretrained records without torchvision
-    ("transformers", "Qwen2VLProcessor"): load_processor,
-    ("transformers", "Qwen2_5_VLProcessor"): load_processor,
+    ("transformers", "Qwen2VLProcessor"): load_qwen_vl_processor,
+    ("transformers", "Qwen2_5_VLProcessor"): load_qwen_vl_processor,
     # diffusion transformers: our own implementations
     ("diffusers", "FluxTransformer2DModel"): load_own_transformer,
     ("diffusers", "WanTransformer3DModel"): load_own_transformer,

@@ -7,6 +7,9 @@ from gen.types import GenError
 
 PIPELINES = {
     "FluxPipeline": "pipelines.flux:FluxPipeline",
+    "QwenImagePipeline": "pipelines.qwen_image:QwenImagePipeline",
+    "QwenImageEditPipeline": "pipelines.qwen_image:QwenImageEditPipeline",
+    "QwenImageEditPlusPipeline": "pipelines.qwen_image:QwenImageEditPlusPipeline",
     "WanPipeline": "pipelines.wan:WanPipeline",
     "WanImageToVideoPipeline": "pipelines.wan:WanImageToVideoPipeline",
 }

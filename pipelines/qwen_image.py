@@ -1,0 +1,265 @@
+"""Qwen-Image text-to-image, image edit and multi-image edit (Edit-Plus): Qwen2.5-VL prompt embedding, packed 2x2
+latents, norm-preserving true CFG, the Qwen-Image VAE.
+
+Not the transformer (gen/models/qwen_image.py) nor the Qwen2.5-VL encoder itself (any object with `encode`).
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import math
+
+import numpy as np
+import torch
+from PIL import Image
+
+from gen.types import GenError, GenerationRequest, GenerationResult
+from pipelines.base import Pipeline, Timings
+from stages.decode import to_pil
+from stages.denoise import denoise
+from stages.latents import draw_noise, pack_2x2, unpack_2x2
+from stages.timesteps import linear_sigmas, scheduler_shift, set_timesteps
+from stages.validate import FamilyDefaults, validate_request
+
+T2I_TEMPLATE = ("<|im_start|>system\nDescribe the image by detailing the color, shape, size, texture, quantity, text, "
+                "spatial relationships of the objects and background:<|im_end|>\n<|im_start|>user\n{}<|im_end|>\n"
+                "<|im_start|>assistant\n")
+EDIT_SYSTEM = ("<|im_start|>system\nDescribe the key features of the input image (color, shape, size, texture, objects, "
+               "background), then explain how the user's text instruction should alter or modify the image. Generate a "
+               "new image that meets the user's requirements while maintaining consistency with the original input "
+               "where appropriate.<|im_end|>\n<|im_start|>user\n")
+EDIT_TEMPLATE = EDIT_SYSTEM + "<|vision_start|><|image_pad|><|vision_end|>{}<|im_end|>\n<|im_start|>assistant\n"
+PLUS_TEMPLATE = EDIT_SYSTEM + "{}<|im_end|>\n<|im_start|>assistant\n"
+PLUS_IMAGE_SLOT = "Picture {}: <|vision_start|><|image_pad|><|vision_end|>"
+T2I_DROP, EDIT_DROP = 34, 64  # template tokens before the user's text (Qwen2 tokenizer), dropped from the embedding
+MAX_TEXT_TOKENS = 1024  # tokenizer limit after the template prefix
+T2I_MAX_EMBED = 512  # text-to-image keeps at most this many embedding tokens
+VAE_AREA, CONDITION_AREA = 1024 * 1024, 384 * 384  # pixel areas of the reference latents / Edit-Plus VL images
+QWEN_DEFAULTS = FamilyDefaults(num_inference_steps=50, guidance_scale=1.0, height=1024, width=1024, true_cfg_scale=4.0)
+
+
+class TransformersQwenVL:
+    """Qwen2.5-VL through transformers: `encode(texts, images)` -> last hidden states (B, T, D), mask (B, T).
+
+    The pipelines only call `encode`; the in-process LLM runtime can stand in for this class.
+    """
+
+    def __init__(self, model, tokenizer, processor=None):
+        self.model, self.tokenizer, self.processor = model, tokenizer, processor
+
+    @torch.no_grad()
+    def encode(self, texts: list[str], images: list[Image.Image] | None = None,
+               max_length: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        if images:
+            if self.processor is None:
+                raise GenError("this checkpoint has no `processor` component, so it cannot encode images",
+                               param="model_path")
+            inputs = self.processor(text=texts, images=images, padding=True, return_tensors="pt")
+        else:
+            inputs = self.tokenizer(texts, max_length=max_length, padding=True, truncation=max_length is not None,
+                                    return_tensors="pt")
+        device = self.model.device
+        inputs = {k: inputs[k].to(device) for k in ("input_ids", "attention_mask", "pixel_values", "image_grid_thw")
+                  if k in inputs}
+        out = self.model(**inputs, output_hidden_states=True)
+        return out.hidden_states[-1], inputs["attention_mask"]
+
+
+def prompt_embeds(encoder, texts: list[str], drop: int, images=None, max_length: int | None = None,
+                  device=None, dtype=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each text's real tokens minus the first `drop` (the template prefix), right-padded with zeros:
+    embeddings (B, T, D) and mask (B, T) int64."""
+    hidden, mask = encoder.encode(texts, images=images, max_length=max_length)
+    rows = [h[m.bool()][drop:] for h, m in zip(hidden, mask)]
+    t = max(r.shape[0] for r in rows)
+    if t == 0:
+        raise GenError("the prompt is empty after the chat template", param="prompt")
+    embeds = torch.stack([torch.cat([r, r.new_zeros(t - r.shape[0], r.shape[1])]) for r in rows])
+    lengths = torch.tensor([r.shape[0] for r in rows], device=hidden.device)
+    mask = (torch.arange(t, device=hidden.device)[None] < lengths[:, None]).long()  # (B, T)
+    return embeds.to(device=device, dtype=dtype), mask.to(device)
+
+
+def norm_preserving_cfg(cond: torch.Tensor, uncond: torch.Tensor, scale: float) -> torch.Tensor:
+    """True CFG, then rescaled per token so its norm equals the conditional prediction's."""
+    combined = uncond + scale * (cond - uncond)
+    return combined * (torch.norm(cond, dim=-1, keepdim=True) / torch.norm(combined, dim=-1, keepdim=True))
+
+
+def fit_area(area: int, ratio: float) -> tuple[int, int]:
+    """(width, height), multiples of 32, of about `area` pixels with width / height = ratio."""
+    width = math.sqrt(area * ratio)
+    return round(width / 32) * 32, round(width / ratio / 32) * 32
+
+
+def image_tensor(image: Image.Image, height: int, width: int) -> torch.Tensor:
+    """PIL -> (1, 3, 1, H, W) float32 in [-1, 1], resized with Lanczos (as the reference image processor does)."""
+    image = image.resize((width, height), resample=Image.LANCZOS)
+    x = np.asarray(image).astype(np.float32) / 255.0
+    return (2.0 * torch.from_numpy(x).permute(2, 0, 1) - 1.0)[None, :, None]
+
+
+class QwenImagePipeline(Pipeline):
+    """Text-to-image."""
+
+    family = "qwen-image"
+    defaults = QWEN_DEFAULTS
+    required = ("tokenizer", "text_encoder", "transformer", "vae", "scheduler")
+
+    def __init__(self, components, device, dtype):
+        super().__init__(components, device, dtype)
+        c = components
+        self.transformer, self.vae = c["transformer"], c["vae"]
+        self.encoder = TransformersQwenVL(c["text_encoder"], c["tokenizer"], c.get("processor"))
+        self.vae_scale = 2 ** len(self.vae.config.temperal_downsample)
+        self.defaults = dataclasses.replace(self.defaults, size_multiple=self.vae_scale * 2)
+        if self.transformer.config.guidance_embeds:
+            raise GenError(f"{c.index.path}: guidance-distilled Qwen-Image transformers are not supported",
+                           param="model_path")
+
+    # ---- the parts the edit pipelines change
+
+    def size_defaults(self, req: GenerationRequest) -> FamilyDefaults:
+        return self.defaults
+
+    def encode(self, prompts: list[str], req: GenerationRequest) -> tuple[torch.Tensor, torch.Tensor]:
+        embeds, mask = prompt_embeds(self.encoder, [T2I_TEMPLATE.format(p) for p in prompts], T2I_DROP,
+                                     max_length=MAX_TEXT_TOKENS + T2I_DROP, device=self.device, dtype=self.dtype)
+        return embeds[:, :T2I_MAX_EMBED], mask[:, :T2I_MAX_EMBED]
+
+    def reference_latents(self, req: GenerationRequest, n: int, dtype) -> tuple[torch.Tensor | None, list]:
+        """Packed latents of the input images (n, L_ref, C*4) and their (1, h, w) token grids; none here."""
+        return None, []
+
+    # ---- shared
+
+    def __call__(self, req: GenerationRequest, progress=None, cancel=None) -> GenerationResult:
+        tm = Timings()
+        with tm("validate"):
+            self.check_images(req)
+            bad = [type(i).__name__ for i in req.images if not isinstance(i, Image.Image)]
+            if bad:
+                raise GenError(f"input images must be PIL images, got {bad}", param="image")
+            req = validate_request(req, self.size_defaults(req))
+            n = req.num_outputs
+            use_cfg = req.true_cfg_scale > 1 and req.negative_prompt is not None
+        with tm("encode_text"):
+            pos = self.encode([req.prompt], req)
+            neg = self.encode([req.negative_prompt], req) if use_cfg else None
+            pos, neg = (None if p is None else repeat_prompt(*p, n) for p in (pos, neg))
+        with tm("prepare_latents"):
+            dtype = pos[0].dtype
+            h, w = 2 * (req.height // (self.vae_scale * 2)), 2 * (req.width // (self.vae_scale * 2))
+            channels = self.transformer.config.in_channels // 4
+            noise = draw_noise((n, 1, channels, h, w), req.seed, self.device, dtype)
+            latents = pack_2x2(noise[:, 0])  # (n, h/2 * w/2, C*4)
+            ref, ref_shapes = self.reference_latents(req, n, dtype)
+            img_shapes = [[(1, h // 2, w // 2), *ref_shapes]] * n
+        with tm("timesteps"):
+            scheduler = copy.deepcopy(self.components["scheduler"])
+            steps = req.num_inference_steps
+            timesteps = set_timesteps(scheduler, steps, self.device, sigmas=linear_sigmas(steps),
+                                      mu=scheduler_shift(scheduler, latents.shape[1]))
+
+        def predict(x, t, text):
+            embeds, mask = text
+            x_in = x if ref is None else torch.cat([x, ref], dim=1)
+            out = self.transformer(hidden_states=x_in, encoder_hidden_states=embeds, encoder_hidden_states_mask=mask,
+                                   timestep=t.expand(x.shape[0]).to(x.dtype) / 1000, img_shapes=img_shapes)
+            return out[:, : x.shape[1]]
+
+        def model_fn(x: torch.Tensor, t: torch.Tensor, i: int) -> torch.Tensor:
+            pred = predict(x, t, pos)
+            return norm_preserving_cfg(pred, predict(x, t, neg), req.true_cfg_scale) if use_cfg else pred
+
+        with tm("denoise"):
+            latents = denoise(model_fn, scheduler, latents, timesteps, progress, cancel)
+        with tm("decode"):
+            images = self.decode(unpack_2x2(latents, h, w)[:, :, None])
+        return GenerationResult(seed=req.seed, images=images, timings=dict(tm), request=req)
+
+    def latent_stats(self, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        c = self.vae.config
+        mean = torch.tensor(c.latents_mean).view(1, c.z_dim, 1, 1, 1).to(like.device, like.dtype)
+        std = torch.tensor(c.latents_std).view(1, c.z_dim, 1, 1, 1).to(like.device, like.dtype)
+        return mean, std
+
+    @torch.no_grad()
+    def decode(self, latents: torch.Tensor) -> list[Image.Image]:
+        """Normalised latents (n, z, 1, h, w) -> PIL images."""
+        latents = latents.to(self.vae.dtype)
+        mean, std = self.latent_stats(latents)
+        latents = latents / (1.0 / std) + mean  # the reference's exact arithmetic
+        return to_pil(self.vae.decode(latents, return_dict=False)[0][:, :, 0])
+
+    @torch.no_grad()
+    def encode_image(self, pixels: torch.Tensor, n: int, dtype) -> tuple[torch.Tensor, tuple[int, int, int]]:
+        """(1, 3, 1, H, W) in [-1, 1] -> packed normalised latents (n, H/16 * W/16, z*4) and their token grid."""
+        z = self.vae.encode(pixels.to(self.vae.device, dtype)).latent_dist.mode()  # (1, z, 1, H/8, W/8)
+        mean, std = self.latent_stats(z)
+        z = ((z - mean) / std)[:, :, 0]
+        h, w = z.shape[-2:]
+        return pack_2x2(z.repeat(n, 1, 1, 1)), (1, h // 2, w // 2)
+
+
+def repeat_prompt(embeds: torch.Tensor, mask: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """n copies of one prompt's embedding; the mask becomes None when no token is padding."""
+    embeds, mask = embeds.repeat(n, 1, 1), mask.repeat(n, 1)
+    return embeds, None if bool(mask.all()) else mask
+
+
+class QwenImageEditPipeline(QwenImagePipeline):
+    """Edit one image: it goes through Qwen2.5-VL's vision path into the prompt and through the VAE as reference
+    latents; the output size defaults to about 1024 x 1024 pixels with the input's aspect ratio."""
+
+    takes_images = "required"
+    required = QwenImagePipeline.required + ("processor",)
+    max_images = 1
+
+    def check_images(self, req: GenerationRequest) -> None:
+        super().check_images(req)
+        if len(req.images) > self.max_images:
+            raise GenError(f"{type(self).__name__} takes at most {self.max_images} input image(s), "
+                           f"got {len(req.images)}", param="image")
+
+    def size_defaults(self, req: GenerationRequest) -> FamilyDefaults:
+        width, height = fit_area(VAE_AREA, req.images[-1].width / req.images[-1].height)
+        return dataclasses.replace(self.defaults, height=height, width=width)
+
+    def vae_sizes(self, req: GenerationRequest) -> list[tuple[int, int]]:
+        """(width, height) each input image is resized to for the VAE."""
+        image = req.images[0]
+        return [fit_area(VAE_AREA, image.width / image.height)]
+
+    def encode(self, prompts: list[str], req: GenerationRequest) -> tuple[torch.Tensor, torch.Tensor]:
+        (width, height), = self.vae_sizes(req)
+        image = req.images[0].convert("RGB").resize((width, height), resample=Image.LANCZOS)
+        return prompt_embeds(self.encoder, [EDIT_TEMPLATE.format(p) for p in prompts], EDIT_DROP, images=[image],
+                             device=self.device, dtype=self.dtype)
+
+    def reference_latents(self, req: GenerationRequest, n: int, dtype):
+        packed, shapes = [], []
+        for image, (width, height) in zip(req.images, self.vae_sizes(req)):
+            latents, shape = self.encode_image(image_tensor(image.convert("RGB"), height, width), n, dtype)
+            packed.append(latents.to(self.device))
+            shapes.append(shape)
+        return torch.cat(packed, dim=1), shapes
+
+
+class QwenImageEditPlusPipeline(QwenImageEditPipeline):
+    """Edit with one or more input images ("Picture 1: ..., Picture 2: ..."); each is shown to Qwen2.5-VL at about
+    384 x 384 pixels and enters the transformer as its own ~1024 x 1024 reference latents."""
+
+    max_images = 4
+
+    def vae_sizes(self, req: GenerationRequest) -> list[tuple[int, int]]:
+        return [fit_area(VAE_AREA, im.width / im.height) for im in req.images]
+
+    def encode(self, prompts: list[str], req: GenerationRequest) -> tuple[torch.Tensor, torch.Tensor]:
+        slots = "".join(PLUS_IMAGE_SLOT.format(i + 1) for i in range(len(req.images)))
+        images = []
+        for im in req.images:
+            width, height = fit_area(CONDITION_AREA, im.width / im.height)
+            images.append(im.convert("RGB").resize((width, height), resample=Image.LANCZOS))
+        return prompt_embeds(self.encoder, [PLUS_TEMPLATE.format(slots + p) for p in prompts], EDIT_DROP,
+                             images=images, device=self.device, dtype=self.dtype)
