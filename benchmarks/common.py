@@ -1,0 +1,69 @@
+"""Timing helpers for the GPU benchmarks: event timing with warm-up and medians, FLOP counting, peak memory."""
+from __future__ import annotations
+
+import json
+import platform
+import statistics
+import time
+from datetime import date
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+
+def _sync() -> None:
+    if torch.accelerator.is_available():
+        torch.accelerator.synchronize()
+
+
+def time_ms(fn, warmup: int = 3, iters: int = 10) -> float:
+    """Median milliseconds of `fn()` on the current accelerator (events; host clock on CPU), after `warmup` calls."""
+    for _ in range(warmup):
+        fn()
+    _sync()
+    if not torch.accelerator.is_available():
+        times = []
+        for _ in range(iters):
+            t = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - t) * 1e3)
+        return statistics.median(times)
+    times = []
+    for _ in range(iters):
+        start, end = torch.Event(enable_timing=True), torch.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    return statistics.median(times)
+
+
+def cold_start_s(fn) -> float:
+    """Seconds for the first call (compilation / warm-up included)."""
+    _sync()
+    t = time.perf_counter()
+    fn()
+    _sync()
+    return time.perf_counter() - t
+
+
+def count_flops(fn) -> int:
+    with FlopCounterMode(display=False) as counter:
+        fn()
+    return counter.get_total_flops()
+
+
+def environment() -> dict:
+    import diffusers
+    import transformers
+
+    props = torch.cuda.get_device_properties(0) if torch.cuda.is_available() else None
+    return {"date": date.today().isoformat(), "device": props.name if props else platform.processor(),
+            "torch": torch.__version__, "diffusers": diffusers.__version__, "transformers": transformers.__version__,
+            "cuda": torch.version.cuda}
+
+
+def write_json(path, data) -> None:
+    with open(path, "w") as f:
+        json.dump(data, f, indent=2)

@@ -1,0 +1,192 @@
+"""One denoising step (one transformer forward, one CFG branch) of our DiTs vs diffusers', side by side.
+
+Builds each real-size architecture with random bf16 weights directly on the GPU (no download); our model shares
+the diffusers model's weight tensors (load_state_dict(assign=True)), so both run on the same weights and inputs.
+Variants: diffusers eager / compiled (default attention) / compiled with cuDNN attention forced; ours eager and
+compiled (regional: each block) with the start-up-selected attention backend. Reports ms/step, ratios,
+TFLOP/s, peak memory and cold-start (compile) time, as JSON and a markdown table.
+
+  python benchmarks/dit_step.py --models flux,wan,qwen --out dit.json        # on the GPU machine
+  python benchmarks/dit_step.py --tiny --models flux,wan,qwen                 # CPU smoke check
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from benchmarks.common import cold_start_s, count_flops, environment, time_ms, write_json  # noqa: E402
+from gen.models.attention import select_attention_backend  # noqa: E402
+from gen.optimize import compile_blocks  # noqa: E402
+
+REAL = {
+    "flux": dict(),  # FluxTransformer2DModel's defaults are FLUX.1-dev
+    "wan": dict(patch_size=(1, 2, 2), num_attention_heads=12, attention_head_dim=128, in_channels=16, out_channels=16,
+                text_dim=4096, freq_dim=256, ffn_dim=8960, num_layers=30, cross_attn_norm=True,
+                qk_norm="rms_norm_across_heads", eps=1e-6, rope_max_seq_len=1024),
+    "qwen": dict(patch_size=2, in_channels=64, out_channels=16, num_layers=60, attention_head_dim=128,
+                 num_attention_heads=24, joint_attention_dim=3584, guidance_embeds=False, axes_dims_rope=(16, 56, 56)),
+}
+TINY = {
+    "flux": dict(num_layers=1, num_single_layers=1, attention_head_dim=16, num_attention_heads=2,
+                 joint_attention_dim=32, pooled_projection_dim=16, axes_dims_rope=(4, 6, 6), in_channels=16),
+    "wan": dict(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=16, in_channels=4, out_channels=4,
+                text_dim=32, freq_dim=16, ffn_dim=32, num_layers=1, cross_attn_norm=True,
+                qk_norm="rms_norm_across_heads", rope_max_seq_len=64),
+    "qwen": dict(patch_size=2, in_channels=16, out_channels=4, num_layers=1, attention_head_dim=16,
+                 num_attention_heads=2, joint_attention_dim=32, axes_dims_rope=(4, 6, 6)),
+}
+
+
+def build(name: str, tiny: bool, device, dtype):
+    """(diffusers model, our model sharing its weights, inputs as kwargs for both)."""
+    import diffusers
+
+    from component_loaders.models import OWN_TRANSFORMERS
+    from gen.config import config_from_dict
+    import importlib
+
+    cls_name = {"flux": "FluxTransformer2DModel", "wan": "WanTransformer3DModel",
+                "qwen": "QwenImageTransformer2DModel"}[name]
+    cfg = (TINY if tiny else REAL)[name]
+    prev = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    with torch.device(device):
+        ref = getattr(diffusers, cls_name)(**cfg).eval()
+    torch.set_default_dtype(prev)
+    module_name, model_cls, config_cls = OWN_TRANSFORMERS[cls_name]
+    mod = importlib.import_module(module_name)
+    with torch.device("meta"):
+        ours = getattr(mod, model_cls)(config_from_dict(getattr(mod, config_cls), dict(ref.config)))
+    ours.load_state_dict(ref.state_dict(), assign=True)
+    ours.eval()
+    g = torch.Generator(device).manual_seed(0)
+
+    def rnd(*shape):
+        return torch.randn(*shape, generator=g, device=device, dtype=dtype)
+
+    c = ref.config
+    if name == "flux":
+        h = w = 8 if tiny else 64  # 1024^2 -> 128x128 latents -> 64x64 tokens
+        txt = 16 if tiny else 512
+        ids = torch.zeros(h, w, 3, device=device)
+        ids[..., 1] = torch.arange(h, device=device)[:, None]
+        ids[..., 2] = torch.arange(w, device=device)[None, :]
+        inputs = dict(hidden_states=rnd(1, h * w, c.in_channels), encoder_hidden_states=rnd(1, txt, c.joint_attention_dim),
+                      pooled_projections=rnd(1, c.pooled_projection_dim), timestep=torch.full((1,), 0.5, device=device, dtype=dtype),
+                      img_ids=ids.reshape(-1, 3), txt_ids=torch.zeros(txt, 3, device=device),
+                      guidance=torch.full((1,), 3.5, device=device) if c.guidance_embeds else None)
+        tokens = h * w + txt
+    elif name == "wan":
+        f, h, w = (3, 8, 8) if tiny else (21, 60, 104)  # 480x832, 81 frames -> 21 latent frames
+        txt = 16 if tiny else 512
+        inputs = dict(hidden_states=rnd(1, c.in_channels, f, h, w), timestep=torch.full((1,), 500.0, device=device),
+                      encoder_hidden_states=rnd(1, txt, c.text_dim))
+        tokens = f * (h // 2) * (w // 2)
+    else:
+        h = w = 8 if tiny else 83  # 1328^2 -> 166x166 latents -> 83x83 tokens
+        txt = 16 if tiny else 256
+        inputs = dict(hidden_states=rnd(1, h * w, c.in_channels), encoder_hidden_states=rnd(1, txt, c.joint_attention_dim),
+                      encoder_hidden_states_mask=torch.ones(1, txt, device=device, dtype=torch.long),
+                      timestep=torch.full((1,), 0.5, device=device, dtype=dtype), img_shapes=[[(1, h, w)]],
+                      )
+        tokens = h * w + txt
+    return ref, ours, inputs, tokens
+
+
+def bench_model(name: str, args, device, dtype) -> dict:
+    ref, ours, inputs, tokens = build(name, args.tiny, device, dtype)
+    row = {"model": name, "tokens": tokens}
+    iters, warm = (2, 1) if args.tiny else (args.iters, 3)
+
+    def run_ref():
+        with torch.no_grad():
+            return ref(**inputs, return_dict=False)[0]
+
+    def run_ours():
+        with torch.no_grad():
+            return ours(**inputs)
+
+    row["flop"] = count_flops(run_ours)
+    with torch.no_grad():
+        a, b = run_ref().float(), run_ours().float()
+    row["rel_err_vs_diffusers"] = ((a - b).norm() / b.norm()).item()
+    torch.cuda.reset_peak_memory_stats() if device.type == "cuda" else None
+    row["diffusers_eager_ms"] = time_ms(run_ref, warm, iters)
+    chosen = select_attention_backend(device, dtype)
+    row["attention_backend"] = chosen
+    row["ours_eager_ms"] = time_ms(run_ours, warm, iters)
+    if not args.no_compile:
+        compiled_ref = torch.compile(ref)
+
+        def run_ref_c():
+            with torch.no_grad():
+                return compiled_ref(**inputs, return_dict=False)[0]
+
+        row["diffusers_compile_cold_s"] = cold_start_s(run_ref_c)
+        row["diffusers_compiled_ms"] = time_ms(run_ref_c, warm, iters)
+        if device.type == "cuda":
+            ref.set_attention_backend("_native_cudnn")
+            torch._dynamo.reset()
+            compiled_ref = torch.compile(ref)
+            row["diffusers_compiled_cudnn_cold_s"] = cold_start_s(run_ref_c)
+            row["diffusers_compiled_cudnn_ms"] = time_ms(run_ref_c, warm, iters)
+        compile_blocks(ours)
+        row["ours_compile_cold_s"] = cold_start_s(run_ours)
+        row["ours_compiled_ms"] = time_ms(run_ours, warm, iters)
+        with torch.no_grad():
+            row["rel_err_compiled_vs_diffusers_eager"] = ((run_ours().float() - a).norm() / a.norm()).item()
+    if device.type == "cuda":
+        row["peak_mem_gib"] = torch.cuda.max_memory_allocated() / 2**30
+    best = row.get("ours_compiled_ms", row["ours_eager_ms"])
+    row["ours_tflops"] = row["flop"] / best / 1e9
+    row["fraction_of_800_tflops"] = row["ours_tflops"] / 800
+    for key in ("diffusers_compiled_ms", "diffusers_compiled_cudnn_ms", "diffusers_eager_ms"):
+        if key in row:
+            row["ratio_" + key.removesuffix("_ms")] = best / row[key]
+    del ref, ours
+    torch._dynamo.reset()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return row
+
+
+def table(rows: list[dict]) -> str:
+    cols = ["model", "tokens", "attention_backend", "diffusers_eager_ms", "diffusers_compiled_ms",
+            "diffusers_compiled_cudnn_ms", "ours_eager_ms", "ours_compiled_ms", "ratio_diffusers_compiled",
+            "ratio_diffusers_compiled_cudnn", "ours_tflops", "fraction_of_800_tflops", "peak_mem_gib",
+            "ours_compile_cold_s", "diffusers_compile_cold_s", "rel_err_vs_diffusers"]
+    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    for r in rows:
+        cells = []
+        for c in cols:
+            v = r.get(c, "")
+            cells.append(f"{v:.4g}" if isinstance(v, float) else str(v))
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--models", default="flux,wan,qwen")
+    p.add_argument("--tiny", action="store_true", help="tiny configs (CPU smoke check)")
+    p.add_argument("--no-compile", action="store_true")
+    p.add_argument("--iters", type=int, default=10)
+    p.add_argument("--out", default="dit_step.json")
+    args = p.parse_args()
+    device = torch.accelerator.current_accelerator() if torch.accelerator.is_available() else torch.device("cpu")
+    dtype = torch.float32 if device.type == "cpu" else torch.bfloat16
+    rows = []
+    for name in args.models.split(","):
+        rows.append(bench_model(name, args, device, dtype))
+        write_json(args.out, {"env": environment(), "rows": rows})
+        print(f"done {name}", flush=True)
+    print(environment())
+    print(table(rows))
+
+
+if __name__ == "__main__":
+    main()
