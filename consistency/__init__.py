@@ -1,0 +1,1 @@
+"""Consistency checks: generated outputs against golden images, per-case metric thresholds, failure artifacts."""

@@ -1,0 +1,107 @@
+"""Runs a case through the reference diffusers pipeline (for goldens); one small function per model_index `_class_name`.
+
+Noise comes from `torch.Generator("cpu").manual_seed(seed)`, as gen draws it. Not used by `gen consistency run`.
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+from PIL import Image
+
+from consistency.cases import Case
+from gen.generator import load_image
+from gen.types import GenError
+
+
+def _common(case: Case, *names: str) -> dict:
+    """The case's fields named in `names` that are set, plus the seeded CPU generator."""
+    kw = {n: getattr(case, n) for n in names if getattr(case, n) is not None}
+    kw["generator"] = torch.Generator("cpu").manual_seed(case.seed)
+    return kw
+
+
+def _frames(video: np.ndarray) -> list[Image.Image]:
+    """(T, H, W, 3) floats in [0, 1] -> PIL frames, rounded as diffusers' image processor rounds."""
+    return [Image.fromarray((f * 255).round().astype(np.uint8)) for f in video]
+
+
+def _flux(pipe, case: Case) -> tuple[list[Image.Image], None]:
+    kw = _common(case, "prompt", "negative_prompt", "true_cfg_scale", "height", "width", "num_inference_steps",
+                 "guidance_scale")
+    return pipe(**kw).images, None
+
+
+def _qwen_image(pipe, case: Case) -> tuple[list[Image.Image], None]:
+    kw = _common(case, "prompt", "negative_prompt", "true_cfg_scale", "height", "width", "num_inference_steps",
+                 "guidance_scale")
+    return pipe(**kw).images, None
+
+
+def _qwen_image_edit(pipe, case: Case) -> tuple[list[Image.Image], None]:
+    kw = _common(case, "prompt", "negative_prompt", "true_cfg_scale", "height", "width", "num_inference_steps",
+                 "guidance_scale")
+    return pipe(image=load_image(case.images[0]), **kw).images, None
+
+
+def _wan_t2v(pipe, case: Case) -> tuple[list[Image.Image], int | None]:
+    kw = _common(case, "prompt", "negative_prompt", "height", "width", "num_frames", "num_inference_steps",
+                 "guidance_scale")
+    return _frames(pipe(output_type="np", **kw).frames[0]), case.fps
+
+
+def _wan_i2v(pipe, case: Case) -> tuple[list[Image.Image], int | None]:
+    # diffusers' I2V prompt cleaning calls ftfy unconditionally (a NameError without ftfy installed), so the text is
+    # encoded with the T2V pipeline's text encoding, the same code with the ftfy use guarded.
+    from diffusers import WanPipeline
+
+    kw = _common(case, "height", "width", "num_frames", "num_inference_steps", "guidance_scale")
+    pos = WanPipeline._get_t5_prompt_embeds(pipe, case.prompt, max_sequence_length=512)
+    neg = WanPipeline._get_t5_prompt_embeds(pipe, case.negative_prompt or "", max_sequence_length=512)
+    out = pipe(image=load_image(case.images[0]), prompt_embeds=pos, negative_prompt_embeds=neg, output_type="np", **kw)
+    return _frames(out.frames[0]), case.fps
+
+
+def _qwen_vl_processor(model) -> dict:
+    """transformers' Qwen2VLProcessor without its video processor (which needs torchvision; editing uses none)."""
+    from transformers import AutoTokenizer, Qwen2VLImageProcessorPil, Qwen2VLProcessor
+
+    class ImageOnlyQwen2VLProcessor(Qwen2VLProcessor):
+        def check_argument_for_proper_class(self, name, arg):
+            if name == "video_processor" and arg is None:
+                return type(None)
+            return super().check_argument_for_proper_class(name, arg)
+
+    folder = str(model / "processor")
+    return {"processor": ImageOnlyQwen2VLProcessor(image_processor=Qwen2VLImageProcessorPil.from_pretrained(folder),
+                                                   tokenizer=AutoTokenizer.from_pretrained(folder),
+                                                   video_processor=None)}
+
+
+# model_index.json `_class_name` -> (diffusers pipeline class, runner, components to pass in instead of loading)
+RUNNERS = {
+    "FluxPipeline": ("FluxPipeline", _flux, None),
+    "QwenImagePipeline": ("QwenImagePipeline", _qwen_image, None),
+    "QwenImageEditPipeline": ("QwenImageEditPipeline", _qwen_image_edit, _qwen_vl_processor),
+    "WanPipeline": ("WanPipeline", _wan_t2v, None),
+    "WanImageToVideoPipeline": ("WanImageToVideoPipeline", _wan_i2v, None),
+}
+
+
+def run_reference(case: Case, class_name: str, device: torch.device, dtype: torch.dtype):
+    """(frames, fps) from the reference pipeline for `case`; frames is one image for image cases."""
+    import diffusers
+    from diffusers.utils import logging as diffusers_logging
+
+    if class_name not in RUNNERS:
+        raise GenError(f"case {case.id!r}: no reference runner for pipeline {class_name!r}; "
+                       f"known: {sorted(RUNNERS)} (use --source gen)")
+    takes_image = class_name in ("QwenImageEditPipeline", "WanImageToVideoPipeline")
+    if takes_image != bool(case.images):
+        need = "needs an input image" if takes_image else "takes no input images"
+        raise GenError(f"case {case.id!r}: {class_name} {need} (case field 'images')")
+    cls_name, runner, given = RUNNERS[class_name]
+    diffusers_logging.disable_progress_bar()
+    kw = given(case.model) if given is not None else {}
+    pipe = getattr(diffusers, cls_name).from_pretrained(case.model, dtype=dtype, **kw).to(device)
+    pipe.set_progress_bar_config(disable=True)
+    return runner(pipe, case)
