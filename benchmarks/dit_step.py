@@ -119,7 +119,7 @@ def bench_model(name: str, args, device, dtype) -> dict:
     chosen = select_attention_backend(device, dtype)
     row["attention_backend"] = chosen
     row["ours_eager_ms"] = time_ms(run_ours, warm, iters)
-    if not args.no_compile:
+    if not args.no_compile and not args.skip_diffusers_compile:
         compiled_ref = torch.compile(ref)
 
         def run_ref_c():
@@ -134,7 +134,9 @@ def bench_model(name: str, args, device, dtype) -> dict:
             compiled_ref = torch.compile(ref)
             row["diffusers_compiled_cudnn_cold_s"] = cold_start_s(run_ref_c)
             row["diffusers_compiled_cudnn_ms"] = time_ms(run_ref_c, warm, iters)
-        compile_blocks(ours)
+    if not args.no_compile:
+        compile_blocks(ours, **({"mode": args.ours_mode} if args.ours_mode else {}))
+        row["ours_compile_mode"] = args.ours_mode or "default"
         row["ours_compile_cold_s"] = cold_start_s(run_ours)
         row["ours_compiled_ms"] = time_ms(run_ours, warm, iters)
         with torch.no_grad():
@@ -175,6 +177,8 @@ def main() -> None:
     p.add_argument("--tiny", action="store_true", help="tiny configs (CPU smoke check)")
     p.add_argument("--no-compile", action="store_true")
     p.add_argument("--iters", type=int, default=10)
+    p.add_argument("--ours-mode", help="torch.compile mode for our blocks, e.g. max-autotune-no-cudagraphs")
+    p.add_argument("--skip-diffusers-compile", action="store_true", help="time diffusers eager only")
     p.add_argument("--out", default="dit_step.json")
     args = p.parse_args()
     device = torch.accelerator.current_accelerator() if torch.accelerator.is_available() else torch.device("cpu")
