@@ -33,11 +33,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    import uvicorn
-
-    from gen.generator import Generator
-    from gen.server.app import create_app
     from gen.types import GenError
+
+    try:
+        import uvicorn
+
+        from gen.server.app import create_app
+    except ImportError as e:
+        raise GenError(f"gen serve needs the serving extras ({e.name} is missing): pip install -e '.[serve]'") from None
+    from gen.generator import Generator
 
     if args.max_queue < 1:
         raise GenError(f"--max-queue must be >= 1, got {args.max_queue}", param="max_queue")
