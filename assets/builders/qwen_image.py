@@ -13,18 +13,12 @@ from pathlib import Path
 import torch
 
 from assets.builders.common import bytes_to_unicode
+from pipelines.qwen_image import EDIT_SYSTEM, T2I_TEMPLATE
 
 SEED = 0
 TEXT_DIM = 32  # Qwen2.5-VL hidden size = the transformer's joint_attention_dim
 Z_DIM = 4  # VAE latent channels; the transformer sees 2x2 patches of them
 
-T2I_TEMPLATE = ("<|im_start|>system\nDescribe the image by detailing the color, shape, size, texture, quantity, text, "
-                "spatial relationships of the objects and background:<|im_end|>\n<|im_start|>user\n{}<|im_end|>\n"
-                "<|im_start|>assistant\n")
-EDIT_SYSTEM = ("<|im_start|>system\nDescribe the key features of the input image (color, shape, size, texture, objects, "
-               "background), then explain how the user's text instruction should alter or modify the image. Generate a "
-               "new image that meets the user's requirements while maintaining consistency with the original input "
-               "where appropriate.<|im_end|>\n<|im_start|>user\n")
 # Text the tiny BPE learns its merges from: the pipelines' templates plus a few words prompts use.
 CORPUS = " ".join([T2I_TEMPLATE, EDIT_SYSTEM, "Picture 1: Picture 2: a an the red green blue cat dog sitting on grass "
                    "in with photo of turn make it"])

@@ -9,6 +9,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from gen.models.attention import attention
+from gen.models.layers import MLPEmbedder
 
 Rope = tuple[torch.Tensor, torch.Tensor]  # (cos, sin), each (S, head_dim) float32
 
@@ -80,18 +81,6 @@ def timestep_sinusoids(t: torch.Tensor, dim: int = 256, max_period: float = 1000
     freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
     args = t[:, None].float() * freqs[None]  # (B, half)
     return torch.cat([args.cos(), args.sin()], dim=-1)
-
-
-class MLPEmbedder(nn.Module):
-    """Linear -> SiLU -> Linear (diffusers' TimestepEmbedding / PixArtAlphaTextProjection)."""
-
-    def __init__(self, in_dim: int, dim: int):
-        super().__init__()
-        self.linear_1 = nn.Linear(in_dim, dim)
-        self.linear_2 = nn.Linear(dim, dim)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.linear_2(F.silu(self.linear_1(x)))
 
 
 class TimeTextEmbed(nn.Module):

@@ -13,6 +13,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from gen.models.attention import attention
+from gen.models.layers import MLPEmbedder
 
 
 @dataclass(frozen=True)
@@ -134,20 +135,10 @@ def timestep_sinusoid(t: torch.Tensor, dim: int = 256, scale: float = 1000.0, ma
     return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
 
 
-class TimestepEmbedding(nn.Module):
-    def __init__(self, in_dim: int, dim: int):
-        super().__init__()
-        self.linear_1 = nn.Linear(in_dim, dim)
-        self.linear_2 = nn.Linear(dim, dim)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.linear_2(F.silu(self.linear_1(x)))
-
-
 class TimeTextEmbed(nn.Module):
     def __init__(self, dim: int, use_additional_t_cond: bool):
         super().__init__()
-        self.timestep_embedder = TimestepEmbedding(256, dim)
+        self.timestep_embedder = MLPEmbedder(256, dim)
         if use_additional_t_cond:
             self.addition_t_embedding = nn.Embedding(2, dim)
 
