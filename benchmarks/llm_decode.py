@@ -3,7 +3,7 @@
 Builds a Qwen2.5-7B-sized Qwen2ForCausalLM with random bf16 weights directly on the GPU (no download); our model
 is assigned the very same weight tensors (one copy in memory), so both run the same weights. Decode speed is
 measured as (time for 1 + N new tokens - time for 1 new token) / N, which leaves prefill out, for our engine
-(compiled static-shape decode step with CUDA graphs) and for transformers' eager `generate` (and, with
+(compiled static-shape decode step with CUDA graphs, mode max-autotune by default) and for transformers' eager `generate` (and, with
 --hf-compile, its static cache + torch.compile path). The HBM floor is weight bytes / measured copy bandwidth
 (a large device-to-device copy, bytes read + written).
 
@@ -85,7 +85,11 @@ def same_prefix(a: list[int], b: list[int]) -> int:
 
 
 def checks(eng: Engine, ref, ours, device, dtype, prompt: list[int]) -> dict:
-    """Greedy agreement: compiled engine vs transformers (batch 1), and compiled vs eager engine for batch 1 and 3."""
+    """Greedy agreement: compiled engine vs transformers (batch 1), and compiled vs eager engine for batch 1 and 3.
+
+    Informative only: random weights give nearly flat logits, so bf16 rounding differences flip argmax ties early.
+    Correctness is proven by the fp32 CPU parity tests (tests/test_llm_*.py).
+    """
     p = SamplingParams(max_new_tokens=32)
     eager = Engine(ours, device, dtype, eng.max_context, stop_ids=[], pad_id=0, compile_decode=False)
     with torch.inference_mode():
@@ -146,7 +150,7 @@ def main():
     ap.add_argument("--prefill-len", type=int, default=512)
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--no-compile", action="store_true", help="our decode step eager (no torch.compile / CUDA graphs)")
-    ap.add_argument("--compile-mode", default="reduce-overhead", help="torch.compile mode of our decode step")
+    ap.add_argument("--compile-mode", default="max-autotune", help="torch.compile mode of our decode step")
     ap.add_argument("--hf-compile", action="store_true", help="also time transformers' static cache + compile path")
     ap.add_argument("--profile", action="store_true", help="print a torch.profiler table of our decode and stop")
     ap.add_argument("--out", default="llm_decode.json")
