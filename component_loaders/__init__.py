@@ -12,7 +12,7 @@ from typing import Any
 import torch
 
 from component_loaders.model_index import ModelIndex, read_model_index
-from component_loaders.models import (load_diffusers_model, load_own_transformer, load_processor, load_scheduler,
+from component_loaders.models import (load_diffusers_model, load_llm, load_own_transformer, load_processor, load_scheduler,
                                       load_transformers_model)
 from component_loaders.qwen import load_qwen_vl_processor
 from component_loaders.tokenizer import load_tokenizer
@@ -35,7 +35,7 @@ LOADERS = {
     ("transformers", "UMT5EncoderModel"): load_transformers_model,
     ("transformers", "CLIPVisionModel"): load_transformers_model,
     ("transformers", "CLIPVisionModelWithProjection"): load_transformers_model,
-    ("transformers", "Qwen2_5_VLForConditionalGeneration"): load_transformers_model,
+    ("transformers", "Qwen2_5_VLForConditionalGeneration"): load_llm,  # gen's in-process LLM runtime
     # processors
     ("transformers", "CLIPImageProcessor"): load_processor,
     ("transformers", "CLIPImageProcessorPil"): load_processor,  # what save_pretrained records without torchvision

@@ -87,3 +87,12 @@ def load_processor(folder: Path, class_name: str, **_):
     if not folder.is_dir():
         raise GenError(f"processor folder {str(folder)!r} is missing", param="model_path")
     return getattr(transformers, class_name).from_pretrained(str(folder))
+
+
+def load_llm(folder: Path, class_name: str, device: torch.device, dtype: torch.dtype, variant: str | None = None):
+    """A text encoder that is an LLM (Qwen2.5-VL): the process-wide shared instance of gen's LLM runtime."""
+    from gen.llm import registry
+
+    _config(folder)
+    find_weight_files(folder, variant)
+    return registry.get_llm(folder, device, dtype)

@@ -65,6 +65,38 @@ class TransformersQwenVL:
         return out.hidden_states[-1], inputs["attention_mask"]
 
 
+class RuntimeQwenVL:
+    """Qwen2.5-VL through gen's in-process LLM runtime (`gen.llm.LLM`), with the same `encode` as TransformersQwenVL."""
+
+    def __init__(self, llm, tokenizer, processor=None):
+        self.llm, self.tokenizer, self.processor = llm, tokenizer, processor
+
+    @torch.no_grad()
+    def encode(self, texts: list[str], images: list[Image.Image] | None = None,
+               max_length: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        if images:
+            if self.processor is None:
+                raise GenError("this checkpoint has no `processor` component, so it cannot encode images",
+                               param="model_path")
+            inputs = self.processor(text=texts, images=images, padding=True, return_tensors="pt")
+            ids = [row[m.bool()].tolist() for row, m in zip(inputs["input_ids"], inputs["attention_mask"])]
+            out = self.llm.encode(ids, pixel_values=inputs["pixel_values"], image_grid_thw=inputs["image_grid_thw"])
+        else:
+            ids = [self.tokenizer(t, max_length=max_length, truncation=max_length is not None)["input_ids"]
+                   for t in texts]
+            out = self.llm.encode(ids)
+        return out.hidden, out.mask
+
+
+def text_encoder_adapter(text_encoder, tokenizer, processor=None):
+    """The encoder object the stages call, whichever implementation loaded the Qwen2.5-VL weights."""
+    from gen.llm import LLM
+
+    if isinstance(text_encoder, LLM):
+        return RuntimeQwenVL(text_encoder, tokenizer, processor)
+    return TransformersQwenVL(text_encoder, tokenizer, processor)
+
+
 def prompt_embeds(encoder, texts: list[str], drop: int, images=None, max_length: int | None = None,
                   device=None, dtype=None) -> tuple[torch.Tensor, torch.Tensor]:
     """Each text's real tokens minus the first `drop` (the template prefix), right-padded with zeros:
@@ -110,7 +142,7 @@ class QwenImagePipeline(Pipeline):
         super().__init__(components, device, dtype)
         c = components
         self.transformer, self.vae = c["transformer"], c["vae"]
-        self.encoder = TransformersQwenVL(c["text_encoder"], c["tokenizer"], c.get("processor"))
+        self.encoder = text_encoder_adapter(c["text_encoder"], c["tokenizer"], c.get("processor"))
         self.vae_scale = 2 ** len(self.vae.config.temperal_downsample)
         self.defaults = dataclasses.replace(self.defaults, size_multiple=self.vae_scale * 2)
         if self.transformer.config.guidance_embeds:
