@@ -2,6 +2,9 @@
 from __future__ import annotations
 
 import logging
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import tokenizers.processors
@@ -51,24 +54,36 @@ class _Records(logging.Handler):
         self.records.append(record)
 
 
-def test_new_signature_stand_in_with_keyword_build_path(flux_dev_path, monkeypatch):
-    reference = _ids(load_tokenizer(flux_dev_path / "tokenizer", "CLIPTokenizer"))
-    monkeypatch.setattr(tokenizers.processors, "RobertaProcessing", new_signature)
-    monkeypatch.setattr(transformers, "CLIPTokenizer", KeywordCLIPTokenizer)
-    with pytest.raises(TypeError, match="'cls'"):  # the failure users see without the loader's shim
-        KeywordCLIPTokenizer.from_pretrained(str(flux_dev_path / "tokenizer"))
+def check_keyword_path_with_stand_in(path) -> None:
+    """The old keyword call under a stand-in for the new signature: fails alone, loads through the loader's shim."""
+    import unittest.mock as mock
+
+    reference = _ids(load_tokenizer(path, "CLIPTokenizer"))
     logger = logging.getLogger("component_loaders.tokenizer")
     handler = _Records()
     logger.addHandler(handler)
-    monkeypatch.setattr(logger, "disabled", False)
-    try:
-        tok = load_tokenizer(flux_dev_path / "tokenizer", "CLIPTokenizer")
-    finally:
-        logger.removeHandler(handler)
+    with mock.patch.object(tokenizers.processors, "RobertaProcessing", new_signature), \
+            mock.patch.object(transformers, "CLIPTokenizer", KeywordCLIPTokenizer):
+        try:
+            KeywordCLIPTokenizer.from_pretrained(str(path))
+            raise AssertionError("the keyword build path should fail without the shim")
+        except TypeError as e:
+            assert "'cls'" in str(e)
+        tok = load_tokenizer(path, "CLIPTokenizer")
+        assert tokenizers.processors.RobertaProcessing is new_signature  # shim restored afterwards
+    logger.removeHandler(handler)
     assert _ids(tok) == reference  # the post-processor really is in place: same special tokens
     warnings = [r for r in handler.records if r.levelno == logging.WARNING and "RobertaProcessing" in r.getMessage()]
-    assert len(warnings) == 1
-    assert tokenizers.processors.RobertaProcessing is new_signature  # shim restored afterwards
+    assert len(warnings) == 1, [r.getMessage() for r in handler.records]
+
+
+def test_new_signature_stand_in_with_keyword_build_path(flux_dev_path):
+    """Run in a fresh interpreter: the check patches module globals of transformers and tokenizers."""
+    code = ("import test_tokenizer_compat as t, pathlib; "
+            f"t.check_keyword_path_with_stand_in(pathlib.Path({str(flux_dev_path / 'tokenizer')!r}))")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).parent, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
 
 
 def test_real_tokenizers_with_keyword_build_path(flux_dev_path, monkeypatch):
