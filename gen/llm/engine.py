@@ -1,6 +1,8 @@
 """Batched prefill, KV-cache decode loop and stop tokens over any model of gen/llm/models; not tokenization or loading."""
 from __future__ import annotations
 
+import inspect
+
 import torch
 from torch import nn
 
@@ -32,7 +34,10 @@ def left_to_right(x: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, to
 
 def fuse_projections(model: nn.Module) -> nn.Module:
     """Concatenate the linears a module names in `fusable` (q|k|v, gate|up) into one weight: one matmul instead of
-    several. The original parameters become views of the fused tensor, so names, state_dict and memory are unchanged."""
+    several. The original parameters become views of the fused tensor, so names, state_dict and memory are unchanged.
+    A model with `stack_experts()` (MoE) stacks its routed experts first, the same way (see models/deepseek.py)."""
+    if hasattr(model, "stack_experts"):
+        model.stack_experts()
     for m in model.modules():
         names = getattr(m, "fusable", None)
         if not names or getattr(m, "fused_weight", None) is not None:
@@ -60,11 +65,20 @@ class Engine:
     in a torch.compile'd function with static shapes (the whole cache is attended, masked). torch.compile guards on
     every input shape, so a batch size it was not built for recompiles instead of reusing a wrong graph; after
     `torch._dynamo.config.recompile_limit` sizes it falls back to eager. On the CPU decode is eager unless asked.
+    A model's own shape-dependent choices (the MoE's gathered path for few tokens) are made in Python from the real
+    sizes while tracing, so each compiled graph holds only for the shapes it was traced with.
+
+    `compile_prefill` (opt-in, off by default): the prefill forward (prompts from offset 0) is torch.compile'd with
+    static shapes in `prefill_mode`, one graph per exact input shape (batch, padded length, cache length, hidden-state
+    options), for at most `max_prefill_shapes` shapes; other shapes, and calls with images, run eagerly. No bucketing:
+    a serving loop with many prompt lengths should leave it off or pad its batches itself. Parts a model keeps eager
+    (the DeepSeek MoE's loop over experts) split the compiled prefill into pieces around them: no gain expected there.
     """
 
     def __init__(self, model: nn.Module, device: torch.device, dtype: torch.dtype, max_context: int,
                  stop_ids: list[int], pad_id: int, compile_decode: bool | None = None, static_decode: bool | None = None,
-                 compile_mode: str = "max-autotune"):
+                 compile_mode: str = "max-autotune", compile_prefill: bool = False,
+                 prefill_mode: str = "max-autotune-no-cudagraphs", max_prefill_shapes: int = 4):
         self.model, self.device, self.dtype = model, device, dtype
         self.max_context, self.stop_ids, self.pad_id = max_context, list(stop_ids), pad_id
         static = getattr(model, "static_decode", False)
@@ -72,13 +86,26 @@ class Engine:
         if self.compile and not static:
             raise ValueError(f"compile_decode=True needs a model with static_decode, {type(model).__name__} has none")
         self.static = self.compile if static_decode is None else static_decode  # tensor offset, whole-cache mask
-        if self.compile:
+        if self.static and not static:
+            raise ValueError(f"static_decode=True needs a model with static_decode, {type(model).__name__} has none")
+        if self.static or compile_prefill:  # result-neutral; the MoE's static-shape decode path needs stacked experts
             fuse_projections(model)
         # both modes use CUDA graphs; on an H200 (Qwen2.5-7B size, batch 1) "max-autotune" decoded at 81% of the HBM floor
         # after ~25 s more compiling per batch size, "reduce-overhead" at 74% (benchmarks/llm_decode.py)
         self.compile_mode = compile_mode
+        self.early_exit = "num_layers" in inspect.signature(model.forward).parameters  # can stop after k layers
         self._step = None
         self._cache = None
+        if max_prefill_shapes < 1:
+            raise ValueError(f"max_prefill_shapes must be >= 1, got {max_prefill_shapes}")
+        self.max_prefill_shapes = max_prefill_shapes
+        self._prefill_fn = None
+        if compile_prefill:
+            def forward(ids, pos, mask, cache, **kw):
+                return self.model(ids, pos, mask, cache, 0, **kw)
+
+            self._prefill_fn = torch.compile(forward, mode=prefill_mode, dynamic=False)
+        self._prefill_shapes: set[tuple] = set()
 
     # ---- prefill ---------------------------------------------------------------------------------
     def check_lengths(self, seqs: list[list[int]], extra: int = 0) -> None:
@@ -91,17 +118,33 @@ class Engine:
                 raise ValueError(f"prompt {i} has {len(s)} tokens" + (f" + {extra} new tokens" if extra else "")
                                  + f", longer than the model context of {self.max_context}")
 
+    def prefill(self, ids: torch.Tensor, pos: torch.Tensor, mask: torch.Tensor, cache=None, **kw):
+        """The model's forward over whole (left-padded) prompts from cache offset 0 -> (last hidden, hidden states).
+
+        `kw`: output_hidden_states / num_layers / images. Compiled when compile_prefill is on, the call has no images
+        and its shape is one of the first `max_prefill_shapes` seen (the set is counted here, in Python)."""
+        if self._prefill_fn is not None and all(isinstance(v, (bool, int, type(None))) for v in kw.values()):
+            key = (tuple(ids.shape), None if cache is None else (cache.max_len, type(cache).__name__), tuple(sorted(kw.items())))
+            if key in self._prefill_shapes or len(self._prefill_shapes) < self.max_prefill_shapes:
+                self._prefill_shapes.add(key)
+                return self._prefill_fn(ids, pos, mask, cache, **kw)
+        return self.model(ids, pos, mask, cache, 0, **kw)
+
     @torch.inference_mode()
     def hidden_states(self, seqs: list[list[int]], hidden_layer: int = -1, **images) -> tuple[torch.Tensor, torch.Tensor]:
         """Hidden states of `hidden_layer` (HF numbering: -1 = final normed output) as (B, T, D) right-padded, mask (B, T).
 
-        `images`: extra model inputs for vision-language models (pixel_values=..., image_grid_thw=...).
+        `images`: extra model inputs for vision-language models (pixel_values=..., image_grid_thw=...). A model whose
+        forward takes `num_layers` runs only the first `hidden_layer` layers when hidden_layer >= 0 (same result).
         """
         self.check_lengths(seqs)
         ids, mask, pos = pad_left(seqs, self.pad_id, self.device)
         images = {k: v.to(self.device) for k, v in images.items() if v is not None}
-        last, hidden = self.model(ids, pos, mask, output_hidden_states=hidden_layer != -1, **images)
-        h = last if hidden_layer == -1 else hidden[hidden_layer]
+        if self.early_exit and hidden_layer >= 0:  # only the first hidden_layer layers run
+            h, _ = self.prefill(ids, pos, mask, num_layers=hidden_layer, **images)
+        else:
+            last, hidden = self.prefill(ids, pos, mask, output_hidden_states=hidden_layer != -1, **images)
+            h = last if hidden_layer == -1 else hidden[hidden_layer]
         return left_to_right(h, mask)
 
     # ---- decode ----------------------------------------------------------------------------------
@@ -138,7 +181,7 @@ class Engine:
             gen = torch.Generator(device=self.device).manual_seed(params.seed)
         stop = torch.tensor(self.stop_ids or [-1], device=self.device)
 
-        h, _ = self.model(ids, pos, mask, cache, 0)
+        h, _ = self.prefill(ids, pos, mask, cache)
         logits = self.model.compute_logits(h[:, -1])  # (B, V)
         step_fn = self._decode_fn()
         static = self.static

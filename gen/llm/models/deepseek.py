@@ -1,4 +1,11 @@
-"""DeepSeek-V2 / V3 decoders (MLA with a compressed latent KV cache, grouped top-k MoE, YaRN RoPE); not the engine or loader."""
+"""DeepSeek-V2 / V3 decoders (MLA with a compressed latent KV cache, grouped top-k MoE, YaRN RoPE); not the engine or loader.
+
+Static-shape decode (`static_decode = True`, as gen/llm/models/llama.py): a 0-dim tensor cache_offset writes the new
+latents at that slot and attends over the whole cache (masked), so the engine can torch.compile one decode step.
+The MoE then needs a path without data-dependent shapes: `MoE.stack_experts()` stacks the routed experts into two
+tensors (the per-expert parameters become views of them) and a call with few tokens gathers each token's top-k experts'
+weights instead of looping over the experts hit. The path is chosen from the real token count, in plain Python.
+"""
 from __future__ import annotations
 
 import math
@@ -166,14 +173,25 @@ class MLP(nn.Module):
         self.gate_proj = nn.Linear(dim, hidden, bias=bias)
         self.up_proj = nn.Linear(dim, hidden, bias=bias)
         self.down_proj = nn.Linear(hidden, dim, bias=bias)
+        # gate|up in one tensor (the two parameters are views of it): engine.fuse_projections or MoE.stack_experts
+        self.register_buffer("fused_weight", None, persistent=False)
+        self.register_buffer("fused_bias", None, persistent=False)
+
+    fusable = ("gate_proj", "up_proj")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        if self.fused_weight is not None:
+            gate, up = F.linear(x, self.fused_weight, self.fused_bias).chunk(2, dim=-1)
+        else:
+            gate, up = self.gate_proj(x), self.up_proj(x)
+        return self.down_proj(F.silu(gate) * up)
 
 
 @dataclass
 class MLACache:
-    """Compressed KV cache: per layer and position, the normed latent c_kv and the roped shared key k_pe."""
+    """Compressed KV cache: per layer and position, the normed latent c_kv and the roped shared key k_pe.
+
+    Attributes are only tensors: the engine marks each one a static address for CUDA graphs."""
 
     latent: torch.Tensor  # (layers, B, max_len, kv_lora_rank)
     k_pe: torch.Tensor  # (layers, B, max_len, qk_rope_head_dim)
@@ -185,7 +203,8 @@ class MLACache:
 
 class MLAttention(nn.Module):
     """Multi-head latent attention. Prefill up-projects the latent to full K/V; decode (cache_offset > 0) runs in the
-    absorbed form: q_nope is mapped into latent space by W_UK and the latent output back by W_UV, so K/V are never built."""
+    absorbed form: q_nope is mapped into latent space by W_UK and the latent output back by W_UV, so K/V are never built.
+    A 0-dim tensor cache_offset (static-shape decode) writes at that slot and attends over the whole cache, masked."""
 
     def __init__(self, cfg: DeepseekConfig):
         super().__init__()
@@ -202,30 +221,51 @@ class MLAttention(nn.Module):
         self.kv_b_proj = nn.Linear(cfg.kv_lora_rank, H * (cfg.qk_nope_head_dim + cfg.v_head_dim), bias=False)
         self.o_proj = nn.Linear(H * cfg.v_head_dim, D, bias=cfg.attention_bias)
         self.scale = softmax_scale(cfg)
+        # the two projections of x (q or q_a, and kv_a) in one tensor, set by engine.fuse_projections; only when both
+        # are unbiased or both biased
+        q_in = "q_proj" if cfg.q_lora_rank is None else "q_a_proj"
+        self.fusable = (q_in, "kv_a_proj_with_mqa") if cfg.q_lora_rank is not None or not cfg.attention_bias else ()
+        self.register_buffer("fused_weight", None, persistent=False)
+        self.register_buffer("fused_bias", None, persistent=False)
 
-    def forward(self, x, cos, sin, mask, kv_cache=None, cache_offset: int = 0, absorb: bool = False):
+    def forward(self, x, cos, sin, mask, kv_cache=None, cache_offset: int | torch.Tensor = 0, absorb: bool = False):
         cfg = self.cfg
         B, T, _ = x.shape
         H, dn, dr, dv = cfg.num_attention_heads, cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.v_head_dim
-        q = self.q_proj(x) if cfg.q_lora_rank is None else self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
+        q_size = H * (dn + dr) if cfg.q_lora_rank is None else cfg.q_lora_rank
+        if self.fused_weight is not None:
+            q, kv_a = F.linear(x, self.fused_weight, self.fused_bias).split([q_size, cfg.kv_lora_rank + dr], dim=-1)
+        else:
+            q, kv_a = (self.q_proj if cfg.q_lora_rank is None else self.q_a_proj)(x), self.kv_a_proj_with_mqa(x)
+        if cfg.q_lora_rank is not None:
+            q = self.q_b_proj(self.q_a_layernorm(q))
         q_nope, q_pe = q.view(B, T, H, dn + dr).split([dn, dr], dim=-1)  # (B, T, H, dn), (B, T, H, dr)
-        c, k_pe = self.kv_a_proj_with_mqa(x).split([cfg.kv_lora_rank, dr], dim=-1)
+        c, k_pe = kv_a.split([cfg.kv_lora_rank, dr], dim=-1)
         c = self.kv_a_layernorm(c)  # (B, T, r)
         q_pe = apply_rope(q_pe, cos, sin, cfg.rope_interleave)
         k_pe = apply_rope(k_pe[:, :, None], cos, sin, cfg.rope_interleave)[:, :, 0]  # (B, T, dr)
         if kv_cache is not None:
             latent, pe = kv_cache
-            latent[:, cache_offset : cache_offset + T] = c
-            pe[:, cache_offset : cache_offset + T] = k_pe
-            c, k_pe = latent[:, : cache_offset + T], pe[:, : cache_offset + T]  # (B, S, r), (B, S, dr)
+            if torch.is_tensor(cache_offset):  # static shapes: write at the slots, attend over the whole cache
+                slots = cache_offset + torch.arange(T, device=x.device)
+                latent.index_copy_(1, slots, c)
+                pe.index_copy_(1, slots, k_pe)
+                c, k_pe = latent, pe  # (B, max_len, r), (B, max_len, dr)
+            else:
+                latent[:, cache_offset : cache_offset + T] = c
+                pe[:, cache_offset : cache_offset + T] = k_pe
+                c, k_pe = latent[:, : cache_offset + T], pe[:, : cache_offset + T]  # (B, S, r), (B, S, dr)
         S = c.shape[1]
         w_kv = self.kv_b_proj.weight.view(H, dn + dv, cfg.kv_lora_rank)
         if absorb:
+            # every head shares the one latent key / value (MQA in latent space): batched matmuls over (H * T) query
+            # rows, no per-head copy of the cache
             q_lat = torch.einsum("bthd,hdr->bhtr", q_nope, w_kv[:, :dn])  # (B, H, T, r)
-            query = torch.cat([q_lat, q_pe.transpose(1, 2)], dim=-1)  # (B, H, T, r + dr)
-            key = torch.cat([c, k_pe], dim=-1)[:, None].expand(B, H, S, -1)  # (B, H, S, r + dr)
-            value = c[:, None].expand(B, H, S, -1)  # (B, H, S, r)
-            o = F.scaled_dot_product_attention(query, key, value, attn_mask=mask, scale=self.scale)  # (B, H, T, r)
+            scores = torch.bmm(q_lat.reshape(B, H * T, -1), c.transpose(1, 2))  # (B, H*T, S)
+            scores = scores + torch.bmm(q_pe.transpose(1, 2).reshape(B, H * T, dr), k_pe.transpose(1, 2))
+            scores = (scores.float() * self.scale).view(B, H, T, S).masked_fill(~mask, float("-inf"))
+            p = scores.softmax(dim=-1).to(c.dtype)  # (B, H, T, S)
+            o = torch.bmm(p.view(B, H * T, S), c).view(B, H, T, -1)  # (B, H, T, r)
             o = torch.einsum("bhtr,hvr->bthv", o, w_kv[:, dn:])  # (B, T, H, dv)
         else:
             k_nope, v = self.kv_b_proj(c).view(B, S, H, dn + dv).split([dn, dv], dim=-1)
@@ -240,6 +280,7 @@ class MLAttention(nn.Module):
 class Experts(nn.ModuleList):
     """Routed experts stored one MLP per expert, as checkpoints name them (`experts.E.gate_proj.weight`)."""
 
+    @torch.compiler.disable  # data-dependent shapes (tokens per expert): always eager, also inside a compiled step
     def forward(self, x: torch.Tensor, idx: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
         """x (N, D), idx / w (N, K): sum over each token's K experts of w * expert(x). Works for any N."""
         out = torch.zeros_like(x)
@@ -293,18 +334,76 @@ class Router(nn.Module):
 
 
 class MoE(nn.Module):
+    """Router, routed experts and shared experts. Two routed paths with the same result:
+
+    - gathered (static shapes, compilable): each token's K experts' weights are read from the stacked tensors `w13`
+      (E, 2I, D) = every expert's gate|up and `w2` (E, D, I); taken when the experts are stacked and
+      tokens * K <= `gather_max` (default: the number of experts, past which gathering reads more weights than exist);
+    - loop over the experts hit (`Experts.forward`, data-dependent shapes, eager): prefill and larger batches.
+
+    The choice is made in Python from the real token count of the call, so a graph compiled for one decode shape
+    (torch.compile guards every input shape) is never used for another, and many tokens never take the gathered path.
+    """
+
     def __init__(self, cfg: DeepseekConfig):
         super().__init__()
         self.experts = Experts(MLP(cfg.hidden_size, cfg.moe_intermediate_size, cfg.mlp_bias) for _ in range(cfg.n_routed_experts))
         self.gate = Router(cfg)
         if cfg.n_shared_experts:
             self.shared_experts = MLP(cfg.hidden_size, cfg.moe_intermediate_size * cfg.n_shared_experts, cfg.mlp_bias)
+        self.gather_max = cfg.n_routed_experts
+        self.register_buffer("w13", None, persistent=False)
+        self.register_buffer("w2", None, persistent=False)
+
+    @torch.no_grad()
+    def stack_experts(self) -> bool:
+        """Stack the routed experts' weights into `w13` / `w2`; each expert's parameters become views of them (names,
+        state_dict and memory unchanged once the old tensors are freed; one layer's experts extra while copying).
+        Experts with biases are left unstacked (the loop path serves every call). Returns whether they are stacked."""
+        if self.w13 is not None:
+            return True
+        if any(lin.bias is not None for m in self.experts for lin in (m.gate_proj, m.up_proj, m.down_proj)):
+            return False
+        inter = self.experts[0].gate_proj.weight.shape[0]
+        w13 = torch.stack([torch.cat([m.gate_proj.weight, m.up_proj.weight]) for m in self.experts])  # (E, 2I, D)
+        w2 = torch.stack([m.down_proj.weight for m in self.experts])  # (E, D, I)
+        for e, m in enumerate(self.experts):
+            m.gate_proj.weight = nn.Parameter(w13[e, :inter], requires_grad=False)
+            m.up_proj.weight = nn.Parameter(w13[e, inter:], requires_grad=False)
+            m.down_proj.weight = nn.Parameter(w2[e], requires_grad=False)
+            m.fused_weight = w13[e]
+        self.w13, self.w2 = w13, w2
+        return True
+
+    def gathered(self, x: torch.Tensor, idx: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        """x (N, D), idx / w (N, K) -> (N, D): the routed experts from the stacked weights, fp32 accumulation.
+
+        Compiled, it is written as multiply-and-sum so that inductor reads the K chosen experts' rows in place inside
+        one reduction kernel (a matmul would first copy the gathered weights); eager, as a batched matmul over a copy
+        of the chosen weights (N * K experts' worth, at most one layer's experts under the default gather_max).
+        """
+        if self.w13 is None:
+            raise RuntimeError("MoE.gathered needs stacked experts: call stack_experts() first")
+        if torch.compiler.is_compiling():
+            gate_up = (self.w13[idx].float() * x.float()[:, None, None, :]).sum(-1)  # (N, K, 2I)
+        else:
+            gate_up = torch.matmul(self.w13[idx], x[:, None, :, None]).squeeze(-1).float()
+        gate, up = gate_up.chunk(2, dim=-1)
+        h = F.silu(gate) * up  # (N, K, I)
+        if torch.compiler.is_compiling():
+            y = (self.w2[idx].float() * h[:, :, None, :]).sum(-1)  # (N, K, D)
+        else:
+            y = torch.matmul(self.w2[idx], h.to(x.dtype)[..., None]).squeeze(-1).float()
+        return (y * w[..., None]).sum(1).to(x.dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, T, D = x.shape
         flat = x.reshape(B * T, D)
         idx, w = self.gate(flat)
-        out = self.experts(flat, idx, w).view(B, T, D)
+        if self.w13 is not None and idx.numel() <= self.gather_max:  # tokens * K, a Python int (static under compile)
+            out = self.gathered(flat, idx, w).view(B, T, D)
+        else:
+            out = self.experts(flat, idx, w).view(B, T, D)
         if hasattr(self, "shared_experts"):
             out = out + self.shared_experts(x)
         return out
@@ -339,6 +438,7 @@ class DeepseekForCausalLM(nn.Module):
     up-projected K/V otherwise; True / False force one form (both compute the same attention)."""
 
     Config = DeepseekConfig
+    static_decode = True  # forward accepts a 0-dim tensor cache_offset (static-shape decode over the whole cache)
     # For the loader (not read by it yet): HF keeps the routing bias in fp32 (`_keep_in_fp32_modules_strict`); near-tied expert
     # choices can flip if it is rounded to bf16.
     keep_fp32_checkpoint_keys = (r"e_score_correction_bias$",)
@@ -362,6 +462,12 @@ class DeepseekForCausalLM(nn.Module):
             k_pe=torch.zeros(n, batch_size, max_len, cfg.qk_rope_head_dim, device=device, dtype=dtype),
         )
 
+    def stack_experts(self) -> None:
+        """Stack every MoE layer's routed experts (see MoE.stack_experts); engine.fuse_projections calls it."""
+        for layer in self.model.layers:
+            if isinstance(layer.mlp, MoE):
+                layer.mlp.stack_experts()
+
     def _cos_sin(self, position_ids: torch.Tensor, dtype) -> tuple[torch.Tensor, torch.Tensor]:
         if self._rope is None or self._rope[0] != position_ids.device:
             self._rope = (position_ids.device, *rope_tables(self.config, position_ids.device))
@@ -376,31 +482,43 @@ class DeepseekForCausalLM(nn.Module):
         position_ids: torch.Tensor,
         attention_mask: torch.Tensor,
         cache: MLACache | None = None,
-        cache_offset: int = 0,
+        cache_offset: int | torch.Tensor = 0,
         output_hidden_states: bool = False,
+        num_layers: int | None = None,
     ):
+        """`cache_offset`: an int (attention_mask covers the S = offset + T positions so far), or a 0-dim tensor for the
+        static-shape decode step (attention_mask (B, cache.max_len) marks the filled slots; the whole cache is attended).
+        `num_layers` = k: run only the first k layers and return hidden state k (HF numbering; normed when k is all)."""
         B, T = input_ids.shape
-        S = cache_offset + T
+        static = torch.is_tensor(cache_offset)
+        if static and cache is None:
+            raise ValueError("a tensor cache_offset (static-shape decode) needs a cache")
+        S = cache.max_len if static else cache_offset + T
         if attention_mask.shape != (B, S):
             raise ValueError(f"attention_mask has shape {tuple(attention_mask.shape)}, expected {(B, S)}")
         if cache is None and cache_offset != 0:
             raise ValueError(f"cache_offset={cache_offset} needs a cache")
         if cache is not None and S > cache.max_len:
             raise ValueError(f"{S} positions do not fit in a cache of max_len={cache.max_len}")
+        n = len(self.model.layers) if num_layers is None else num_layers
+        if not 0 <= n <= len(self.model.layers):
+            raise ValueError(f"num_layers={num_layers} is outside 0..{len(self.model.layers)}")
         x = self.model.embed_tokens(input_ids)  # (B, T, D)
         cos, sin = self._cos_sin(position_ids, x.dtype)
-        q_pos = torch.arange(cache_offset, S, device=x.device)[:, None]  # (T, 1) absolute query index
+        q_pos = (cache_offset + torch.arange(T, device=x.device))[:, None]  # (T, 1) absolute query index
         k_pos = torch.arange(S, device=x.device)[None, :]  # (1, S)
         # A query always sees itself, so padded rows stay finite (no all-masked softmax); real rows never see pads.
         mask = ((k_pos <= q_pos) & attention_mask[:, None, :].bool()) | (k_pos == q_pos)  # (B, T, S)
         mask = mask[:, None]  # (B, 1, T, S)
-        absorb = self.absorb if self.absorb is not None else cache_offset > 0
+        absorb = self.absorb if self.absorb is not None else (static or cache_offset > 0)
         hidden = [x] if output_hidden_states else None
-        for i, layer in enumerate(self.model.layers):
+        for i, layer in enumerate(self.model.layers[:n]):
             kv = (cache.latent[i], cache.k_pe[i]) if cache is not None else None
             x = layer(x, cos, sin, mask, kv, cache_offset, absorb)
             if hidden is not None:
                 hidden.append(x)
+        if n < len(self.model.layers):  # stopped early: no final norm
+            return x, (tuple(hidden) if hidden is not None else None)
         x = self.model.norm(x)
         if hidden is not None:
             hidden[-1] = x

@@ -242,16 +242,23 @@ class LlamaModel(nn.Module):
         emb = torch.cat((freqs, freqs), dim=-1)
         return emb.cos().to(dtype), emb.sin().to(dtype)
 
-    def forward(self, input_ids, position_ids, attention_mask, cache=None, cache_offset=0, output_hidden_states=False, inputs_embeds=None):
+    def forward(self, input_ids, position_ids, attention_mask, cache=None, cache_offset=0, output_hidden_states=False, inputs_embeds=None,
+                num_layers: int | None = None):
+        """`num_layers` = k: run only the first k decoder layers and return hidden state k (HF numbering: the raw output
+        of layer k, or the normed output when k is every layer), as a prefill for embeddings stops early."""
+        n = len(self.layers) if num_layers is None else num_layers
+        assert 0 <= n <= len(self.layers), (num_layers, len(self.layers))
         x = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds  # (B, T, D)
         cos, sin = self.rope(position_ids, x.dtype)
         plain = isinstance(cache_offset, int) and cache_offset == 0 and x.shape[1] > 1 and bool(attention_mask.all())
         mask = None if plain else causal_mask(attention_mask, cache_offset, x.shape[1])
         hidden = [x] if output_hidden_states else None
-        for layer in self.layers:
+        for layer in self.layers[:n]:
             x = layer(x, cos, sin, mask, cache, cache_offset)
             if hidden is not None:
                 hidden.append(x)
+        if n < len(self.layers):  # stopped early: no final norm
+            return x, (tuple(hidden) if hidden is not None else None)
         x = self.norm(x)
         if hidden is not None:
             hidden[-1] = x  # as transformers: the last entry is the normed output
@@ -274,8 +281,9 @@ class LlamaForCausalLM(nn.Module):
         c = self.config
         return KVCache(c.num_hidden_layers, batch_size, c.num_key_value_heads, max_len, c.head_dim, device, dtype)
 
-    def forward(self, input_ids, position_ids, attention_mask, cache=None, cache_offset=0, output_hidden_states=False):
-        return self.model(input_ids, position_ids, attention_mask, cache, cache_offset, output_hidden_states)
+    def forward(self, input_ids, position_ids, attention_mask, cache=None, cache_offset=0, output_hidden_states=False,
+                num_layers: int | None = None):
+        return self.model(input_ids, position_ids, attention_mask, cache, cache_offset, output_hidden_states, num_layers=num_layers)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.lm_head(hidden).float()
