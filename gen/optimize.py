@@ -24,16 +24,30 @@ def compile_blocks(model: nn.Module, **compile_kwargs) -> int:
     return n
 
 
-def optimize(pipeline, compile: bool = False, attention: str = "auto") -> dict:
-    """Choose the attention backend for the pipeline's device and dtype; optionally compile the blocks of its DiTs."""
+def optimize(pipeline, compile: bool = False, attention: str = "auto", fp8: bool = False,
+             step_cache: float | None = None) -> dict:
+    """Choose the attention backend for the pipeline's device and dtype; optionally compile the blocks of its DiTs.
+
+    Lossy, off by default: `fp8` swaps the blocks' linears for FP8 ones (gen/fp8.py; CUDA sm89+, bf16) before
+    compiling; `step_cache` (a threshold in (0, 1)) skips the later blocks on steps whose first block barely
+    changed (gen/step_cache.py), wrapped around the compiled blocks.
+    """
+    from gen.fp8 import check_fp8, quantize_transformer  # they import BLOCK_LISTS from here
+    from gen.step_cache import apply_step_cache, check_threshold, transformers
+
+    if step_cache is not None:
+        check_threshold(step_cache)
+    if fp8:
+        check_fp8(pipeline.device, pipeline.dtype)
     applied = {"attention": select_attention_backend(pipeline.device, pipeline.dtype, attention)}
+    models = transformers(pipeline)
+    if fp8:
+        applied["fp8_linears"] = sum(quantize_transformer(m)["fp8_linears"] for m in models)
     if compile:
-        blocks = 0
-        for slot in ("transformer", "transformer_2"):
-            model = pipeline.components.get(slot)
-            if isinstance(model, nn.Module):
-                blocks += compile_blocks(model)
-        applied["compiled_blocks"] = blocks
+        applied["compiled_blocks"] = sum(compile_blocks(m) for m in models)
+    if step_cache is not None:
+        apply_step_cache(pipeline, step_cache)
+        applied["step_cache"] = step_cache
     log.info("optimizations: %s", applied)
     return applied
 

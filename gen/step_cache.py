@@ -1,0 +1,234 @@
+"""First-block step cache ("FBCache", as in ParaAttention / Cache-DiT): a lossy speed-up, off by default.
+
+Per transformer call, the first block always runs. Its residual (output minus input, image stream) is compared
+with the residual at the last fully computed step of the same CFG branch: when the relative mean absolute
+difference is below the threshold, the remaining blocks are skipped and the cached residual (the last full step's
+final hidden states minus its first-block hidden states, per stream) is added instead; otherwise every block runs
+and the cache is refreshed. As in ParaAttention, the reference residual moves only on fully computed steps, so the
+drift a run of skipped steps may build up stays bounded by the threshold.
+
+Applied from outside the model files (like gen/distributed/apply.py): `StepCache(model, threshold)` replaces the
+model's `forward` with a wrapper; during one wrapped call the model's block lists (`transformer_blocks`, ...) are
+shadowed by lists of gate functions around the same block objects, so the model's own `for block in ...` loop runs
+through the gates. Parameters, module names, state_dict and (regionally) compiled blocks are untouched.
+
+CFG branches: our pipelines call the transformer once per branch per step (conditional, then unconditional), each
+branch with its own text tensor that lives, unchanged, for the whole generation. A call's branch is therefore the
+`encoder_hidden_states` tensor object itself (held by weak reference: ids and data pointers are reused once a
+tensor is freed, a weak reference cannot be fooled). A new generation brings new text tensors, hence fresh
+branches; the branches of finished generations are dropped when their tensors die. A branch also starts over when
+its timestep goes up (a new generation reusing a cached text tensor) or its input shape changes. The ways this can
+fail cost the speed-up, never correctness: a pipeline that re-creates its text tensor every step gets a fresh
+branch every call, and a text tensor seen twice at one timestep (two branches sharing it) is never skipped.
+
+Not for sequence-parallel runs: ranks would decide on their own shards (Generator.from_pretrained refuses both).
+"""
+from __future__ import annotations
+
+import functools
+import inspect
+import weakref
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+from torch import nn
+
+from gen.types import GenError
+
+Streams = tuple[torch.Tensor, ...]
+
+
+def _identity(streams: Streams) -> Streams:
+    return streams
+
+
+def _flux_join(streams: Streams) -> Streams:
+    img, txt = streams
+    return (torch.cat([txt, img], dim=1),)  # FluxTransformer.forward hands the single blocks [txt, img]
+
+
+@dataclass(frozen=True)
+class CacheLayout:
+    """How a model's blocks chain: the block lists in call order with the number of streams a block returns
+    (its first that many arguments are those streams, image first), and `join`: the first block's output streams
+    -> the last block's input streams, as the model hands them on when every block between does nothing."""
+
+    block_lists: tuple[tuple[str, int], ...]
+    join: Callable[[Streams], Streams] = _identity
+
+
+LAYOUTS: dict[str, CacheLayout] = {
+    "FluxTransformer": CacheLayout((("transformer_blocks", 2), ("single_transformer_blocks", 1)), _flux_join),
+    "WanTransformer": CacheLayout((("blocks", 1),)),
+    "QwenImageTransformer": CacheLayout((("transformer_blocks", 2),)),
+}
+
+
+def check_threshold(threshold) -> float:
+    """The step-cache threshold as a float in (0, 1); anything else is a GenError naming the value."""
+    if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not 0 < threshold < 1:
+        raise GenError(f"step_cache must be a threshold between 0 and 1 (exclusive), e.g. 0.1; got {threshold!r}",
+                       param="step_cache")
+    return float(threshold)
+
+
+def relative_diff(a: torch.Tensor, ref: torch.Tensor) -> float:
+    """mean |a - ref| / mean |ref| (fp32)."""
+    a, ref = a.float(), ref.float()
+    return ((a - ref).abs().mean() / ref.abs().mean().clamp_min(1e-12)).item()
+
+
+@dataclass
+class _Branch:
+    """One CFG branch of one generation: its text tensor, last timestep and cached residuals."""
+
+    text: weakref.ref
+    timestep: float = float("inf")
+    shape: tuple = ()
+    first_residual: torch.Tensor | None = None  # first block's output - input (image stream), last full step
+    residual: Streams | None = None  # last block's outputs - join(first block's outputs), last full step
+    shared: bool = False  # several CFG branches pass this one text tensor: they cannot be told apart, never skip
+
+
+@dataclass
+class _Call:
+    """What the gates of one transformer call share."""
+
+    branch: _Branch
+    n_blocks: int
+    join: Callable[[Streams], Streams]  # the layout's join, when the last block sits in a later list than the first
+    skip: bool = False
+    first: Streams = field(default_factory=tuple)  # join(first block's outputs) on a full step
+
+
+def _as_tuple(out) -> Streams:
+    return (out,) if isinstance(out, torch.Tensor) else tuple(out)
+
+
+class StepCache:
+    """The first-block cache of one transformer; `stats` counts forwards and blocks run and skipped."""
+
+    def __init__(self, model: nn.Module, threshold: float):
+        name = type(model).__name__
+        if name not in LAYOUTS:
+            raise GenError(f"step caching does not support {name}; supported: {sorted(LAYOUTS)}", param="step_cache")
+        self.model, self.threshold, self.layout = model, threshold, LAYOUTS[name]
+        self.branches: list[_Branch] = []
+        self.call: _Call | None = None
+        self.stats = {"forwards": 0, "skipped_forwards": 0, "blocks": 0, "skipped_blocks": 0}
+        self.forward = model.forward
+        self.signature = inspect.signature(self.forward)
+
+        @functools.wraps(self.forward)  # keeps the signature for those who inspect it (e.g. sequence parallel)
+        def forward(*args, **kwargs):
+            return self._forward(*args, **kwargs)
+
+        model.forward = forward
+        model._step_cache = self
+
+    def remove(self) -> None:
+        """Give the model back its own forward."""
+        self.model.__dict__.pop("forward", None)
+        self.model.__dict__.pop("_step_cache", None)
+
+    # ---- one call
+
+    def _forward(self, *args, **kwargs):
+        a = self.signature.bind(*args, **kwargs).arguments
+        if self.call is not None:
+            raise RuntimeError("re-entrant call of a step-cached transformer")
+        branch = self._branch(a["encoder_hidden_states"], float(a["timestep"].max()), tuple(a["hidden_states"].shape))
+        # the blocks as they are now (after any swap inside them), chained across the model's block lists
+        chain = [(attr, arity, block) for attr, arity in self.layout.block_lists
+                 for block in self.model._modules.get(attr) or []]
+        last_in_later_list = chain and chain[0][0] != chain[-1][0]
+        self.call = _Call(branch, len(chain), self.layout.join if last_in_later_list else _identity)
+        gates: dict[str, list[Callable]] = {attr: [] for attr, _, _ in chain}
+        for pos, (attr, arity, block) in enumerate(chain):
+            gates[attr].append(functools.partial(self._gate, pos, arity, block))
+        shadowed = self.model.__dict__
+        try:
+            shadowed.update(gates)  # found before nn.Module.__getattr__ looks in _modules
+            return self.forward(*args, **kwargs)
+        finally:
+            for attr in gates:
+                shadowed.pop(attr, None)
+            self.call = None
+
+    def _branch(self, text: torch.Tensor, t: float, shape: tuple) -> _Branch:
+        """The cache of the CFG branch whose text tensor is `text`; a fresh one for a new generation."""
+        self.branches = [b for b in self.branches if b.text() is not None]
+        branch = next((b for b in self.branches if b.text() is text), None)
+        if branch is None:
+            branch = _Branch(weakref.ref(text))
+            self.branches.append(branch)
+        if t > branch.timestep or shape != branch.shape:  # within a generation, timesteps only go down
+            branch.first_residual, branch.residual, branch.shared = None, None, False
+        elif t == branch.timestep:  # a second call of this step with the same text tensor: two branches share it
+            branch.first_residual, branch.residual, branch.shared = None, None, True
+        branch.timestep, branch.shape = t, shape
+        return branch
+
+    def _gate(self, pos: int, arity: int, block: nn.Module, *args):
+        """Block `pos` of the chain, run or skipped as this call decided after its first block."""
+        call = self.call
+        last = call.n_blocks - 1
+        if pos == 0:
+            out = block(*args)
+            streams = _as_tuple(out)
+            residual = streams[0] - args[0]
+            br = call.branch
+            call.skip = (last > 0 and not br.shared and br.residual is not None
+                         and relative_diff(residual, br.first_residual) < self.threshold)
+            self.stats["forwards"] += 1
+            self.stats["blocks"] += call.n_blocks
+            if call.skip:
+                self.stats["skipped_forwards"] += 1
+                self.stats["skipped_blocks"] += last
+            else:
+                br.first_residual = residual
+                call.first = call.join(streams)
+            return out
+        if call.skip:
+            streams = args[:arity]
+            if pos == last:
+                streams = tuple(s + r for s, r in zip(streams, call.branch.residual))
+            return streams[0] if arity == 1 else streams
+        out = block(*args)
+        if pos == last:
+            call.branch.residual = tuple(o - f for o, f in zip(_as_tuple(out), call.first))
+        return out
+
+
+def transformers(pipeline) -> list[nn.Module]:
+    """The pipeline's DiTs (`transformer` and, for Wan2.2 A14B, `transformer_2`)."""
+    return [m for slot in ("transformer", "transformer_2")
+            if isinstance(m := pipeline.components.get(slot), nn.Module)]
+
+
+def apply_step_cache(pipeline, threshold: float) -> list[StepCache]:
+    """Cache the steps of each of the pipeline's DiTs at `threshold` (checked: 0 < threshold < 1)."""
+    threshold = check_threshold(threshold)
+    return [StepCache(m, threshold) for m in transformers(pipeline)]
+
+
+def remove_step_cache(pipeline) -> None:
+    """Take the step caches off the pipeline's DiTs (exact generation again)."""
+    for cache in step_caches(pipeline):
+        cache.remove()
+
+
+def step_caches(pipeline) -> list[StepCache]:
+    """The step caches installed on the pipeline's DiTs (none when step caching is off)."""
+    return [c for m in transformers(pipeline) if (c := getattr(m, "_step_cache", None)) is not None]
+
+
+def step_cache_stats(pipeline) -> dict:
+    """Forwards and blocks run and skipped, summed over the pipeline's DiTs since their caches were applied."""
+    total = {"forwards": 0, "skipped_forwards": 0, "blocks": 0, "skipped_blocks": 0}
+    for cache in step_caches(pipeline):
+        for key, value in cache.stats.items():
+            total[key] += value
+    total["skipped_block_fraction"] = total["skipped_blocks"] / total["blocks"] if total["blocks"] else 0.0
+    return total
