@@ -11,6 +11,7 @@ from typing import Any
 
 import torch
 
+from component_loaders.gguf_encoder import load_gguf_text_encoder
 from component_loaders.model_index import ModelIndex, read_model_index
 from component_loaders.models import (load_diffusers_model, load_llm, load_own_transformer, load_processor, load_scheduler,
                                       load_transformers_model)
@@ -36,6 +37,7 @@ LOADERS = {
     ("transformers", "CLIPVisionModel"): load_transformers_model,
     ("transformers", "CLIPVisionModelWithProjection"): load_transformers_model,
     ("transformers", "Qwen2_5_VLForConditionalGeneration"): load_llm,  # gen's in-process LLM runtime
+    ("gen", "GGUFTextEncoder"): load_gguf_text_encoder,  # one hidden layer of a .gguf LLM from a PyPI package
     # processors
     ("transformers", "CLIPImageProcessor"): load_processor,
     ("transformers", "CLIPImageProcessorPil"): load_processor,  # what save_pretrained records without torchvision

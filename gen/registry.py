@@ -10,6 +10,7 @@ PIPELINES = {
     "QwenImagePipeline": "pipelines.qwen_image:QwenImagePipeline",
     "QwenImageEditPipeline": "pipelines.qwen_image:QwenImageEditPipeline",
     "QwenImageEditPlusPipeline": "pipelines.qwen_image:QwenImageEditPlusPipeline",
+    "QwenImageLLMPipeline": "pipelines.qwen_image:QwenImageLLMPipeline",
     "WanPipeline": "pipelines.wan:WanPipeline",
     "WanImageToVideoPipeline": "pipelines.wan:WanImageToVideoPipeline",
 }

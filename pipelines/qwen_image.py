@@ -15,7 +15,7 @@ from PIL import Image
 
 from gen.types import GenError, GenerationRequest, GenerationResult
 from pipelines.base import Pipeline, Timings
-from stages.decode import to_pil
+from stages.decode import decode_image, to_pil
 from stages.denoise import denoise
 from stages.latents import draw_noise, pack_2x2, unpack_2x2
 from stages.timesteps import linear_sigmas, scheduler_shift, set_timesteps
@@ -36,6 +36,8 @@ MAX_TEXT_TOKENS = 1024  # tokenizer limit after the template prefix
 T2I_MAX_EMBED = 512  # text-to-image keeps at most this many embedding tokens
 VAE_AREA, CONDITION_AREA = 1024 * 1024, 384 * 384  # pixel areas of the reference latents / Edit-Plus VL images
 QWEN_DEFAULTS = FamilyDefaults(num_inference_steps=50, guidance_scale=1.0, height=1024, width=1024, true_cfg_scale=4.0)
+# small Qwen-Image-architecture models on one LLM hidden layer (gen-shapes: assets/shapes/configs.py matches these)
+LLM_DEFAULTS = FamilyDefaults(num_inference_steps=20, guidance_scale=1.0, height=128, width=128, true_cfg_scale=4.0)
 
 
 def vl_inputs(tokenizer, processor, texts: list[str], images, max_length: int | None):
@@ -292,3 +294,44 @@ class QwenImageEditPlusPipeline(QwenImageEditPipeline):
             images.append(im.convert("RGB").resize((width, height), resample=Image.LANCZOS))
         return prompt_embeds(self.encoder, [PLUS_TEMPLATE.format(slots + p) for p in prompts], EDIT_DROP,
                              images=images, device=self.device, dtype=self.dtype)
+
+
+class QwenImageLLMPipeline(QwenImagePipeline):
+    """Text-to-image with a Qwen-Image-architecture DiT conditioned on one hidden layer of a small LLM (the
+    ["gen", "GGUFTextEncoder"] component, e.g. SmolLM2 for gen-shapes) and a 2D AutoencoderKL. The empty prompt is
+    the trained unconditional input, so true CFG is on unless true_cfg_scale <= 1."""
+
+    family = "qwen-image-llm"
+    defaults = LLM_DEFAULTS
+    required = ("text_encoder", "transformer", "vae", "scheduler")
+
+    def __init__(self, components, device, dtype):
+        Pipeline.__init__(self, components, device, dtype)  # not the parent's: no tokenizer, and a 2D VAE
+        c = components
+        self.transformer, self.vae, self.encoder = c["transformer"], c["vae"], c["text_encoder"]
+        self.vae_scale = 2 ** (len(self.vae.config.block_out_channels) - 1)
+        self.defaults = dataclasses.replace(self.defaults, size_multiple=self.vae_scale * 2)
+        t = self.transformer.config
+        if t.guidance_embeds:
+            raise GenError(f"{c.index.path}: guidance-distilled Qwen-Image transformers are not supported",
+                           param="model_path")
+        if t.joint_attention_dim != self.encoder.hidden_size:
+            raise GenError(f"{c.index.path}: transformer joint_attention_dim {t.joint_attention_dim} is not the text "
+                           f"encoder's hidden size {self.encoder.hidden_size}", param="model_path")
+        if t.in_channels != 4 * self.vae.config.latent_channels:
+            raise GenError(f"{c.index.path}: transformer in_channels {t.in_channels} is not 4 x the VAE's "
+                           f"latent_channels {self.vae.config.latent_channels}", param="model_path")
+
+    def __call__(self, req: GenerationRequest, progress=None, cancel=None) -> GenerationResult:
+        if req.negative_prompt is None:
+            req = req.replace(negative_prompt="")  # the unconditional input the model was trained with
+        return super().__call__(req, progress, cancel)
+
+    def encode(self, prompts: list[str], req: GenerationRequest) -> tuple[torch.Tensor, torch.Tensor]:
+        hidden, mask = self.encoder.encode(prompts)  # (B, T, D), (B, T)
+        return hidden.to(device=self.device, dtype=self.dtype), mask.to(self.device).long()
+
+    @torch.no_grad()
+    def decode(self, latents: torch.Tensor) -> list[Image.Image]:
+        """Normalised latents (n, z, 1, h, w) -> PIL images through the 2D VAE (z / scaling_factor + shift_factor)."""
+        return decode_image(self.vae, latents[:, :, 0])

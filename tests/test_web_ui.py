@@ -23,8 +23,8 @@ CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-backg
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
-    flux = Generator.from_pretrained(ROOT / "assets" / "flux-tiny")
-    app = create_app(flux, output_dir=tmp_path_factory.mktemp("out"), max_queue=4)
+    default = Generator.from_pretrained()  # the embedded default, gen-shapes: it draws the prompt
+    app = create_app(default, output_dir=tmp_path_factory.mktemp("out"), max_queue=4)
     with serve_in_thread(app) as url:
         yield url, app
 
@@ -33,9 +33,9 @@ def test_gradio_client_generates(server):
     url, app = server
     client = gradio_client.Client(f"{url}/ui/", verbose=False)
     # prompt, negative, seed, randomize, width, height, steps, guidance, frames, fps, image, enhance
-    gallery, video, seed, revised = client.predict("a red barn", "", 42, False, 64, 48, 2, 3.5, 5, 16, None, False,
-                                                   api_name="/generate")
-    assert video is None and seed == 42 and revised == "a red barn"
+    gallery, video, seed, revised = client.predict("a red circle on the left on a blue background", "", 42, False, 64, 48, 2, 3.5,
+                                                   5, 16, None, False, api_name="/generate")
+    assert video is None and seed == 42 and revised == "a red circle on the left on a blue background"
     assert len(gallery) == 1
     assert Image.open(gallery[0]["image"]["path"] if isinstance(gallery[0]["image"], dict)
                       else gallery[0]["image"]).size == (64, 48)
@@ -55,8 +55,8 @@ def test_browser_generates_and_screenshots(server, tmp_path):
         try:
             page = browser.new_page(viewport={"width": 1280, "height": 860})
             page.goto(f"{url}/ui/", timeout=60_000)
-            page.locator("#prompt textarea").fill("a lighthouse at dusk")
-            for slider, value in (("width", "64"), ("height", "64"), ("steps", "2")):
+            page.locator("#prompt textarea").fill("a large yellow star in the center on a purple background")
+            for slider, value in (("width", "128"), ("height", "128"), ("steps", "20")):
                 box = page.locator(f"#{slider} input[type=number]")
                 box.fill(value)
                 box.press("Enter")

@@ -1,0 +1,45 @@
+"""Write the trained gen-shapes checkpoint (a training call's --out folder) as assets/gen-shapes in the diffusers
+layout: fp16 weights, transformer sharded under 16 MiB a file, the VAE's scaling/shift factors from training.
+
+    python -m assets.shapes.export .shapes/run3 [--to assets/gen-shapes]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+
+from assets.builders.shapes import init_kwargs, write_folder
+from assets.shapes import configs
+from assets.shapes.train import load_dit
+
+ASSETS = Path(__file__).resolve().parents[1]
+
+
+def export(run_dir: Path, out_dir: Path) -> Path:
+    from diffusers import AutoencoderKL, QwenImageTransformer2DModel
+
+    stats = json.loads((run_dir / "vae_stats.json").read_text())
+    dit = QwenImageTransformer2DModel(**init_kwargs(configs.TRANSFORMER))
+    dit.load_state_dict(load_dit(run_dir))
+    vae = AutoencoderKL(**dict(init_kwargs(configs.VAE), scaling_factor=stats["scaling_factor"],
+                               shift_factor=stats["shift_factor"]))
+    vae.load_state_dict(load_file(str(run_dir / "vae.safetensors")))
+    return write_folder(out_dir, dit.to(torch.float16).eval(), vae.to(torch.float16).eval())
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("run_dir", type=Path)
+    ap.add_argument("--to", type=Path, default=ASSETS / configs.MODEL_DIR)
+    args = ap.parse_args()
+    out = export(args.run_dir, args.to)
+    total = sum(f.stat().st_size for f in out.rglob("*") if f.is_file())
+    print(f"wrote {out}: {total / 1e6:.1f} MB")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,219 @@
+"""The shapes-world evaluator (assets/shapes/evaluate.py) and the model evaluation around it (eval_model.py)."""
+from __future__ import annotations
+
+import json
+import math
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+from PIL import Image, ImageDraw, ImageFilter
+
+from assets.shapes import eval_model, evaluate, world
+from assets.shapes.evaluate import analyze, score
+
+ROWS = world.eval_prompts(100, 100, 100, seed=99)  # 300 one-object scenes over all three splits
+
+
+def degrade(image: np.ndarray, rng: np.random.Generator, radius: float, noise: float) -> np.ndarray:
+    """What a model output might look like: gaussian blur of `radius` px plus gaussian pixel noise."""
+    blurred = np.asarray(Image.fromarray(image).filter(ImageFilter.GaussianBlur(radius)), dtype=np.float64)
+    return np.clip(np.round(blurred + rng.normal(0.0, noise, image.shape)), 0, 255).astype(np.uint8)
+
+
+def accuracy(radius: float = 0.0, noise: float = 0.0, seed: int = 0) -> tuple[dict[str, float], list[tuple]]:
+    """Per-attribute accuracy over ROWS rendered with jitter (then degraded), and the (true, read) shapes missed."""
+    rng = np.random.default_rng(seed)
+    totals = dict.fromkeys(evaluate.ATTRIBUTES + ("all",), 0)
+    misses = []
+    for _, scene, _ in ROWS:
+        image = world.render(scene, rng)
+        if radius or noise:
+            image = degrade(image, rng, radius, noise)
+        det = analyze(image)
+        for k, ok in evaluate.score_detection(scene, det).items():
+            totals[k] += ok
+        if det.shape != scene.objects[0].shape:
+            misses.append((scene.objects[0].size, scene.objects[0].shape, det.shape))
+    return {k: v / len(ROWS) for k, v in totals.items()}, misses
+
+
+def test_exact_on_jittered_renders():
+    acc, _ = accuracy()
+    assert acc == dict.fromkeys(evaluate.ATTRIBUTES + ("all",), 1.0)
+
+
+@pytest.mark.parametrize("radius, noise, seed", [(1.5, 4.0, 1), (1.5, 10.0, 3), (2.0, 6.0, 2)])
+def test_robust_to_blur_and_noise(radius, noise, seed):
+    # observed: 100% on every attribute, but shape 99.7% at blur 2 px (one small square read as a circle)
+    acc, misses = accuracy(radius, noise, seed)
+    assert {k: acc[k] for k in ("background", "color", "position", "size")} == dict.fromkeys(
+        ("background", "color", "position", "size"), 1.0)
+    assert acc["shape"] >= 0.99 and all(size == "small" for size, *_ in misses), (acc, misses)
+
+
+def test_heavy_blur_turns_small_stars_into_circles():
+    # blur 2.5 px: observed shape 93.3%, every miss a small star read as a circle; the rest still 100%
+    acc, misses = accuracy(2.5, 6.0, 4)
+    assert 0.91 <= acc["shape"] <= 0.95 and set(misses) == {("small", "star", "circle")}, (acc, misses)
+    assert acc["position"] == acc["size"] == acc["background"] == 1.0 and acc["color"] >= 0.99
+
+
+@pytest.mark.parametrize("shape, feature, expected", [
+    ("square", "rect_fill", 1.0), ("circle", "rect_fill", math.pi / 4), ("triangle", "rect_fill", 0.5),
+    ("star", "solidity", 0.60), ("triangle", "cy_rel", 2 / 3), ("circle", "cy_rel", 0.5),
+])  # the star's polygon has solidity 0.556; the 3 x 3 smoothing of the mask rounds its inner corners to 0.60
+def test_shape_geometry_matches_theory(shape, feature, expected):
+    det = analyze(world.render(world.Scene("black", (world.Obj(shape, "white", "large", "center"),))))
+    assert det.shape == shape and det.position == "center" and det.size == "large"
+    assert getattr(det, feature) == pytest.approx(expected, abs=0.03)
+
+
+def test_features_of_exact_render():
+    det = analyze(world.render(world.Scene("green", (world.Obj("square", "orange", "medium", "top right"),))))
+    assert (det.background, det.color, det.shape, det.position, det.size) == (
+        "green", "orange", "square", "top right", "medium")
+    assert det.area == pytest.approx(36 * 36, abs=4) and det.center == (96.0, 32.0)
+    assert det.half_extent == pytest.approx(18.0, abs=0.05)
+
+
+@pytest.mark.parametrize("angle", [0, 20, 45])
+def test_rotated_square_is_still_a_square(angle):
+    im = Image.new("RGB", (512, 512), world.COLORS["blue"])
+    ImageDraw.Draw(im).regular_polygon((256, 256, 90), 4, rotation=angle, fill=world.COLORS["yellow"])
+    det = analyze(np.asarray(im.resize((128, 128), Image.BOX)))
+    assert (det.shape, det.color, det.position, det.size) == ("square", "yellow", "center", "medium")
+
+
+def test_every_color_name_is_its_own_nearest():
+    assert [evaluate.nearest_color(np.array(rgb) + 8) for rgb in world.COLORS.values()] == list(world.COLORS)
+
+
+def test_largest_component_keeps_the_biggest_blob_and_fills_holes():
+    mask = np.zeros((20, 20), dtype=bool)
+    mask[2:10, 2:10] = True  # 64 px with a hole
+    mask[5:7, 5:7] = False
+    mask[12:15, 12:19] = True  # 21 px
+    mask[0, 19] = True  # a speck
+    out = evaluate.largest_component(mask)
+    expected = np.zeros_like(mask)
+    expected[2:10, 2:10] = True
+    assert (out == expected).all()
+    diag = np.eye(5, dtype=bool)  # diagonal neighbours are not 4-connected
+    assert evaluate.largest_component(diag).sum() == 1
+
+
+def test_hull_and_rectangle_geometry():
+    pts = np.array([[0, 0], [4, 0], [4, 4], [0, 4], [2, 2], [1, 3]])
+    hull = evaluate.convex_hull(pts)
+    assert len(hull) == 4 and evaluate.polygon_area(hull) == 16.0
+    diamond = np.array([[0.0, -1.0], [1.0, 0.0], [0.0, 1.0], [-1.0, 0.0]])  # a square turned 45 degrees
+    assert evaluate.min_rect_area(diamond) == pytest.approx(2.0)
+
+
+def test_blank_image_finds_no_object():
+    scene = world.Scene("pink", (world.Obj("circle", "blue", "small", "left"),))
+    image = np.broadcast_to(np.array(world.COLORS["pink"], dtype=np.uint8), (128, 128, 3)).copy()
+    det = analyze(image)
+    assert not det.found and det.background == "pink" and det.shape is None
+    assert score(scene, image) == {"background": True, "color": False, "shape": False, "position": False,
+                                   "size": False, "all": False}
+
+
+def test_wrong_attributes_are_scored_wrong():
+    scene = world.Scene("white", (world.Obj("star", "red", "small", "bottom"),))
+    wrong = world.Scene("black", (world.Obj("circle", "red", "large", "bottom"),))
+    assert score(scene, world.render(wrong)) == {"background": False, "color": True, "shape": False,
+                                                 "position": True, "size": False, "all": False}
+
+
+def test_bad_inputs_are_named():
+    with pytest.raises(ValueError, match=r"\(64, 64, 3\)"):
+        analyze(np.zeros((64, 64, 3), dtype=np.uint8))
+    two = world.Scene("white", (world.Obj("star", "red", "small", "left"), world.Obj("star", "red", "small", "right")))
+    with pytest.raises(ValueError, match="2 objects"):
+        score(two, world.render(two))
+
+
+# ---- eval_model ------------------------------------------------------------------------------------
+
+class FakeGenerator:
+    """Stands in for gen.Generator: renders the scene its prompt describes (so every check must pass)."""
+
+    def __init__(self, rows):
+        self.scenes = {prompt: scene for _, scene, prompt in rows}
+        self.calls = []
+
+    def generate(self, prompt, *, seed, num_inference_steps, height, width, **kwargs):
+        self.calls.append((prompt, seed, num_inference_steps, height, width, kwargs))
+        image = world.render(self.scenes[prompt], np.random.default_rng(seed))
+        return SimpleNamespace(images=[Image.fromarray(image)])
+
+
+SMALL_ROWS = world.eval_prompts(8, 8, 8, seed=5)
+
+
+def test_evaluate_model_with_a_perfect_generator():
+    gen = FakeGenerator(SMALL_ROWS)
+    results = eval_model.evaluate_model(gen, SMALL_ROWS, steps=3, cfg=2.5, log_every=0)
+    assert [c[1:] for c in gen.calls] == [(i, 3, 128, 128, {"true_cfg_scale": 2.5}) for i in range(24)]
+    assert all(r.scores["all"] for r in results)
+    assert [r.split for r in results] == ["in-distribution"] * 8 + ["held-out"] * 8 + ["paraphrase"] * 8
+    row = json.loads(json.dumps(results[3].to_json()))
+    assert row["index"] == 3 and row["prompt"] == SMALL_ROWS[3][2] and row["scores"]["all"] is True
+    assert row["scene"]["shape"] == row["detected"]["shape"] == SMALL_ROWS[3][1].objects[0].shape
+
+
+def test_table_formatting():
+    gen = FakeGenerator(SMALL_ROWS)
+    results = eval_model.evaluate_model(gen, SMALL_ROWS, steps=1, log_every=0)
+    results[0].scores.update(shape=False, all=False)  # one in-distribution miss: 7 / 8
+    assert eval_model.table(results).splitlines() == [
+        "| split | background | color | shape | position | size | all | n |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
+        "| in-distribution | 100.0 | 100.0 | 87.5 | 100.0 | 100.0 | 87.5 | 8 |",
+        "| held-out | 100.0 | 100.0 | 100.0 | 100.0 | 100.0 | 100.0 | 8 |",
+        "| paraphrase | 100.0 | 100.0 | 100.0 | 100.0 | 100.0 | 100.0 | 8 |",
+    ]
+    doc = eval_model.markdown_doc(results, {"model": "m", "steps": 1, "cfg": 4.0, "device": "cpu", "dtype": "fp32",
+                                            "prompt_seed": 5}, "g.png")
+    assert "all met" in doc and "![samples](g.png)" in doc
+    results[1].scores.update(color=False)
+    results[2].scores.update(color=False)
+    assert "missed: color 75.0%" in eval_model.markdown_doc(results, {"model": "m", "steps": 1, "cfg": 4.0,
+                                                                      "device": "cpu", "dtype": "fp32",
+                                                                      "prompt_seed": 5}, "g.png")
+
+
+def test_grid_size_and_samples():
+    images = [world.render(scene) for _, scene, _ in SMALL_ROWS]
+    prompts = [p for *_, p in SMALL_ROWS]
+    sheet = eval_model.grid(images, prompts, columns=8, scale=2)
+    assert sheet.width == 8 * 256 + 7 * 4 and 3 * 256 < sheet.height < 3 * (256 + 100)
+    cell = np.asarray(sheet)[:256, :256]
+    assert (cell[::2, ::2] == images[0]).all()  # nearest-neighbour upscaled, untouched
+    with pytest.raises(ValueError, match="24 images, 23 prompts"):
+        eval_model.grid(images, prompts[:-1])
+    gen = FakeGenerator(SMALL_ROWS)
+    picked = eval_model.grid_samples(eval_model.evaluate_model(gen, SMALL_ROWS, 1, log_every=0), count=6)
+    assert [r.index for r in picked] == [0, 1, 8, 9, 16, 17]
+
+
+def test_cli_writes_results_table_grid_and_doc(tmp_path, monkeypatch, capsys):
+    from gen.generator import Generator
+
+    rows = world.eval_prompts(4, 4, 2, seed=1234)
+    fake = FakeGenerator(rows)
+    loaded = []
+    monkeypatch.setattr(Generator, "from_pretrained", lambda path, **kw: loaded.append((path, kw)) or fake)
+    md = tmp_path / "docs" / "SHAPES-EVAL.md"
+    assert eval_model.main(["--model", "some/model", "--n-in", "4", "--n-heldout", "4", "--n-paraphrase", "2",
+                            "--steps", "7", "--out", str(tmp_path / "run"), "--markdown", str(md)]) == 0
+    assert loaded == [("some/model", {"device": None, "dtype": None})]
+    assert {c[2] for c in fake.calls} == {7} and len(fake.calls) == 10
+    data = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert data["summary"]["held-out"] == {c: 1.0 for c in eval_model.COLUMNS} | {"n": 4}
+    assert len(data["rows"]) == 10 and data["settings"]["steps"] == 7
+    assert (tmp_path / "run" / "table.md").read_text() in md.read_text()
+    assert Image.open(tmp_path / "run" / "grid.png").size == Image.open(md.parent / "shapes-eval-grid.png").size
+    assert "| paraphrase | 100.0" in capsys.readouterr().out
