@@ -51,3 +51,20 @@ def test_compiled_prefill_equals_eager():
 def test_max_prefill_shapes_must_be_positive():
     with pytest.raises(ValueError, match="max_prefill_shapes"):
         engine(make_pair("qwen2")[0], compile_prefill=True, max_prefill_shapes=0)
+
+
+def test_llm_api_passes_compile_prefill_to_its_engine():
+    """`LLM(..., compile_prefill=True)` reaches the engine (off by default); no compiling happens until a prefill."""
+    from test_llm_models import make_pair as _pair
+
+    from gen.llm import LLM
+
+    model, _ = _pair("qwen2")
+    cfg = {"architectures": ["Qwen2ForCausalLM"], "max_position_embeddings": 64}
+
+    class Tok:
+        pad_token_id, eos_token_id = 0, 1
+
+    on = LLM.from_parts(model, Tok(), cfg, device="cpu", dtype=torch.float32, compile_prefill=True)
+    off = LLM.from_parts(model, Tok(), cfg, device="cpu", dtype=torch.float32)
+    assert on.engine._prefill_fn is not None and off.engine._prefill_fn is None
