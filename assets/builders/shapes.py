@@ -49,9 +49,9 @@ def write_json(path: Path, data: dict) -> None:
     path.write_text(json.dumps(data, indent=2) + "\n")
 
 
-def write_folder(out_dir: Path, transformer, vae, max_shard_size: str = "12MB") -> Path:
+def write_folder(out_dir: Path, transformer, vae, max_shard_size: str = "8MB") -> Path:
     """The gen-shapes layout at `out_dir` (replaced if present) around a transformer and a VAE; weight files are
-    sharded at `max_shard_size` (the repo keeps every file under 16 MiB)."""
+    sharded at `max_shard_size` (the repo keeps every file under 10 MB)."""
     out_dir = Path(out_dir)
     if out_dir.exists():
         shutil.rmtree(out_dir)

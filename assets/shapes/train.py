@@ -202,9 +202,11 @@ def main() -> None:
     ap.add_argument("--lr", type=float, default=3e-4)
     ap.add_argument("--t-max", type=int, default=48)
     ap.add_argument("--compile", action="store_true")
-    ap.add_argument("--device", default="cuda")
+    ap.add_argument("--device", default=None, help="default: the accelerator if there is one (gen.device)")
     args = ap.parse_args()
-    device = torch.device(args.device)
+    from gen.device import resolve_device
+
+    device = resolve_device(args.device)
     torch.backends.cuda.matmul.allow_tf32 = False  # the encoder's states match the CPU's fp32 ones
     args.out.mkdir(parents=True, exist_ok=True)
     args.work.mkdir(parents=True, exist_ok=True)
