@@ -9,7 +9,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from gen.models.attention import attention
-from gen.models.layers import MLPEmbedder
+from gen.models.layers import MLPEmbedder, project
 
 Rope = tuple[torch.Tensor, torch.Tensor]  # (cos, sin), each (S, head_dim) float32
 
@@ -139,12 +139,14 @@ class FeedForward(nn.Module):
         return self.net(x)
 
 
-def _heads(x: torch.Tensor, proj: nn.Linear, head_dim: int) -> torch.Tensor:
-    return proj(x).unflatten(-1, (-1, head_dim))  # (B, L, H, D)
+def _heads(x: torch.Tensor, head_dim: int) -> torch.Tensor:
+    return x.unflatten(-1, (-1, head_dim))  # (B, L, H*D) -> (B, L, H, D)
 
 
 class SelfAttention(nn.Module):
-    """Single-stream attention: q/k/v + q/k RMSNorm + RoPE; the output projection lives in the block's proj_out."""
+    """Single-stream attention: q/k/v + q/k RMSNorm + RoPE; the output projection lives in the block's proj_out.
+
+    The block computes q/k/v itself (with its MLP input projection, one joined matmul when gen/fuse.py joined them)."""
 
     def __init__(self, dim: int, heads: int, head_dim: int):
         super().__init__()
@@ -155,12 +157,11 @@ class SelfAttention(nn.Module):
         self.to_k = nn.Linear(dim, heads * head_dim)
         self.to_v = nn.Linear(dim, heads * head_dim)
 
-    def forward(self, x: torch.Tensor, rope: Rope) -> torch.Tensor:
-        q = self.norm_q(_heads(x, self.to_q, self.head_dim))  # (B, S, H, D)
-        k = self.norm_k(_heads(x, self.to_k, self.head_dim))
-        v = _heads(x, self.to_v, self.head_dim)
-        out = attention(apply_rope(q, rope), apply_rope(k, rope), v)  # (B, S, H, D)
-        return out.flatten(2)  # (B, S, H*D)
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rope: Rope) -> torch.Tensor:
+        """Projected q, k, v (B, S, H*D) -> attention output (B, S, H*D)."""
+        q, k, v = (t.unflatten(-1, (-1, self.head_dim)) for t in (q, k, v))  # (B, S, H, D)
+        out = attention(apply_rope(self.norm_q(q), rope), apply_rope(self.norm_k(k), rope), v)
+        return out.flatten(2)
 
 
 class JointAttention(nn.Module):
@@ -184,16 +185,13 @@ class JointAttention(nn.Module):
         self.to_add_out = nn.Linear(inner, dim)
 
     def img_qkv(self, img: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        hd = self.head_dim
-        q = self.norm_q(_heads(img, self.to_q, hd))  # (B, L, H, D)
-        k = self.norm_k(_heads(img, self.to_k, hd))
-        return q, k, _heads(img, self.to_v, hd)
+        q, k, v = (_heads(t, self.head_dim) for t in project(img, self.to_q, self.to_k, self.to_v))
+        return self.norm_q(q), self.norm_k(k), v  # (B, L, H, D)
 
     def txt_qkv(self, txt: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        hd = self.head_dim
-        q = self.norm_added_q(_heads(txt, self.add_q_proj, hd))
-        k = self.norm_added_k(_heads(txt, self.add_k_proj, hd))
-        return q, k, _heads(txt, self.add_v_proj, hd)
+        qkv = project(txt, self.add_q_proj, self.add_k_proj, self.add_v_proj)
+        q, k, v = (_heads(t, self.head_dim) for t in qkv)
+        return self.norm_added_q(q), self.norm_added_k(k), v
 
     def forward(self, img: torch.Tensor, txt: torch.Tensor, rope: Rope) -> tuple[torch.Tensor, torch.Tensor]:
         """img (B, L, dim), txt (B, T, dim), rope over the T + L joint positions -> (img_out, txt_out)."""
@@ -212,6 +210,8 @@ def _clip_fp16(x: torch.Tensor) -> torch.Tensor:
 
 class FluxDoubleBlock(nn.Module):
     """MMDiT block: image and text streams each with own modulation / MLP, attending jointly."""
+
+    joinable = (("attn.to_q", "attn.to_k", "attn.to_v"), ("attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj"))
 
     def __init__(self, dim: int, heads: int, head_dim: int):
         super().__init__()
@@ -238,6 +238,8 @@ class FluxDoubleBlock(nn.Module):
 class FluxSingleBlock(nn.Module):
     """Parallel attention + MLP over the joint [txt, img] sequence, one fused output projection."""
 
+    joinable = (("attn.to_q", "attn.to_k", "attn.to_v", "proj_mlp"),)
+
     def __init__(self, dim: int, heads: int, head_dim: int, mlp_ratio: float = 4.0):
         super().__init__()
         mlp_dim = int(dim * mlp_ratio)
@@ -250,8 +252,9 @@ class FluxSingleBlock(nn.Module):
         """x (B, T+L, dim) -> same."""
         shift, scale, gate = self.norm(temb)
         h = modulate(x, shift, scale)
-        mlp = F.gelu(self.proj_mlp(h), approximate="tanh")  # (B, S, mlp_dim)
-        out = self.proj_out(torch.cat([self.attn(h, rope), mlp], dim=-1))  # (B, S, dim)
+        q, k, v, mlp = project(h, self.attn.to_q, self.attn.to_k, self.attn.to_v, self.proj_mlp)
+        mlp = F.gelu(mlp, approximate="tanh")  # (B, S, mlp_dim)
+        out = self.proj_out(torch.cat([self.attn(q, k, v, rope), mlp], dim=-1))  # (B, S, dim)
         return _clip_fp16(x + gate[:, None] * out)
 
 

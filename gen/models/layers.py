@@ -16,3 +16,14 @@ class MLPEmbedder(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.linear_2(F.silu(self.linear_1(x)))
+
+
+def project(x: torch.Tensor, *layers: nn.Module) -> tuple[torch.Tensor, ...]:
+    """`x` through several Linear layers that all read it: one matmul when gen/fuse.py joined exactly this group
+    (the first layer then holds the joined weight), else one call per layer."""
+    sizes = getattr(layers[0], "joined_sizes", None)
+    if sizes is None:
+        return tuple(layer(x) for layer in layers)
+    if len(sizes) != len(layers):
+        raise RuntimeError(f"layer joined as a group of {len(sizes)} called as a group of {len(layers)}")
+    return F.linear(x, layers[0].joined_weight, layers[0].joined_bias).split(sizes, dim=-1)

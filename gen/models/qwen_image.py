@@ -13,7 +13,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from gen.models.attention import attention
-from gen.models.layers import MLPEmbedder
+from gen.models.layers import MLPEmbedder, project
 
 
 @dataclass(frozen=True)
@@ -180,12 +180,10 @@ class JointAttention(nn.Module):
     def forward(self, img: torch.Tensor, txt: torch.Tensor, mask: torch.Tensor | None, rope) -> tuple[torch.Tensor, torch.Tensor]:
         (img_cos, img_sin), (txt_cos, txt_sin) = rope
         split = lambda x: x.unflatten(-1, (-1, self.head_dim))  # (B, L, H, D)
-        q = apply_rope(self.norm_q(split(self.to_q(img))), img_cos, img_sin)
-        k = apply_rope(self.norm_k(split(self.to_k(img))), img_cos, img_sin)
-        v = split(self.to_v(img))
-        tq = apply_rope(self.norm_added_q(split(self.add_q_proj(txt))), txt_cos, txt_sin)
-        tk = apply_rope(self.norm_added_k(split(self.add_k_proj(txt))), txt_cos, txt_sin)
-        tv = split(self.add_v_proj(txt))
+        q, k, v = (split(t) for t in project(img, self.to_q, self.to_k, self.to_v))
+        tq, tk, tv = (split(t) for t in project(txt, self.add_q_proj, self.add_k_proj, self.add_v_proj))
+        q, k = apply_rope(self.norm_q(q), img_cos, img_sin), apply_rope(self.norm_k(k), img_cos, img_sin)
+        tq, tk = apply_rope(self.norm_added_q(tq), txt_cos, txt_sin), apply_rope(self.norm_added_k(tk), txt_cos, txt_sin)
         out = attention(torch.cat([tq, q], 1), torch.cat([tk, k], 1), torch.cat([tv, v], 1), mask)  # (B, T+L, H, D)
         out = out.flatten(2).to(q.dtype)
         t = txt.shape[1]
@@ -203,6 +201,8 @@ def modulate(x: torch.Tensor, params: torch.Tensor, index: torch.Tensor | None) 
 
 
 class QwenImageTransformerBlock(nn.Module):
+    joinable = (("attn.to_q", "attn.to_k", "attn.to_v"), ("attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj"))
+
     def __init__(self, cfg: QwenImageConfig):
         super().__init__()
         dim = cfg.inner_dim

@@ -9,6 +9,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from gen.models.attention import attention
+from gen.models.layers import project
 
 Rope = tuple[torch.Tensor, torch.Tensor]  # cos, sin: each (1, L, 1, D/2) float32
 
@@ -174,10 +175,13 @@ class WanAttention(nn.Module):
     def forward(self, x: torch.Tensor, ctx: torch.Tensor | None = None, rope: Rope | None = None,
                 ctx_img: torch.Tensor | None = None) -> torch.Tensor:
         """x (B, L, D); ctx (B, T, D) for cross-attention (None: self-attention); ctx_img (B, Li, D)."""
-        ctx = x if ctx is None else ctx
-        q = self.norm_q(self.to_q(x)).unflatten(-1, (self.heads, -1))  # (B, L, H, Dh)
-        k = self.norm_k(self.to_k(ctx)).unflatten(-1, (self.heads, -1))  # (B, T, H, Dh)
-        v = self.to_v(ctx).unflatten(-1, (self.heads, -1))
+        if ctx is None:
+            q, k, v = project(x, self.to_q, self.to_k, self.to_v)
+        else:
+            q, (k, v) = self.to_q(x), project(ctx, self.to_k, self.to_v)
+        q = self.norm_q(q).unflatten(-1, (self.heads, -1))  # (B, L, H, Dh)
+        k = self.norm_k(k).unflatten(-1, (self.heads, -1))  # (B, T, H, Dh)
+        v = v.unflatten(-1, (self.heads, -1))
         if rope is not None:
             q, k = apply_rope(q, rope), apply_rope(k, rope)
         out = attention(q, k, v).flatten(2).type_as(q)  # (B, L, D)
@@ -190,6 +194,8 @@ class WanAttention(nn.Module):
 
 class WanBlock(nn.Module):
     """Modulated self-attention (3D RoPE), cross-attention to text (and image), modulated GELU FFN."""
+
+    joinable = (("attn1.to_q", "attn1.to_k", "attn1.to_v"), ("attn2.to_k", "attn2.to_v"))
 
     def __init__(self, cfg: WanConfig):
         super().__init__()
