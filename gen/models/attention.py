@@ -19,14 +19,20 @@ AttentionFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor |
 
 
 def _sdpa(q, k, v, mask, backends: list[SDPBackend] | None = None) -> torch.Tensor:
+    """SDPA on (B, L, H, D) tensors; `backends`: the kernels to use, in priority order (None: PyTorch's choice).
+    The list always ends in kernels that run everywhere, so a shape the preferred kernel cannot take (a small or
+    odd head dim, say) falls back instead of failing."""
     attn_mask = None if mask is None else mask[:, None, None, :].to(torch.bool)  # (B, 1, 1, Lk)
     q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H, L, D)
     if backends is None:
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
     else:
-        with sdpa_kernel(backends):
+        with sdpa_kernel(backends, set_priority=True):
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
     return out.transpose(1, 2)
+
+
+_FALLBACK = [SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
 
 def sdpa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
@@ -40,21 +46,22 @@ def math_attention(q, k, v, mask=None) -> torch.Tensor:
 
 
 def cudnn_attention(q, k, v, mask=None) -> torch.Tensor:
-    """SDPA pinned to cuDNN's fused attention (fastest on Hopper for head dim 128); masks fall back to flash/efficient."""
+    """SDPA preferring cuDNN's fused attention (fastest on Hopper for head dim 128, masks included), then flash
+    (not with a mask)."""
     if mask is not None:
-        return _sdpa(q, k, v, mask, [SDPBackend.EFFICIENT_ATTENTION, SDPBackend.CUDNN_ATTENTION])
-    return _sdpa(q, k, v, mask, [SDPBackend.CUDNN_ATTENTION])
+        return _sdpa(q, k, v, mask, [SDPBackend.CUDNN_ATTENTION, *_FALLBACK])
+    return _sdpa(q, k, v, mask, [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, *_FALLBACK])
 
 
 def flash_attention(q, k, v, mask=None) -> torch.Tensor:
-    """SDPA pinned to the FlashAttention-2 kernel (no masks: falls back to memory-efficient for those)."""
+    """SDPA preferring the FlashAttention-2 kernel (no masks: memory-efficient first for those)."""
     if mask is not None:
-        return _sdpa(q, k, v, mask, [SDPBackend.EFFICIENT_ATTENTION])
-    return _sdpa(q, k, v, mask, [SDPBackend.FLASH_ATTENTION])
+        return _sdpa(q, k, v, mask, _FALLBACK)
+    return _sdpa(q, k, v, mask, [SDPBackend.FLASH_ATTENTION, *_FALLBACK])
 
 
 def efficient_attention(q, k, v, mask=None) -> torch.Tensor:
-    return _sdpa(q, k, v, mask, [SDPBackend.EFFICIENT_ATTENTION])
+    return _sdpa(q, k, v, mask, _FALLBACK)
 
 
 # name -> backend; the order of PREFERENCE lists the fastest first for accelerators.
