@@ -137,8 +137,9 @@ class WanPipeline(Pipeline):
     def conditioning(self, req: GenerationRequest, grid: tuple[int, int, int]) -> Conditioning:
         return Conditioning()
 
-    def expert(self, t: torch.Tensor, scheduler):
-        """The high-noise expert `transformer` for t >= boundary_ratio * num_train_timesteps, else `transformer_2`."""
+    def expert(self, t: float, scheduler):
+        """The high-noise expert `transformer` for t >= boundary_ratio * num_train_timesteps, else `transformer_2`.
+        `t` is a host number: comparing a device tensor would wait for the GPU every step."""
         if self.boundary_ratio is None or t >= self.boundary_ratio * scheduler.config.num_train_timesteps:
             return self.transformer
         return self.transformer_2
@@ -167,9 +168,10 @@ class WanPipeline(Pipeline):
         with tm("timesteps"):
             scheduler = copy.deepcopy(c["scheduler"])
             timesteps = set_timesteps(scheduler, req.num_inference_steps, self.device)
+            experts = [self.expert(t, scheduler) for t in timesteps.tolist()]  # one device->host copy, before the loop
 
         def model_fn(x: torch.Tensor, t: torch.Tensor, i: int) -> torch.Tensor:
-            model = self.expert(t, scheduler)
+            model = experts[i]
             inp = cond.model_input(x, keep).to(self.dtype)
             if self.expand_timesteps:  # one timestep per token, 0 on given frames
                 ts = (keep[0, 0][:, :: self.patch[0], :: self.patch[1]] * t).flatten()[None]  # (1, L)
