@@ -49,13 +49,19 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--step-cache", type=float, metavar="THRESHOLD",
                    help="lossy: first-block step cache; skip the later transformer blocks on steps whose first "
                         "block changed by less than THRESHOLD (0 < THRESHOLD < 1, e.g. 0.1; one process only)")
+    p.add_argument("--cuda-graphs", action="store_true",
+                   help="replay each transformer call from a CUDA graph (exact; CUDA only, not with --step-cache); "
+                        "pays on small images, where the GPU waits for kernel launches")
+    p.add_argument("--vae-tiling", action="store_true",
+                   help="decode in tiles: less GPU memory for large images and long videos, about 2x slower decode")
     add_parallel_arguments(p)
 
 
 def model_kwargs(args: argparse.Namespace) -> dict:
     """The Generator.from_pretrained keywords of add_model_arguments' flags."""
     return dict(device=args.device, dtype=args.dtype, prompt_enhancer=args.prompt_enhancer, compile=args.compile,
-                attention=args.attention, fp8=args.fp8, step_cache=args.step_cache, **parallel_kwargs(args))
+                attention=args.attention, fp8=args.fp8, step_cache=args.step_cache,
+                cuda_graphs=args.cuda_graphs, vae_tiling=args.vae_tiling, **parallel_kwargs(args))
 
 
 def add_parallel_arguments(p: argparse.ArgumentParser) -> None:

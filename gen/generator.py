@@ -57,6 +57,7 @@ class Generator:
                         dtype: str | torch.dtype | None = None, variant: str | None = None,
                         prompt_enhancer: str | os.PathLike | None = None, compile: bool = False,
                         attention: str = "auto", *, fp8: bool = False, step_cache: float | None = None,
+                        cuda_graphs: bool = False, vae_tiling: bool = False,
                         num_gpus: int = 1, ulysses_degree: int | None = None, ring_degree: int | None = None,
                         cfg_parallel: bool = False) -> "Generator":
         """Load a diffusers-layout folder (`None`: the embedded default) on `device` in `dtype`.
@@ -70,7 +71,11 @@ class Generator:
         Lossy speed-ups, off by default (docs in gen/fp8.py, gen/step_cache.py): `fp8` runs the DiT blocks' linears
         in FP8 (CUDA, compute capability 8.9+, bf16); `step_cache` (a threshold in (0, 1), e.g. 0.1) skips the
         later DiT blocks on steps whose first block barely changed (one process only).
+        `cuda_graphs` (exact, CUDA only, not with step_cache) replays each DiT call from a CUDA graph
+        (gen/cuda_graph.py): it pays on small inputs, where the GPU would wait for kernel launches. `vae_tiling`
+        decodes in tiles: less memory for large images and long videos, about twice the decode time.
         """
+        from gen.cuda_graph import check_cuda_graphs
         from gen.fp8 import check_fp8
         from gen.optimize import optimize
         from gen.step_cache import check_threshold
@@ -82,21 +87,28 @@ class Generator:
             check_threshold(step_cache)
         if fp8:
             check_fp8(device, dtype)
+        if cuda_graphs:
+            check_cuda_graphs(device, step_cache)
         if num_gpus != 1 or ulysses_degree not in (None, 1) or ring_degree not in (None, 1) or cfg_parallel:
             from gen.distributed import ParallelConfig, start_ranks
 
             if step_cache is not None:
                 raise GenError(f"step_cache={step_cache} works in one process only: ranks would decide to skip on "
                                "their own shards; drop it or the parallel flags", param="step_cache")
+            if cuda_graphs:
+                raise GenError("cuda_graphs works in one process only (the ranks' collectives are not captured); "
+                               "drop it or the parallel flags", param="cuda_graphs")
             config = ParallelConfig.from_flags(num_gpus, ulysses_degree, ring_degree, cfg_parallel)
             ranks = start_ranks(path, device, dtype, variant, config,
-                                load_kwargs=dict(compile=compile, attention=attention, fp8=fp8))
+                                load_kwargs=dict(compile=compile, attention=attention, fp8=fp8,
+                                                 vae_tiling=vae_tiling))
             return cls(ranks, path, prompt_enhancer)
         pipe_cls = pipeline_class(read_model_index(path).class_name)
         components = load_components(path, device, dtype, variant=variant)
         log.info("loaded %s (%s) on %s in %s", path, pipe_cls.__name__, device, dtype)
         pipeline = pipe_cls(components, device, dtype)
-        optimize(pipeline, compile=compile, attention=attention, fp8=fp8, step_cache=step_cache)
+        optimize(pipeline, compile=compile, attention=attention, fp8=fp8, step_cache=step_cache,
+                 cuda_graphs=cuda_graphs, vae_tiling=vae_tiling)
         return cls(pipeline, path, prompt_enhancer)
 
     @property
