@@ -67,3 +67,46 @@ def environment() -> dict:
 def write_json(path, data) -> None:
     with open(path, "w") as f:
         json.dump(data, f, indent=2)
+
+
+KERNEL_KINDS = (  # (kind, substrings of the lower-cased kernel name), first match wins
+    ("attention", ("flash", "fmha", "sdpa", "attention", "attn")),
+    ("matmul", ("gemm", "nvjet", "xmma", "cutlass", "matmul", "_mm_", "scaled_mm")),
+    ("fused elementwise / norm (triton)", ("triton",)),
+    ("copy / cat", ("copy", "cat", "memcpy", "memset")),
+)
+
+
+def kernel_kind(name: str) -> str:
+    low = name.lower()
+    for kind, keys in KERNEL_KINDS:
+        if any(k in low for k in keys):
+            return kind
+    return "other elementwise"
+
+
+def kernel_breakdown(fn, iters: int = 3) -> dict:
+    """GPU kernel milliseconds per call of `fn` by kind (torch.profiler), plus the wall time per call and the
+    share of it no kernel ran ('gpu idle'): launch gaps and host waits."""
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()
+    _sync()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        start, end = torch.Event(enable_timing=True), torch.Event(enable_timing=True)
+        start.record()
+        for _ in range(iters):
+            fn()
+        end.record()
+        end.synchronize()
+    totals: dict[str, float] = {}
+    for evt in prof.key_averages():
+        us = getattr(evt, "self_device_time_total", 0) or 0
+        if us and evt.device_type == torch.autograd.DeviceType.CUDA:
+            kind = kernel_kind(evt.key)
+            totals[kind] = totals.get(kind, 0.0) + us / 1e3 / iters
+    wall = start.elapsed_time(end) / iters
+    out = dict(sorted(totals.items(), key=lambda kv: -kv[1]))
+    out["wall"] = wall
+    out["gpu idle"] = max(0.0, wall - sum(totals.values()))
+    return out
