@@ -10,9 +10,10 @@ output, so a caller may keep results across calls (the two CFG branches of one s
 
 Applied from outside the model files (`enable_cuda_graphs(model)`, through gen.optimize). Requires: no host-device
 sync inside the call (capture fails loudly otherwise), no data-dependent Python control flow (the step cache has
-some: refused together), one process (collectives of sequence-parallel ranks are not captured: refused). Each
-captured signature keeps its own memory pool of the call's intermediates; at most `max_graphs` signatures are kept,
-the least recently used is dropped first.
+some: refused together), one process (collectives of sequence-parallel ranks are not captured: refused). The
+graphs of one GraphedCall share a memory pool for the call's intermediates (held for as long as the graphs are:
+memory the rest of the program cannot use); at most `max_graphs` signatures are kept, the least recently used is
+dropped first.
 """
 from __future__ import annotations
 
@@ -33,8 +34,8 @@ log = logging.getLogger(__name__)
 Capture = Callable[[Callable, tuple, dict], tuple[Callable[[], None], Any]]
 
 
-def cuda_capture(fn: Callable, args: tuple, kwargs: dict) -> tuple[Callable[[], None], Any]:
-    """Warm `fn` up twice on a side stream, then capture one call into a CUDA graph."""
+def cuda_capture(fn: Callable, args: tuple, kwargs: dict, pool=None) -> tuple[Callable[[], None], Any]:
+    """Warm `fn` up twice on a side stream, then capture one call into a CUDA graph (its intermediates in `pool`)."""
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(stream):
@@ -42,9 +43,18 @@ def cuda_capture(fn: Callable, args: tuple, kwargs: dict) -> tuple[Callable[[], 
             fn(*args, **kwargs)
     torch.cuda.current_stream().wait_stream(stream)
     graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
+    with torch.cuda.graph(graph, pool=pool):
         out = fn(*args, **kwargs)
     return graph.replay, out
+
+
+def pooled_cuda_capture() -> Capture:
+    """cuda_capture with one memory pool for every graph it captures. Safe for GraphedCall's use: its graphs run one
+    at a time on one stream, and every tensor that outlives a replay (static inputs and outputs) stays referenced,
+    so a later capture only reuses an earlier graph's temporaries. Two signatures (the two CFG branches of Qwen-Image,
+    whose prompts differ in length) then cost one set of intermediates, not two."""
+    pool = torch.cuda.graph_pool_handle()
+    return lambda fn, args, kwargs: cuda_capture(fn, args, kwargs, pool)
 
 
 def eager_capture(fn: Callable, args: tuple, kwargs: dict) -> tuple[Callable[[], None], Any]:
@@ -82,10 +92,11 @@ def _leaf_key(x: Any) -> Any:
 class GraphedCall:
     """`fn` replayed from a CUDA graph per input signature; see the module doc."""
 
-    def __init__(self, fn: Callable, capture: Capture = cuda_capture, max_graphs: int = 4):
+    def __init__(self, fn: Callable, capture: Capture | None = None, max_graphs: int = 4):
         if max_graphs < 1:
             raise ValueError(f"max_graphs must be at least 1, got {max_graphs}")
-        self.fn, self.capture, self.max_graphs = fn, capture, max_graphs
+        self.fn, self.max_graphs = fn, max_graphs
+        self.capture = capture if capture is not None else pooled_cuda_capture()
         self.graphs: OrderedDict[tuple, tuple[list, Callable[[], None], Any]] = OrderedDict()
         self.captures = 0
 
@@ -119,7 +130,7 @@ class GraphedCall:
         return entry
 
 
-def enable_cuda_graphs(model: nn.Module, capture: Capture = cuda_capture, max_graphs: int = 4) -> GraphedCall:
+def enable_cuda_graphs(model: nn.Module, capture: Capture | None = None, max_graphs: int = 4) -> GraphedCall:
     """Replace `model.forward` with a GraphedCall of it (undone by `del model.forward`)."""
     if isinstance(model.forward, GraphedCall):
         return model.forward
