@@ -1,9 +1,10 @@
 """Host-device syncs inside the denoising loop of each pipeline, found with torch's CUDA sync debug mode.
 
 Loads the tiny test models (assets/) on the GPU, runs one generation to warm up, then runs another with
-`torch.cuda.set_sync_debug_mode("warn")` switched on (CUDA; elsewhere only the plumbing runs) for the denoise stage only (text encoding and decoding must
-sync: they hand results to the host). Every synchronizing call in the step loop (a `.item()`, a device tensor in
-an `if`, a device->host copy) shows up as a warning; the script prints their count and where they came from.
+`torch.cuda.set_sync_debug_mode("warn")` switched on (CUDA; elsewhere only the plumbing runs) for the denoise
+stage only (text encoding and decoding must sync: they hand results to the host). Every synchronizing call in the
+step loop (a `.item()`, a device tensor in an `if`, a blocking copy) shows up as a warning; the script prints their
+count and where they came from.
 
   python benchmarks/sync_check.py --out sync.json          # on the GPU machine
 """

@@ -61,11 +61,12 @@ def bench(name: str, args, device, dtype) -> list[dict]:
     del exact
     variants = [("eager", {}), ("channels_last", dict(channels_last=True))]
     if name == "flux":
-        variants += [("compiled", dict(compile=True)), ("channels_last + compiled", dict(channels_last=True, compile=True))]
+        variants += [("compiled", dict(compile=True)),
+                     ("channels_last + compiled", dict(channels_last=True, compile=True))]
     else:
         variants += [("tiled", dict(tiling=True))]
     for label, kw in variants:
-        restore = tune_vae(vae, device, **kw)
+        restore = tune_vae(vae, **kw)
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats()
         row = {"vae": name, "latents": list(z.shape), "variant": label, "cold_s": cold_start_s(decode)}
@@ -98,7 +99,8 @@ def main() -> None:
         rows += bench(name, args, device, dtype)
         write_json(args.out, {"env": environment(), "rows": rows})
     print(environment())
-    print(_markdown(rows, ["vae", "latents", "variant", "ms", "peak_gib", "cold_s", "rel_err_vs_eager", "rel_err_vs_fp32"]))
+    cols = ["vae", "latents", "variant", "ms", "peak_gib", "cold_s", "rel_err_vs_eager", "rel_err_vs_fp32"]
+    print(_markdown(rows, cols))
 
 
 if __name__ == "__main__":

@@ -25,6 +25,7 @@ import torch
 from torch import nn
 from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
 
+from gen.device import is_cuda
 from gen.types import GenError
 
 log = logging.getLogger(__name__)
@@ -72,7 +73,7 @@ def eager_capture(fn: Callable, args: tuple, kwargs: dict) -> tuple[Callable[[],
 
 def check_cuda_graphs(device: torch.device, step_cache: float | None = None) -> None:
     """GenError unless CUDA graphs can serve this load: a CUDA device and no step cache."""
-    if torch.device(device).type != "cuda":
+    if not is_cuda(device):
         raise GenError(f"cuda_graphs needs a CUDA device, got {device}", param="cuda_graphs")
     if step_cache is not None:
         raise GenError(f"cuda_graphs and step_cache={step_cache} cannot be combined: the step cache decides on the "

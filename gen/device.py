@@ -12,6 +12,12 @@ _DTYPES = {
 }
 
 
+def is_cuda(device: str | torch.device) -> bool:
+    """Is `device` a torch.cuda device (NVIDIA, or ROCm under the same name)? For the features built on torch.cuda
+    APIs alone: CUDA graphs, FP8 scaled matmuls. Everything else takes whatever device was resolved."""
+    return torch.device(device).type == "cuda"
+
+
 def resolve_device(device: str | torch.device | None = None) -> torch.device:
     """`None` -> the machine's accelerator if there is one, else the CPU."""
     if device is None:

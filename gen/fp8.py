@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from gen.device import is_cuda
 from gen.optimize import BLOCK_LISTS
 from gen.types import GenError
 
@@ -146,7 +147,7 @@ def check_fp8(device: torch.device, dtype: torch.dtype, capability: tuple[int, i
     """Raise a GenError unless `device` runs FP8 matmuls: a CUDA GPU of compute capability 8.9+ in bf16.
 
     `capability` defaults to the device's own (asked only for CUDA devices)."""
-    if device.type != "cuda":
+    if not is_cuda(device):
         raise GenError(f"fp8 needs a CUDA GPU with FP8 tensor cores (compute capability 8.9+, e.g. H100/H200); "
                        f"device {str(device)!r} has none", param="fp8")
     if capability is None:

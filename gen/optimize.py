@@ -37,11 +37,11 @@ def optimize(pipeline, compile: bool = False, attention: str = "auto", fp8: bool
     Exact, off by default: `cuda_graphs` replays each DiT call from a CUDA graph (gen/cuda_graph.py; CUDA only,
     not with the step cache).
 
-    The VAE (gen/vae.py): on CUDA a video VAE's convs run channels-last (faster Conv3d kernels); `compile` also
-    compiles a 2D VAE's decoder; `vae_tiling` decodes in tiles (less memory, slower).
+    The VAE (gen/vae.py): on an accelerator a video VAE's convs run channels-last (faster Conv3d kernels) and
+    `compile` also compiles a 2D VAE's decoder; `vae_tiling` decodes in tiles (less memory, slower).
     """
-    from gen.fp8 import check_fp8, quantize_transformer  # they import BLOCK_LISTS from here
     from gen.cuda_graph import check_cuda_graphs, enable_cuda_graphs
+    from gen.fp8 import check_fp8, quantize_transformer  # it imports BLOCK_LISTS from here
     from gen.fuse import join_projections
     from gen.step_cache import apply_step_cache, check_threshold, transformers
     from gen.vae import is_3d, tune_vae
@@ -69,9 +69,9 @@ def optimize(pipeline, compile: bool = False, attention: str = "auto", fp8: bool
         applied["cuda_graphs"] = len(models)
     vae = getattr(pipeline, "vae", None)
     if vae is not None:
-        cuda, video = pipeline.device.type == "cuda", pipeline.modality == "video"
-        settings = dict(channels_last=cuda and video, compile=compile and cuda and not is_3d(vae), tiling=vae_tiling)
-        tune_vae(vae, pipeline.device, **settings)
+        accel, video = pipeline.device.type != "cpu", pipeline.modality == "video"
+        settings = dict(channels_last=accel and video, compile=compile and accel and not is_3d(vae), tiling=vae_tiling)
+        tune_vae(vae, **settings)
         applied["vae"] = [k for k, on in settings.items() if on]
     log.info("optimizations: %s", applied)
     return applied

@@ -24,7 +24,7 @@ def is_3d(vae: nn.Module) -> bool:
     return any(isinstance(m, nn.Conv3d) for m in vae.modules())
 
 
-def tune_vae(vae: nn.Module, device: torch.device, channels_last: bool = False, compile: bool = False,
+def tune_vae(vae: nn.Module, channels_last: bool = False, compile: bool = False,
              tiling: bool = False) -> Callable[[], None]:
     """Apply the chosen settings to `vae` in place; returns a function that undoes them.
 

@@ -28,7 +28,7 @@ def test_channels_last_decodes_the_same_and_undoes(index):
     vae, z = _vaes()[index]
     with torch.no_grad():
         expected = vae.decode(z, return_dict=False)[0]
-        undo = tune_vae(vae, torch.device("cpu"), channels_last=True)
+        undo = tune_vae(vae, channels_last=True)
         convs = [m for m in vae.modules() if isinstance(m, (torch.nn.Conv2d, torch.nn.Conv3d))]
         fmt = lambda m: torch.channels_last if isinstance(m, torch.nn.Conv2d) else torch.channels_last_3d
         assert all(m.weight.is_contiguous(memory_format=fmt(m)) for m in convs if m.weight.shape[1:].numel() > 1)
@@ -41,12 +41,12 @@ def test_channels_last_decodes_the_same_and_undoes(index):
 
 def test_tiling_switches_and_undoes():
     vae, _ = _vaes()[0]
-    undo = tune_vae(vae, torch.device("cpu"), tiling=True)
+    undo = tune_vae(vae, tiling=True)
     assert vae.use_tiling
     undo()
     assert not vae.use_tiling
     with pytest.raises(GenError, match="Linear has no tiled decode"):
-        tune_vae(torch.nn.Linear(2, 2), torch.device("cpu"), tiling=True)
+        tune_vae(torch.nn.Linear(2, 2), tiling=True)
 
 
 def test_generator_and_cli_flag(tmp_path, monkeypatch):

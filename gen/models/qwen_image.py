@@ -183,7 +183,8 @@ class JointAttention(nn.Module):
         q, k, v = (split(t) for t in project(img, self.to_q, self.to_k, self.to_v))
         tq, tk, tv = (split(t) for t in project(txt, self.add_q_proj, self.add_k_proj, self.add_v_proj))
         q, k = apply_rope(self.norm_q(q), img_cos, img_sin), apply_rope(self.norm_k(k), img_cos, img_sin)
-        tq, tk = apply_rope(self.norm_added_q(tq), txt_cos, txt_sin), apply_rope(self.norm_added_k(tk), txt_cos, txt_sin)
+        tq = apply_rope(self.norm_added_q(tq), txt_cos, txt_sin)
+        tk = apply_rope(self.norm_added_k(tk), txt_cos, txt_sin)
         out = attention(torch.cat([tq, q], 1), torch.cat([tk, k], 1), torch.cat([tv, v], 1), mask)  # (B, T+L, H, D)
         out = out.flatten(2).to(q.dtype)
         t = txt.shape[1]
