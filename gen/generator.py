@@ -138,6 +138,11 @@ class Generator:
     def defaults(self):
         return self.pipeline.defaults
 
+    def validate(self, req: GenerationRequest) -> GenerationRequest:
+        """`req` checked against the loaded model and filled with its defaults (GenError naming the bad field);
+        what the pipeline itself runs first, so a request valid here is valid there."""
+        return self.pipeline.validate(req)
+
     def generate(self, prompt: str, *, negative_prompt: str | None = None, seed: int | None = None,
                  num_inference_steps: int | None = None, guidance_scale: float | None = None,
                  true_cfg_scale: float | None = None, height: int | None = None, width: int | None = None,

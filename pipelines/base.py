@@ -9,7 +9,9 @@ import torch
 
 from component_loaders import Components
 from gen.types import CancelFn, GenError, GenerationRequest, GenerationResult, ProgressFn
-from stages.validate import FamilyDefaults
+from PIL import Image
+
+from stages.validate import FamilyDefaults, validate_request
 
 
 class Timings(dict):
@@ -47,6 +49,19 @@ class Pipeline:
             raise GenError(f"{type(self).__name__} does not take input images", param="image")
         if self.takes_images == "required" and not req.images:
             raise GenError(f"{type(self).__name__} needs an input image", param="image")
+        bad = [type(i).__name__ for i in req.images if not isinstance(i, Image.Image)]
+        if bad:
+            raise GenError(f"input images must be PIL images, got {bad}", param="image")
+
+    def size_defaults(self, req: GenerationRequest) -> FamilyDefaults:
+        """The defaults that fill `req` (edit pipelines take the output size from the input image)."""
+        return self.defaults
+
+    def validate(self, req: GenerationRequest) -> GenerationRequest:
+        """`req` checked against this model and filled with its defaults; GenError naming the first bad field.
+        The one validation of a request: the pipeline runs it first, the server before queueing (same result)."""
+        self.check_images(req)
+        return validate_request(req, self.size_defaults(req), video=self.modality == "video")
 
     def __call__(self, req: GenerationRequest, progress: ProgressFn | None = None,
                  cancel: CancelFn | None = None) -> GenerationResult:

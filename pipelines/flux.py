@@ -13,7 +13,7 @@ from stages.denoise import denoise, true_cfg
 from stages.latents import draw_noise, image_token_ids, pack_2x2, unpack_2x2
 from stages.text_encode import encode_clip_pooled, encode_t5
 from stages.timesteps import linear_sigmas, scheduler_shift, set_timesteps
-from stages.validate import FamilyDefaults, validate_request
+from stages.validate import FamilyDefaults
 
 T5_MAX_LENGTH = 512
 
@@ -45,8 +45,7 @@ class FluxPipeline(Pipeline):
     def __call__(self, req: GenerationRequest, progress=None, cancel=None) -> GenerationResult:
         t = Timings()
         with t("validate"):
-            req = validate_request(req, self.defaults)
-            self.check_images(req)
+            req = self.validate(req)
             n = req.num_outputs
         with t("encode_text"):
             seq, pooled = self.encode([req.prompt] * n)

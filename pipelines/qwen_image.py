@@ -19,7 +19,7 @@ from stages.decode import decode_image, to_pil
 from stages.denoise import denoise
 from stages.latents import draw_noise, pack_2x2, unpack_2x2
 from stages.timesteps import linear_sigmas, scheduler_shift, set_timesteps
-from stages.validate import FamilyDefaults, validate_request
+from stages.validate import FamilyDefaults
 
 T2I_TEMPLATE = ("<|im_start|>system\nDescribe the image by detailing the color, shape, size, texture, quantity, text, "
                 "spatial relationships of the objects and background:<|im_end|>\n<|im_start|>user\n{}<|im_end|>\n"
@@ -150,9 +150,6 @@ class QwenImagePipeline(Pipeline):
 
     # ---- the parts the edit pipelines change
 
-    def size_defaults(self, req: GenerationRequest) -> FamilyDefaults:
-        return self.defaults
-
     def encode(self, prompts: list[str], req: GenerationRequest) -> tuple[torch.Tensor, torch.Tensor]:
         embeds, mask = prompt_embeds(self.encoder, [T2I_TEMPLATE.format(p) for p in prompts], T2I_DROP,
                                      max_length=MAX_TEXT_TOKENS + T2I_DROP, device=self.device, dtype=self.dtype)
@@ -167,11 +164,7 @@ class QwenImagePipeline(Pipeline):
     def __call__(self, req: GenerationRequest, progress=None, cancel=None) -> GenerationResult:
         tm = Timings()
         with tm("validate"):
-            self.check_images(req)
-            bad = [type(i).__name__ for i in req.images if not isinstance(i, Image.Image)]
-            if bad:
-                raise GenError(f"input images must be PIL images, got {bad}", param="image")
-            req = validate_request(req, self.size_defaults(req))
+            req = self.validate(req)
             n = req.num_outputs
             use_cfg = req.true_cfg_scale > 1 and req.negative_prompt is not None
         with tm("encode_text"):

@@ -21,7 +21,7 @@ from stages.denoise import denoise, true_cfg
 from stages.latents import draw_noise
 from stages.text_encode import encode_t5
 from stages.timesteps import set_timesteps
-from stages.validate import FamilyDefaults, validate_request
+from stages.validate import FamilyDefaults
 
 TEXT_MAX_LENGTH = 512  # UMT5 tokens; the I2V transformer assumes exactly this many text tokens
 WAN_DEFAULTS = FamilyDefaults(num_inference_steps=50, guidance_scale=5.0, height=480, width=832, num_frames=81, fps=16)
@@ -131,6 +131,11 @@ class WanPipeline(Pipeline):
         self.patch = (ph, pw)
         self.defaults = dataclasses.replace(WAN_DEFAULTS, size_multiple=self.spatial * max(ph, pw))
 
+    def validate(self, req: GenerationRequest) -> GenerationRequest:
+        if req.num_outputs != 1:
+            raise GenError(f"video models make one clip per request, got n={req.num_outputs}", param="n")
+        return super().validate(req)
+
     def latent_channels(self) -> int:
         return self.transformer.config.in_channels
 
@@ -147,10 +152,7 @@ class WanPipeline(Pipeline):
     def __call__(self, req: GenerationRequest, progress=None, cancel=None) -> GenerationResult:
         tm = Timings()
         with tm("validate"):
-            req = validate_request(req, self.defaults, video=True)
-            self.check_images(req)
-            if req.num_outputs != 1:
-                raise GenError(f"video models make one clip per request, got n={req.num_outputs}", param="n")
+            req = self.validate(req)
             use_cfg = req.guidance_scale > 1.0
         with tm("encode_text"):
             c = self.components

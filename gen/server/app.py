@@ -27,7 +27,6 @@ from gen.server.jobs import JobStore
 from gen.server.metrics import CONTENT_TYPE, Metrics, MetricsMiddleware
 from gen.server.schemas import ApiError, ImageBody, VideoBody, decode_image, encode_image, validation_error
 from gen.types import Cancelled, GenError, GenerationRequest
-from stages.validate import validate_request
 
 log = logging.getLogger(__name__)
 _OUTPUT_NAME = re.compile(r"[0-9a-f]{32}\.(png|jpeg|webp)")
@@ -253,8 +252,7 @@ class Api:
             raise ApiError(400, f"model {self.model_id!r} makes {self.generator.modality}s, not {modality}s; "
                                 f"use the {self.generator.modality} endpoints", "model", "wrong_modality")
         try:
-            full = validate_request(req, self.generator.defaults, video=modality == "video")
-            self.generator.pipeline.check_images(req)
+            full = self.generator.validate(req)
         except GenError as e:
             param = e.param
             if param in ("height", "width") and req.height is not None:
