@@ -15,7 +15,8 @@ __all__ = ["LLM", "Encoded", "get_llm", "load_tokenizer", "smollm2_path"]
 
 @dataclass
 class Encoded:
-    """Hidden states of a batch of prompts: right-padded (B, T, D) with zeros after each prompt, mask (B, T) True = token."""
+    """Hidden states of a batch of prompts: right-padded (B, T, D) with zeros after each prompt (with `pad_to`: the states
+    computed at the pad tokens), mask (B, T) True = token."""
 
     hidden: torch.Tensor
     mask: torch.Tensor
@@ -100,7 +101,11 @@ class LLM:
         self.model, self.tokenizer, self.config, self.name = model, tokenizer, hf_config, name
         self.device, self.dtype = device, dtype
         text_cfg = hf_config.get("text_config") or hf_config
-        max_context = text_cfg.get("max_position_embeddings") or hf_config.get("max_position_embeddings")
+        model_cfg = getattr(model, "config", None)
+        model_cfg = getattr(model_cfg, "text", model_cfg)  # VL models: the text decoder's config
+        # the model config's context length (stretched by dynamic / YaRN RoPE factors), else config.json's
+        max_context = (getattr(model_cfg, "max_context", None) or text_cfg.get("max_position_embeddings")
+                       or hf_config.get("max_position_embeddings"))
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
         self.stop_ids = stop_ids_of(hf_config, gen_cfg, tokenizer)
         self.engine = Engine(model, device, dtype, int(max_context), self.stop_ids, pad, compile_decode,
@@ -144,16 +149,28 @@ class LLM:
         return [self.tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts], not single
 
     # ---- the three calls -----------------------------------------------------------------------
-    def encode(self, texts, hidden_layer: int = -1, max_length: int | None = None, pixel_values=None,
-               image_grid_thw=None) -> Encoded:
-        """Hidden states (HF numbering: 0 = embeddings, -1 = final normed output) of texts or token-id lists.
+    def encode(self, texts, hidden_layer: int | list[int] = -1, max_length: int | None = None, pixel_values=None,
+               image_grid_thw=None, final_norm: bool = True, pad_to: int | None = None) -> Encoded:
+        """Hidden states of texts or token-id lists. `hidden_layer` in HF numbering: 0 = embeddings, k = output of
+        decoder layer k, -1 = the last layer's output after the final norm (`final_norm=False`: before it, as
+        transformers < 5 returned it and Qwen-Image 2.1 reads it). A list of layers, e.g. [9, 18, 27] (FLUX.2 klein)
+        or [10, 20, 30] (FLUX.2 dev), gives their states concatenated per token in that order: hidden (B, T, len * D),
+        equal to the references' torch.stack(..., 1).permute(0, 2, 1, 3).reshape(B, T, -1).
 
-        Vision-language models (Qwen2.5-VL) also take the image processor's pixel_values and image_grid_thw; the
-        prompts must then hold the image-pad tokens already (as the processor's input_ids do).
+        `pad_to` = L: every prompt right-padded with the pad token to L tokens and run so (positions 0..L-1, pads
+        masked as keys), as after the tokenizer's padding="max_length"; hidden is (B, L, ...) and keeps the states at
+        the pad positions (FLUX.2 conditions on all L), mask marks the real tokens.
+
+        Vision-language models (Qwen2.5-VL, Qwen3-VL) also take the image processor's pixel_values and image_grid_thw;
+        the prompts must then hold the image-pad tokens already (as the processor's input_ids do).
         """
         n = self.model_layers() + 1
-        if not -n <= hidden_layer < n:
-            raise ValueError(f"hidden_layer {hidden_layer} out of range for {n} hidden states")
+        layers = [hidden_layer] if isinstance(hidden_layer, int) else list(hidden_layer)
+        if not layers or not all(isinstance(i, int) for i in layers):
+            raise TypeError(f"hidden_layer must be an int or a non-empty list of ints, got {hidden_layer!r}")
+        for i in layers:
+            if not -n <= i < n:
+                raise ValueError(f"hidden_layer {i} out of range for {n} hidden states")
         if (pixel_values is None) != (image_grid_thw is None):
             raise ValueError("pass pixel_values and image_grid_thw together")
         if pixel_values is not None and not hasattr(self.model, "visual"):
@@ -161,7 +178,7 @@ class LLM:
         if pixel_values is not None and max_length is not None:
             raise ValueError("max_length truncation would cut image tokens; truncate the prompt before adding images")
         images = {} if pixel_values is None else {"pixel_values": pixel_values, "image_grid_thw": image_grid_thw}
-        hidden, mask = self.engine.hidden_states(self._ids(texts, max_length), hidden_layer, **images)
+        hidden, mask = self.engine.hidden_states(self._ids(texts, max_length), hidden_layer, final_norm, pad_to, **images)
         return Encoded(hidden, mask)
 
     def generate(self, prompts, max_new_tokens: int = 128, temperature: float = 0.0, top_p: float = 1.0,

@@ -21,6 +21,17 @@ def pad_left(seqs: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, 
     return ids.to(device), mask.to(device), pos.to(device)
 
 
+def pad_right(seqs: list[list[int]], length: int, pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """ids (B, length) right-padded, mask (B, length) bool True = real token, position_ids 0..length-1 for every row."""
+    ids = torch.full((len(seqs), length), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), length), dtype=torch.bool)
+    for i, s in enumerate(seqs):
+        ids[i, : len(s)] = torch.as_tensor(s, dtype=torch.long)
+        mask[i, : len(s)] = True
+    pos = torch.arange(length).expand(len(seqs), -1)
+    return ids.to(device), mask.to(device), pos.to(device)
+
+
 def left_to_right(x: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Move each row's real tokens to the front: (B, T, ...) left-padded -> right-padded (zeros after), and its mask."""
     lengths = mask.sum(-1)  # (B,)
@@ -130,22 +141,51 @@ class Engine:
                 return self._prefill_fn(ids, pos, mask, cache, **kw)
         return self.model(ids, pos, mask, cache, 0, **kw)
 
-    @torch.inference_mode()
-    def hidden_states(self, seqs: list[list[int]], hidden_layer: int = -1, **images) -> tuple[torch.Tensor, torch.Tensor]:
-        """Hidden states of `hidden_layer` (HF numbering: -1 = final normed output) as (B, T, D) right-padded, mask (B, T).
+    def num_layers(self) -> int:
+        """Decoder layers of the model (every gen/llm model keeps them in model.layers)."""
+        return len(self.model.model.layers)
 
-        `images`: extra model inputs for vision-language models (pixel_values=..., image_grid_thw=...). A model whose
-        forward takes `num_layers` runs only the first `hidden_layer` layers when hidden_layer >= 0 (same result).
+    @torch.inference_mode()
+    def hidden_states(self, seqs: list[list[int]], hidden_layer: int | list[int] = -1, final_norm: bool = True,
+                      pad_to: int | None = None, **images) -> tuple[torch.Tensor, torch.Tensor]:
+        """Hidden states of `hidden_layer` (HF numbering: 0 = embeddings, k = output of layer k, -1 = the last layer's
+        output, normed unless `final_norm=False`) as (B, T, D) right-padded with zeros, mask (B, T). A list of layers
+        gives their states concatenated on the feature axis in the order given: (B, T, len * D), as FLUX.2 stacks its
+        encoder's.
+
+        `pad_to` = L: run the batch the way a reference pipeline does after `tokenizer(padding="max_length",
+        max_length=L)` with right padding: each prompt followed by pad tokens up to L, positions 0..L-1, pads masked as
+        keys. The result (B, L, D) keeps the states the model computes at the pad positions (FLUX.2 conditions on them);
+        real tokens' states equal those of the prompt alone.
+
+        `images`: extra model inputs for vision-language models (pixel_values=..., image_grid_thw=...). Only the
+        first max(layers) decoder layers run (`num_layers`) unless the normed output of the last one is asked for.
         """
         self.check_lengths(seqs)
-        ids, mask, pos = pad_left(seqs, self.pad_id, self.device)
+        if pad_to is not None:
+            too_long = [i for i, s in enumerate(seqs) if len(s) > pad_to]
+            if too_long:
+                raise ValueError(f"prompt {too_long[0]} has {len(seqs[too_long[0]])} tokens, more than pad_to={pad_to}")
+        n = self.num_layers()
+        layers = [hidden_layer] if isinstance(hidden_layer, int) else list(hidden_layer)
+        for i in layers:
+            if not -(n + 1) <= i <= n:
+                raise ValueError(f"hidden layer {i} out of range for {n + 1} hidden states")
+        idx = [i % (n + 1) for i in layers]
+        ids, mask, pos = pad_left(seqs, self.pad_id, self.device) if pad_to is None else pad_right(seqs, pad_to, self.pad_id, self.device)
         images = {k: v.to(self.device) for k, v in images.items() if v is not None}
-        if self.early_exit and hidden_layer >= 0:  # only the first hidden_layer layers run
-            h, _ = self.prefill(ids, pos, mask, num_layers=hidden_layer, **images)
-        else:
-            last, hidden = self.prefill(ids, pos, mask, output_hidden_states=hidden_layer != -1, **images)
-            h = last if hidden_layer == -1 else hidden[hidden_layer]
-        return left_to_right(h, mask)
+        several = len(set(idx)) > 1
+        if (final_norm and n in idx) or not self.early_exit:  # the full forward; its last hidden state is normed
+            if not final_norm and n in idx:
+                raise ValueError(f"{type(self.model).__name__} cannot return the last layer's output without its norm")
+            last, hidden = self.prefill(ids, pos, mask, output_hidden_states=idx != [n], **images)
+            states = [last if i == n else hidden[i] for i in idx]
+        else:  # only the first max(idx) layers run; the last of them returned raw
+            k = max(idx)
+            out, hidden = self.prefill(ids, pos, mask, num_layers=k, output_hidden_states=several, **images)
+            states = [out if i == k else hidden[i] for i in idx]
+        h = states[0] if len(states) == 1 else torch.cat(states, dim=-1)
+        return left_to_right(h, mask) if pad_to is None else (h, mask)
 
     # ---- decode ----------------------------------------------------------------------------------
     def _new_cache(self, b: int, max_len: int):

@@ -8,7 +8,6 @@ weights instead of looping over the experts hit. The path is chosen from the rea
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
@@ -16,6 +15,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from gen.config import config_from_dict
+from gen.llm.models.llama import yarn_attention_factor, yarn_inv_freq, yarn_mscale
 
 
 @dataclass(frozen=True)
@@ -102,45 +102,22 @@ class DeepseekConfig:
         return self.max_position_embeddings / (self.rope_original_max_position_embeddings or self.max_position_embeddings)
 
 
-def _yarn_mscale(scale: float, mscale: float = 1.0) -> float:
-    return 1.0 if scale <= 1 else 0.1 * mscale * math.log(scale) + 1.0
-
-
 def rope_tables(cfg: DeepseekConfig, device) -> tuple[torch.Tensor, float]:
     """Inverse frequencies (qk_rope_head_dim / 2,) and the cos/sin scale (YaRN's attention factor; 1 by default)."""
     dim, base = cfg.qk_rope_head_dim, cfg.rope_theta
-    pos_freqs = base ** (torch.arange(0, dim, 2, device=device, dtype=torch.float32) / dim)
     if cfg.rope_type == "default":
-        return 1.0 / pos_freqs, 1.0
+        return 1.0 / base ** (torch.arange(0, dim, 2, device=device, dtype=torch.float32) / dim), 1.0
     factor = cfg.yarn_factor
     orig = cfg.rope_original_max_position_embeddings or cfg.max_position_embeddings
-    attn_factor = cfg.rope_attention_factor
-    if attn_factor is None:
-        if cfg.rope_mscale and cfg.rope_mscale_all_dim:
-            attn_factor = _yarn_mscale(factor, cfg.rope_mscale) / _yarn_mscale(factor, cfg.rope_mscale_all_dim)
-        else:
-            attn_factor = _yarn_mscale(factor)
-
-    def correction_dim(rotations: float) -> float:
-        return dim * math.log(orig / (rotations * 2 * math.pi)) / (2 * math.log(base))
-
-    low, high = correction_dim(cfg.rope_beta_fast or 32), correction_dim(cfg.rope_beta_slow or 1)
-    if cfg.rope_truncate:
-        low, high = math.floor(low), math.ceil(high)
-    low, high = max(low, 0), min(high, dim - 1)
-    if low == high:
-        high += 0.001
-    ramp = ((torch.arange(dim // 2, device=device, dtype=torch.float32) - low) / (high - low)).clamp(0, 1)
-    extrapolate = 1 - ramp  # 1 where the original frequency is kept (high frequencies)
-    inv_freq = (1.0 / (factor * pos_freqs)) * (1 - extrapolate) + (1.0 / pos_freqs) * extrapolate
-    return inv_freq, float(attn_factor)
+    inv_freq = yarn_inv_freq(dim, base, factor, orig, cfg.rope_beta_fast, cfg.rope_beta_slow, cfg.rope_truncate, device)
+    return inv_freq, yarn_attention_factor(factor, cfg.rope_attention_factor, cfg.rope_mscale, cfg.rope_mscale_all_dim)
 
 
 def softmax_scale(cfg: DeepseekConfig) -> float:
     """1/sqrt(qk_head_dim), times YaRN's mscale(factor, mscale_all_dim)^2 when YaRN is on."""
     scale = cfg.qk_head_dim**-0.5
     if cfg.rope_type != "default" and cfg.rope_mscale_all_dim:
-        m = _yarn_mscale(cfg.yarn_factor, cfg.rope_mscale_all_dim)
+        m = yarn_mscale(cfg.yarn_factor, cfg.rope_mscale_all_dim)
         scale = scale * m * m
     return scale
 
@@ -488,7 +465,8 @@ class DeepseekForCausalLM(nn.Module):
     ):
         """`cache_offset`: an int (attention_mask covers the S = offset + T positions so far), or a 0-dim tensor for the
         static-shape decode step (attention_mask (B, cache.max_len) marks the filled slots; the whole cache is attended).
-        `num_layers` = k: run only the first k layers and return hidden state k (HF numbering; normed when k is all)."""
+        `num_layers` = k: run only the first k layers and return the raw output of layer k (no final norm, also when k
+        is every layer)."""
         B, T = input_ids.shape
         static = torch.is_tensor(cache_offset)
         if static and cache is None:
@@ -507,9 +485,10 @@ class DeepseekForCausalLM(nn.Module):
         cos, sin = self._cos_sin(position_ids, x.dtype)
         q_pos = (cache_offset + torch.arange(T, device=x.device))[:, None]  # (T, 1) absolute query index
         k_pos = torch.arange(S, device=x.device)[None, :]  # (1, S)
-        # A query always sees itself, so padded rows stay finite (no all-masked softmax); real rows never see pads.
-        mask = ((k_pos <= q_pos) & attention_mask[:, None, :].bool()) | (k_pos == q_pos)  # (B, T, S)
-        mask = mask[:, None]  # (B, 1, T, S)
+        # A query that sees nothing (a left pad) sees itself, so its row stays finite (no all-masked softmax); real
+        # rows never see pads (as llama.causal_mask).
+        mask = (k_pos <= q_pos) & attention_mask[:, None, :].bool()  # (B, T, S)
+        mask = (mask | ((k_pos == q_pos) & ~mask.any(-1, keepdim=True)))[:, None]  # (B, 1, T, S)
         absorb = self.absorb if self.absorb is not None else (static or cache_offset > 0)
         hidden = [x] if output_hidden_states else None
         for i, layer in enumerate(self.model.layers[:n]):
@@ -517,7 +496,7 @@ class DeepseekForCausalLM(nn.Module):
             x = layer(x, cos, sin, mask, kv, cache_offset, absorb)
             if hidden is not None:
                 hidden.append(x)
-        if n < len(self.model.layers):  # stopped early: no final norm
+        if num_layers is not None:  # stopped after k layers: the raw output, no final norm
             return x, (tuple(hidden) if hidden is not None else None)
         x = self.model.norm(x)
         if hidden is not None:

@@ -9,7 +9,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from gen.config import config_from_dict
-from gen.llm.models.llama import KVCache, LlamaConfig, LlamaForCausalLM, LlamaModel, RMSNorm, rope_inv_freq, rotate_half
+from gen.llm.models.llama import (KVCache, LlamaConfig, LlamaForCausalLM, LlamaModel, RMSNorm, cos_sin, rope_inv_freq, rope_scale,
+                                  rotate_half)
 
 
 @dataclass
@@ -198,10 +199,9 @@ class MRopeModel(LlamaModel):
     def rope(self, position_ids, dtype):
         if position_ids.dim() == 2:
             position_ids = position_ids[None].expand(3, -1, -1)
-        freqs = position_ids[..., None].float() * rope_inv_freq(self.cfg, position_ids.device)  # (3, B, T, D/2)
+        freqs = position_ids[..., None].float() * rope_inv_freq(self.cfg, position_ids.device, position_ids)  # (3, B, T, D/2)
         freqs = torch.cat([f[i % 3] for i, f in enumerate(freqs.split(self.mrope_section, dim=-1))], dim=-1)  # (B, T, D/2)
-        emb = torch.cat((freqs, freqs), dim=-1)
-        return emb.cos().to(dtype), emb.sin().to(dtype)
+        return cos_sin(freqs, rope_scale(self.cfg), dtype)
 
 
 class Qwen2_5_VLForConditionalGeneration(LlamaForCausalLM):
@@ -221,7 +221,7 @@ class Qwen2_5_VLForConditionalGeneration(LlamaForCausalLM):
         return KVCache(c.num_hidden_layers, batch_size, c.num_key_value_heads, max_len, c.head_dim, device, dtype)
 
     def forward(self, input_ids, position_ids, attention_mask, cache=None, cache_offset=0, output_hidden_states=False,
-                pixel_values=None, image_grid_thw=None):
+                pixel_values=None, image_grid_thw=None, num_layers: int | None = None):
         """As LlamaForCausalLM; with pixel_values, image-pad tokens take the vision features and positions become 3D."""
         x = self.model.embed_tokens(input_ids)  # (B, T, D)
         if pixel_values is not None:
@@ -232,7 +232,8 @@ class Qwen2_5_VLForConditionalGeneration(LlamaForCausalLM):
                 raise ValueError(f"{int(slots.sum())} image tokens in the prompt but {image.shape[0]} image features")
             x = x.masked_scatter(slots[..., None], image)
             position_ids = self.rope_index(input_ids, attention_mask, image_grid_thw)
-        return self.model(input_ids, position_ids, attention_mask, cache, cache_offset, output_hidden_states, inputs_embeds=x)
+        return self.model(input_ids, position_ids, attention_mask, cache, cache_offset, output_hidden_states, inputs_embeds=x,
+                          num_layers=num_layers)
 
     def rope_index(self, input_ids, attention_mask, image_grid_thw) -> torch.Tensor:
         """3D position ids (3, B, T): text counts on all axes; an image's tokens take (start, start+h, start+w) grid positions."""
