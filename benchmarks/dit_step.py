@@ -23,10 +23,10 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.common import (cold_start_s, count_flops, environment, kernel_breakdown, time_ms,  # noqa: E402
                                write_json)
-from gen.cuda_graph import GraphedCall  # noqa: E402
-from gen.fuse import join_projections  # noqa: E402
+from gen.transforms.cuda_graph import GraphedCall  # noqa: E402
+from gen.transforms.join import join_projections  # noqa: E402
 from gen.models.attention import select_attention_backend  # noqa: E402
-from gen.optimize import compile_blocks  # noqa: E402
+from gen.transforms.compile import compile_blocks  # noqa: E402
 
 REAL = {
     "flux": dict(),  # FluxTransformer2DModel's defaults are FLUX.1-dev
@@ -51,21 +51,20 @@ TINY = {
 TINY["shapes"] = TINY["qwen"]
 CLASS_NAMES = {"flux": "FluxTransformer2DModel", "wan": "WanTransformer3DModel", "qwen": "QwenImageTransformer2DModel",
                "shapes": "QwenImageTransformer2DModel"}
-# our classes, as component_loaders.models.OWN_TRANSFORMERS names them (not imported: that package pulls in
-# transformers, which the fp8 mode does not need)
-OURS = {"flux": ("gen.models.flux", "FluxTransformer", "FluxConfig"),
-        "wan": ("gen.models.wan", "WanTransformer", "WanConfig"),
-        "qwen": ("gen.models.qwen_image", "QwenImageTransformer", "QwenImageConfig")}
-OURS["shapes"] = OURS["qwen"]
+
+
+def declared(name: str):
+    """Our DiT for a benchmark name, as its family declares it (gen/families.py)."""
+    from gen.families import DITS
+
+    return DITS[CLASS_NAMES[name]]
 
 
 def build(name: str, tiny: bool, device, dtype):
     """(diffusers model, our model sharing its weights, inputs as kwargs for both)."""
     import diffusers
 
-    from component_loaders.models import OWN_TRANSFORMERS
     from gen.config import config_from_dict
-    import importlib
 
     cls_name = CLASS_NAMES[name]
     cfg = (TINY if tiny else REAL)[name]
@@ -74,10 +73,9 @@ def build(name: str, tiny: bool, device, dtype):
     with torch.device(device):
         ref = getattr(diffusers, cls_name)(**cfg).eval()
     torch.set_default_dtype(prev)
-    module_name, model_cls, config_cls = OWN_TRANSFORMERS[cls_name]
-    mod = importlib.import_module(module_name)
+    dit = declared(name)
     with torch.device("meta"):
-        ours = getattr(mod, model_cls)(config_from_dict(getattr(mod, config_cls), dict(ref.config)))
+        ours = dit.model(config_from_dict(dit.config, dict(ref.config)))
     ours.load_state_dict(ref.state_dict(), assign=True)
     ours.eval()
     inputs, tokens = make_inputs(name, tiny, ref.config, device, dtype)
@@ -86,18 +84,15 @@ def build(name: str, tiny: bool, device, dtype):
 
 def build_ours(name: str, tiny: bool, device, dtype):
     """Our model alone, random weights in `dtype` on `device` (no diffusers), and its inputs."""
-    import importlib
-
     from gen.config import config_from_dict
 
-    module_name, model_cls, config_cls = OURS[name]
-    mod = importlib.import_module(module_name)
-    config = config_from_dict(getattr(mod, config_cls), (TINY if tiny else REAL)[name])
+    dit = declared(name)
+    config = config_from_dict(dit.config, (TINY if tiny else REAL)[name])
     prev = torch.get_default_dtype()
     torch.set_default_dtype(dtype)
     try:
         with torch.device(device):
-            ours = getattr(mod, model_cls)(config).eval()
+            ours = dit.model(config).eval()
     finally:
         torch.set_default_dtype(prev)
     inputs, tokens = make_inputs(name, tiny, config, device, dtype)
@@ -177,7 +172,7 @@ def bench_model(name: str, args, device, dtype) -> dict:
             row["diffusers_compiled_cudnn_cold_s"] = cold_start_s(run_ref_c)
             row["diffusers_compiled_cudnn_ms"] = time_ms(run_ref_c, warm, iters)
     if not args.no_compile:
-        compile_blocks(ours, **({"mode": args.ours_mode} if args.ours_mode else {}))
+        compile_blocks(ours, declared(name).blocks, **({"mode": args.ours_mode} if args.ours_mode else {}))
         row["ours_compile_mode"] = args.ours_mode or "default"
         row["ours_compile_cold_s"] = cold_start_s(run_ours)
         row["ours_compiled_ms"] = time_ms(run_ours, warm, iters)
@@ -220,7 +215,7 @@ def bench_fp8(name: str, args, device, dtype) -> dict:
 
     The exact run comes first; the blocks' linears are then swapped in place (gen/fp8.quantize_transformer) and the
     blocks recompiled, so one copy of the weights is held at a time."""
-    from gen.fp8 import quantize_transformer
+    from gen.transforms.fp8 import quantize_transformer
 
     ours, inputs, tokens = build_ours(name, args.tiny, device, dtype)
     row = {"model": name, "tokens": tokens, "mode": "fp8", "dtype": str(dtype).removeprefix("torch.")}
@@ -235,14 +230,14 @@ def bench_fp8(name: str, args, device, dtype) -> dict:
     exact = run_ours().float()
     compile_kwargs = {"mode": args.ours_mode} if args.ours_mode else {}
     if not args.no_compile:
-        compile_blocks(ours, **compile_kwargs)
+        compile_blocks(ours, declared(name).blocks, **compile_kwargs)
         row["exact_compile_cold_s"] = cold_start_s(run_ours)
     row["exact_ms"] = time_ms(run_ours, warm, iters)
-    counts = quantize_transformer(ours)
+    counts = quantize_transformer(ours, declared(name).blocks)
     row.update(counts)
     if not args.no_compile:
         torch._dynamo.reset()
-        compile_blocks(ours, **compile_kwargs)
+        compile_blocks(ours, declared(name).blocks, **compile_kwargs)
         row["fp8_compile_cold_s"] = cold_start_s(run_ours)
     row["fp8_ms"] = time_ms(run_ours, warm, iters)
     out = run_ours().float()

@@ -150,13 +150,13 @@ def build_generator(cfg: dict[str, dict], device: torch.device, dtype: torch.dty
     """Our FluxPipeline assembled from build_modules(cfg), optimized as Generator.from_pretrained does."""
     from component_loaders import Components
     from component_loaders.model_index import ModelIndex
-    from gen.optimize import optimize
+    from gen.transforms import TransformOptions, apply_transforms
 
     modules = build_modules(cfg, device, dtype)
     index = ModelIndex(path=Path("<in-memory FLUX.1-dev-sized folder>"), class_name="FluxPipeline",
                        components={slot: CLASSES[slot] for slot in modules}, extra={})
     pipeline = flux_pipeline_module.FluxPipeline(Components(index=index, modules=modules), device, dtype)
-    applied = optimize(pipeline, compile=compile, attention=attention)
+    applied = apply_transforms(pipeline, TransformOptions(compile=compile, attention=attention)).summary()
     info = {"params": param_counts(modules), "optimizations": applied,
             "text_encoder_attn": modules["text_encoder"].config._attn_implementation,
             "text_encoder_2_attn": modules["text_encoder_2"].config._attn_implementation}
@@ -294,7 +294,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--runs", type=int, default=3, help="timed generations after the warm-up")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--prompt", default=PROMPT)
-    p.add_argument("--compile", action="store_true", help="regional torch.compile of the DiT blocks (gen.optimize)")
+    p.add_argument("--compile", action="store_true", help="regional torch.compile of the DiT blocks (gen.transforms)")
     p.add_argument("--attention", default="auto", help="attention backend name or auto (gen.models.attention)")
     p.add_argument("--out", help="write the results here as JSON")
     args = p.parse_args(argv)

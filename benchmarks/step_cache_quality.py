@@ -1,4 +1,4 @@
-"""Step caching (gen/step_cache.py) on the trained default model: what it skips, what it saves, what it changes.
+"""Step caching (gen/transforms/step_cache.py) on the trained default model: what it skips, what it saves, what it changes.
 
 Runs the embedded gen-shapes model (Generator.from_pretrained() with no path) on prompts of the shapes world's
 evaluation set (assets/shapes/world.eval_prompts; seed = row index, 128x128, 20 steps, as assets/shapes/eval_model),
@@ -30,7 +30,7 @@ sys.path.insert(0, str(ROOT))
 from assets.shapes import world  # noqa: E402
 from assets.shapes.evaluate import ATTRIBUTES, score  # noqa: E402
 from gen import Generator  # noqa: E402
-from gen.step_cache import apply_step_cache, remove_step_cache, step_cache_stats  # noqa: E402
+from gen.transforms.step_cache import apply_step_cache, remove_step_cache, step_cache_stats  # noqa: E402
 
 COLUMNS = ("all",) + ATTRIBUTES
 

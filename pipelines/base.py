@@ -1,16 +1,18 @@
-"""What every pipeline shares: construction from loaded components and per-stage timing."""
+"""What every pipeline shares: construction from loaded components, validation, per-stage timing and cancel checks,
+the DiTs the transforms reach, and the lifecycle (ready / alive / close) a group of ranks overrides."""
 from __future__ import annotations
 
 import contextlib
 import time
-from typing import ClassVar
+from typing import Callable, ClassVar
 
 import torch
+from PIL import Image
+from torch import nn
 
 from component_loaders import Components
 from gen.types import CancelFn, GenError, GenerationRequest, GenerationResult, ProgressFn
-from PIL import Image
-
+from pipelines.family import DiT
 from stages.validate import FamilyDefaults, validate_request
 
 
@@ -27,13 +29,15 @@ class Timings(dict):
 
 
 class Pipeline:
-    """A model family's generation: `__call__(request) -> result`, a short list of stages."""
+    """A model family's generation: `__call__(request) -> result`, a short list of stages (`run`)."""
 
     family: ClassVar[str]
     modality: ClassVar[str] = "image"  # "image" or "video"
     defaults: ClassVar[FamilyDefaults]
     takes_images: ClassVar[str] = "never"  # "never", "optional" or "required"
     required: ClassVar[tuple[str, ...]] = ()  # component slots that must be present
+    dit: ClassVar[DiT]  # the transformer architecture its expert slots hold
+    expert_slots: ClassVar[tuple[str, ...]] = ("transformer",)  # component slots holding a DiT, in denoising order
 
     def __init__(self, components: Components, device: torch.device, dtype: torch.dtype):
         missing = [slot for slot in self.required if components.get(slot) is None]
@@ -43,6 +47,16 @@ class Pipeline:
         self.components = components
         self.device = device
         self.dtype = dtype
+        self.request_hooks: list[Callable[[], None]] = []  # called before each request (transforms' per-request state)
+        self.transforms = None  # gen.transforms.Applied once gen.transforms.apply_transforms ran
+
+    # ---- the DiTs, for the transforms applied from outside
+
+    def dits(self) -> list[tuple[str, nn.Module, DiT]]:
+        """(slot, model, declaration) of each DiT this pipeline holds."""
+        return [(slot, m, self.dit) for slot in self.expert_slots if isinstance(m := self.components.get(slot), nn.Module)]
+
+    # ---- requests
 
     def check_images(self, req: GenerationRequest) -> None:
         if self.takes_images == "never" and req.images:
@@ -65,4 +79,23 @@ class Pipeline:
 
     def __call__(self, req: GenerationRequest, progress: ProgressFn | None = None,
                  cancel: CancelFn | None = None) -> GenerationResult:
+        for hook in self.request_hooks:
+            hook()
+        return self.run(req, progress, cancel)
+
+    def run(self, req: GenerationRequest, progress: ProgressFn | None, cancel: CancelFn | None) -> GenerationResult:
+        """The family's stages."""
         raise NotImplementedError
+
+    # ---- lifecycle: one process is always ready; a group of ranks (gen.distributed.ranks.RankGroup) is not always
+
+    @property
+    def ready(self) -> bool:
+        return True
+
+    @property
+    def alive(self) -> bool:
+        return True
+
+    def close(self) -> None:
+        """Release what the pipeline holds beyond its memory (other ranks for a group; nothing here)."""

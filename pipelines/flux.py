@@ -6,8 +6,12 @@ from dataclasses import replace
 
 import torch
 
+from gen.distributed.plans import ShardPlan
+from gen.models.flux import FluxConfig, FluxTransformer
+from gen.transforms.step_cache import CacheLayout
 from gen.types import GenerationRequest, GenerationResult
 from pipelines.base import Pipeline, Timings
+from pipelines.family import DiT, Family
 from stages.decode import decode_image
 from stages.denoise import denoise, true_cfg
 from stages.latents import draw_noise, image_token_ids, pack_2x2, unpack_2x2
@@ -18,8 +22,24 @@ from stages.validate import FamilyDefaults
 T5_MAX_LENGTH = 512
 
 
+def _single_stream(streams: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
+    """The double blocks' (img, txt) as the single blocks take them: one [txt, img] sequence."""
+    img, txt = streams
+    return (torch.cat([txt, img], dim=1),)
+
+
+FLUX_DIT = DiT(
+    checkpoint_class="FluxTransformer2DModel", model=FluxTransformer, config=FluxConfig,
+    blocks=("transformer_blocks", "single_transformer_blocks"),
+    # packed latents and their position ids are the per-token inputs; RoPE is computed from the ids
+    shard_plan=ShardPlan(split_inputs={"hidden_states": 1, "img_ids": -2}, text_prefix="encoder_hidden_states"),
+    cache_layout=CacheLayout(streams=(2, 1), join=_single_stream),
+)
+
+
 class FluxPipeline(Pipeline):
     family = "flux"
+    dit = FLUX_DIT
     defaults = FamilyDefaults(num_inference_steps=28, guidance_scale=3.5, height=1024, width=1024)
     required = ("tokenizer", "text_encoder", "tokenizer_2", "text_encoder_2", "transformer", "vae", "scheduler")
 
@@ -42,7 +62,7 @@ class FluxPipeline(Pipeline):
                           masked=False)
         return seq, pooled
 
-    def __call__(self, req: GenerationRequest, progress=None, cancel=None) -> GenerationResult:
+    def run(self, req: GenerationRequest, progress=None, cancel=None) -> GenerationResult:
         t = Timings()
         with t("validate"):
             req = self.validate(req)
@@ -83,3 +103,6 @@ class FluxPipeline(Pipeline):
         with t("decode"):
             images = decode_image(self.vae, unpack_2x2(latents, h, w))
         return GenerationResult(seed=req.seed, images=images, timings=dict(t), request=req)
+
+
+FAMILY = Family(name="flux", pipelines={"FluxPipeline": FluxPipeline}, dits=(FLUX_DIT,))

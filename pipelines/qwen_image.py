@@ -13,14 +13,31 @@ import numpy as np
 import torch
 from PIL import Image
 
+from gen.distributed.plans import ShardPlan, each, first
+from gen.models.qwen_image import QwenImageConfig, QwenImageTransformer
+from gen.transforms.step_cache import CacheLayout
 from gen.types import GenError, GenerationRequest, GenerationResult
 from pipelines.base import Pipeline, Timings
+from pipelines.family import DiT, Family
 from stages.decode import decode_image, to_pil
 from stages.denoise import denoise
 from stages.latents import draw_noise, pack_2x2, unpack_2x2
 from stages.timesteps import linear_sigmas, scheduler_shift, set_timesteps
 from stages.validate import FamilyDefaults
 
+QWEN_IMAGE_DIT = DiT(
+    checkpoint_class="QwenImageTransformer2DModel", model=QwenImageTransformer, config=QwenImageConfig,
+    blocks=("transformer_blocks",),
+    # shard the embedded image tokens, the image half of RoPE and the per-token modulation index
+    shard_plan=ShardPlan(
+        split_outputs={"img_in": 1},
+        split_methods={"rope": first(each(0))},
+        split_args={"transformer_blocks.*": {"mod_index": 1}},
+        gather="proj_out",
+        text_prefix="encoder_hidden_states",
+    ),
+    cache_layout=CacheLayout(streams=(2,)),
+)
 T2I_TEMPLATE = ("<|im_start|>system\nDescribe the image by detailing the color, shape, size, texture, quantity, text, "
                 "spatial relationships of the objects and background:<|im_end|>\n<|im_start|>user\n{}<|im_end|>\n"
                 "<|im_start|>assistant\n")
@@ -135,6 +152,7 @@ class QwenImagePipeline(Pipeline):
 
     family = "qwen-image"
     defaults = QWEN_DEFAULTS
+    dit = QWEN_IMAGE_DIT
     required = ("tokenizer", "text_encoder", "transformer", "vae", "scheduler")
 
     def __init__(self, components, device, dtype):
@@ -161,7 +179,7 @@ class QwenImagePipeline(Pipeline):
 
     # ---- shared
 
-    def __call__(self, req: GenerationRequest, progress=None, cancel=None) -> GenerationResult:
+    def run(self, req: GenerationRequest, progress=None, cancel=None) -> GenerationResult:
         tm = Timings()
         with tm("validate"):
             req = self.validate(req)
@@ -315,10 +333,10 @@ class QwenImageLLMPipeline(QwenImagePipeline):
             raise GenError(f"{c.index.path}: transformer in_channels {t.in_channels} is not 4 x the VAE's "
                            f"latent_channels {self.vae.config.latent_channels}", param="model_path")
 
-    def __call__(self, req: GenerationRequest, progress=None, cancel=None) -> GenerationResult:
+    def run(self, req: GenerationRequest, progress=None, cancel=None) -> GenerationResult:
         if req.negative_prompt is None:
             req = req.replace(negative_prompt="")  # the unconditional input the model was trained with
-        return super().__call__(req, progress, cancel)
+        return super().run(req, progress, cancel)
 
     def encode(self, prompts: list[str], req: GenerationRequest) -> tuple[torch.Tensor, torch.Tensor]:
         hidden, mask = self.encoder.encode(prompts)  # (B, T, D), (B, T)
@@ -328,3 +346,11 @@ class QwenImageLLMPipeline(QwenImagePipeline):
     def decode(self, latents: torch.Tensor) -> list[Image.Image]:
         """Normalised latents (n, z, 1, h, w) -> PIL images through the 2D VAE (z / scaling_factor + shift_factor)."""
         return decode_image(self.vae, latents[:, :, 0])
+
+
+FAMILY = Family(
+    name="qwen-image",
+    pipelines={"QwenImagePipeline": QwenImagePipeline, "QwenImageEditPipeline": QwenImageEditPipeline,
+               "QwenImageEditPlusPipeline": QwenImageEditPlusPipeline, "QwenImageLLMPipeline": QwenImageLLMPipeline},
+    dits=(QWEN_IMAGE_DIT,),
+)

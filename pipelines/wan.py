@@ -7,6 +7,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import html
+import math
 import re
 from dataclasses import dataclass
 
@@ -14,8 +15,12 @@ import numpy as np
 import torch
 from PIL import Image
 
+from gen.distributed.plans import ShardPlan, conv_tokens, each
+from gen.models.wan import WanConfig, WanTransformer
+from gen.transforms.step_cache import CacheLayout
 from gen.types import GenError, GenerationRequest, GenerationResult
 from pipelines.base import Pipeline, Timings
+from pipelines.family import DiT, Family
 from stages.decode import to_pil
 from stages.denoise import denoise, true_cfg
 from stages.latents import draw_noise
@@ -24,6 +29,21 @@ from stages.timesteps import set_timesteps
 from stages.validate import FamilyDefaults
 
 TEXT_MAX_LENGTH = 512  # UMT5 tokens; the I2V transformer assumes exactly this many text tokens
+WAN_DIT = DiT(
+    checkpoint_class="WanTransformer3DModel", model=WanTransformer, config=WanConfig, blocks=("blocks",),
+    # Wan patchifies inside: shard the patch embedding's tokens, the 3D RoPE and a per-token (B, L) timestep
+    # (Wan2.2 TI2V); gather before unpatchify. Cross-attention sees the whole text.
+    shard_plan=ShardPlan(
+        seq_len=lambda model, args: math.prod(
+            n // p for n, p in zip(args["hidden_states"].shape[2:], model.config.patch_size)),
+        split_inputs={"timestep": 1},
+        split_outputs={"patch_embedding": conv_tokens},
+        split_methods={"rope": each(1)},
+        gather="proj_out",
+        local_attention=("blocks.*.attn2",),
+    ),
+    cache_layout=CacheLayout(streams=(1,)),
+)
 WAN_DEFAULTS = FamilyDefaults(num_inference_steps=50, guidance_scale=5.0, height=480, width=832, num_frames=81, fps=16)
 
 
@@ -113,6 +133,8 @@ class WanPipeline(Pipeline):
 
     family = "wan"
     modality = "video"
+    dit = WAN_DIT
+    expert_slots = ("transformer", "transformer_2")  # Wan2.2 A14B: high-noise, then low-noise expert
     defaults = WAN_DEFAULTS
     required = ("tokenizer", "text_encoder", "transformer", "vae", "scheduler")
 
@@ -149,7 +171,7 @@ class WanPipeline(Pipeline):
             return self.transformer
         return self.transformer_2
 
-    def __call__(self, req: GenerationRequest, progress=None, cancel=None) -> GenerationResult:
+    def run(self, req: GenerationRequest, progress=None, cancel=None) -> GenerationResult:
         tm = Timings()
         with tm("validate"):
             req = self.validate(req)
@@ -233,3 +255,7 @@ class WanImageToVideoPipeline(WanPipeline):
         latents = encode_video(self.vae, torch.cat(frames, dim=2), self.device)  # (1, z, f, h, w)
         mask = frame_mask(req.num_frames, *grid, last=last, temporal=self.temporal).to(latents)
         return Conditioning(channels=torch.cat([mask, latents], dim=1), image_embeds=embeds)
+
+
+FAMILY = Family(name="wan", pipelines={"WanPipeline": WanPipeline, "WanImageToVideoPipeline": WanImageToVideoPipeline},
+                dits=(WAN_DIT,))

@@ -1,4 +1,6 @@
-"""The denoising loop: model call per step (CFG lives in the pipeline's model function), scheduler step, progress."""
+"""The denoising loop: model call per step (CFG lives in the pipeline's model function), scheduler step, progress.
+`cancel` is asked before every step and once after the last (so a deadline passed during denoising stops the work
+before the decode)."""
 from __future__ import annotations
 
 from typing import Callable
@@ -22,6 +24,8 @@ def denoise(model_fn: ModelFn, scheduler, latents: torch.Tensor, timesteps: torc
         latents = scheduler.step(pred, t, latents, return_dict=False)[0]
         if progress is not None:
             progress(i + 1, total)
+    if cancel is not None and cancel():
+        raise Cancelled(f"cancelled after step {total} of {total}, before decoding")
     return latents
 
 

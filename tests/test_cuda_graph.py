@@ -1,4 +1,4 @@
-"""CUDA-graph replay of the transformer call (gen/cuda_graph.py): the wrapper's logic, run on CPU through
+"""CUDA-graph replay of the transformer call (gen/transforms/cuda_graph.py): the wrapper's logic, run on CPU through
 `eager_capture` (a "graph" whose replay recomputes the call on the static buffers), and its refusals."""
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import torch
 
 from gen import GenError, Generator
 from gen.cli import main
-from gen.cuda_graph import GraphedCall, check_cuda_graphs, eager_capture, enable_cuda_graphs
+from gen.transforms.cuda_graph import GraphedCall, check_cuda_graphs, eager_capture, enable_cuda_graphs
 
 ASSETS = Path(__file__).resolve().parents[1] / "assets"
 CASES = {  # model, request (two CFG branches per step), signatures per transformer: Qwen-Image's text is not

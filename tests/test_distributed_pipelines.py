@@ -65,12 +65,9 @@ def _pipeline_cases(rank: int, device: torch.device) -> dict | None:
             if not ctx.member:
                 continue
             parallel = parallelize(gen.pipeline, ctx)
-            single = gen.pipeline
-            gen.pipeline = parallel
             try:
                 latents, pictures = _run(gen, module, request)
             finally:
-                gen.pipeline = single
                 parallel.remove()
             if rank == 0:
                 report[(name, layout)] = ((latents - ref[0]).abs().max().item(), psnr(pictures, ref[1]),

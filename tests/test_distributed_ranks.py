@@ -12,7 +12,8 @@ import torch
 from helpers import psnr
 
 from gen.cli import build_parser, main as gen_main
-from gen.distributed import ParallelConfig, RankGroupError, start_ranks
+from gen.distributed.groups import ParallelConfig
+from gen.distributed.ranks import RankGroupError, start_ranks
 from gen.generator import Generator
 from gen.types import GenError
 

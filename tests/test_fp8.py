@@ -1,4 +1,4 @@
-"""FP8 linears (gen/fp8.py): the quantization math, Fp8Linear against its emulation and fp32 (torch._scaled_mm has a
+"""FP8 linears (gen/transforms/fp8.py): the quantization math, Fp8Linear against its emulation and fp32 (torch._scaled_mm has a
 CPU kernel), the swap inside the DiT blocks (names and state_dict kept), and the device guard."""
 from __future__ import annotations
 
@@ -9,11 +9,12 @@ import pytest
 import torch
 from torch import nn
 
-from component_loaders.models import load_own_transformer
 from gen import GenError, Generator
 from gen.cli import main
-from gen.fp8 import (FP8, FP8_MAX, Fp8Linear, check_fp8, dequantize, fp8_linear_reference, quantize_rows,
-                     quantize_transformer)
+from gen.families import dit_of
+from gen.loading import load_dit
+from gen.transforms.fp8 import (FP8, FP8_MAX, Fp8Linear, check_fp8, dequantize, fp8_linear_reference, quantize_rows,
+                                quantize_transformer)
 from helpers import rel_err
 
 ASSETS = Path(__file__).resolve().parents[1] / "assets"
@@ -21,8 +22,7 @@ ASSETS = Path(__file__).resolve().parents[1] / "assets"
 
 def load(folder: Path) -> nn.Module:
     """A tiny asset's transformer, fp32 on the CPU."""
-    class_name = json.loads((folder / "transformer" / "config.json").read_text())["_class_name"]
-    return load_own_transformer(folder / "transformer", class_name, torch.device("cpu"), torch.float32)
+    return load_dit(folder / "transformer", torch.device("cpu"), torch.float32)
 
 
 def randn(*shape, seed=0):
@@ -85,7 +85,7 @@ def test_quantize_transformer_swaps_block_linears_only(folder):
     in_blocks = {n for n in linears if n.split(".")[0] in ("transformer_blocks", "single_transformer_blocks", "blocks")}
     fits = {n for n in in_blocks if model.get_submodule(n).in_features % 16 == model.get_submodule(n).out_features % 16
             == 0}  # tiny Wan (width 24) has none: it stays exact
-    counts = quantize_transformer(model)
+    counts = quantize_transformer(model, dit_of(model).blocks)
     swapped = {n for n, m in model.named_modules() if isinstance(m, Fp8Linear)}
     assert swapped == fits and counts == {"fp8_linears": len(fits), "kept_exact": len(in_blocks - fits)}
     assert (len(fits) > 0) == (folder != "wan-t2v-tiny")
@@ -100,7 +100,7 @@ def test_quantize_transformer_swaps_block_linears_only(folder):
 @torch.no_grad()
 def test_quantized_flux_output_stays_close():
     exact, model = load(ASSETS / "flux-tiny"), load(ASSETS / "flux-tiny")
-    quantize_transformer(model)
+    quantize_transformer(model, dit_of(model).blocks)
     g = torch.Generator().manual_seed(0)
     c = exact.config
     ids = torch.stack(torch.meshgrid(torch.zeros(1), torch.arange(4.0), torch.arange(4.0), indexing="ij"), -1)

@@ -1,4 +1,4 @@
-"""Joined q/k/v (+MLP) projections (gen/fuse.py): same outputs, same parameter names, values and memory."""
+"""Joined q/k/v (+MLP) projections (gen/transforms/join.py): same outputs, same parameter names, values and memory."""
 from __future__ import annotations
 
 import pytest
@@ -7,7 +7,7 @@ from helpers import rel_err
 from torch import nn
 
 from benchmarks.dit_step import build
-from gen.fuse import join_linears, join_projections
+from gen.transforms.join import join_linears, join_projections
 from gen.models.layers import project
 
 GROUPS = {"flux": 2 * 1 + 1, "wan": 2, "qwen": 2}  # tiny configs: one double + one single FLUX block, one block else

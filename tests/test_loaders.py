@@ -11,9 +11,10 @@ from safetensors.torch import load_file, save_file
 
 from component_loaders import LOADERS, load_components
 from component_loaders.model_index import read_model_index
-from component_loaders.models import load_own_transformer
 from component_loaders.weights import find_weight_files
 from gen.device import resolve_device, resolve_dtype
+from gen.families import DITS
+from gen.loading import load_dit
 from gen.models.flux import FluxTransformer
 from gen.types import GenError
 from helpers import rel_err
@@ -33,11 +34,11 @@ def test_model_index(flux_dev_path):
     assert index.class_name == "FluxPipeline"
     assert index.components["transformer"] == ("diffusers", "FluxTransformer2DModel")
     assert index.components["image_encoder"] is None  # [null, null] slots are empty
-    assert all(spec in LOADERS for spec in index.components.values() if spec)
+    assert all(spec in LOADERS or spec[1] in DITS for spec in index.components.values() if spec)
 
 
 def test_load_components(flux_dev_path):
-    comps = load_components(flux_dev_path, CPU, torch.float32)
+    comps = load_components(flux_dev_path, CPU, torch.float32, own_models=DITS)
     assert isinstance(comps["transformer"], FluxTransformer)
     assert type(comps["vae"]).__name__ == "AutoencoderKL"
     assert type(comps["scheduler"]).__name__ == "FlowMatchEulerDiscreteScheduler"
@@ -53,7 +54,7 @@ def test_sharded_and_variant_weights_from_diffusers_save_pretrained(tmp_path, fl
     assert len(list(folder.glob("*.safetensors"))) > 1  # really sharded
     files = find_weight_files(folder)  # variant=None picks the only variant there is
     assert len(files) > 1
-    ours = load_own_transformer(folder, "FluxTransformer2DModel", device=CPU, dtype=torch.float32)
+    ours = load_dit(folder, device=CPU, dtype=torch.float32)
     for name, p in saved.state_dict().items():
         expected = p.float()
         assert torch.equal(ours.state_dict()[name], expected), name
@@ -61,8 +62,7 @@ def test_sharded_and_variant_weights_from_diffusers_save_pretrained(tmp_path, fl
 
 def test_own_transformer_matches_diffusers_after_load(flux_dev_path):
     ref = FluxTransformer2DModel.from_pretrained(flux_dev_path / "transformer").eval()
-    ours = load_own_transformer(flux_dev_path / "transformer", "FluxTransformer2DModel", device=CPU,
-                                dtype=torch.float32)
+    ours = load_dit(flux_dev_path / "transformer", device=CPU, dtype=torch.float32)
     g = torch.Generator().manual_seed(0)
     x, txt = torch.randn(1, 16, 16, generator=g), torch.randn(1, 7, 32, generator=g)
     kw = dict(hidden_states=x, encoder_hidden_states=txt, pooled_projections=torch.randn(1, 32, generator=g),
@@ -88,7 +88,7 @@ def test_bad_folders(tmp_path, flux_copy):
     (tmp_path / "bad" / "model_index.json").write_text('{"vae": ["diffusers", "AutoencoderKL"]}')
     _expect("_class_name", read_model_index, tmp_path / "bad")
     shutil.rmtree(flux_copy / "vae")
-    err = _expect("component folder .*vae.* is missing", load_components, flux_copy, CPU, torch.float32)
+    err = _expect("component folder .*vae.* is missing", load_components, flux_copy, CPU, torch.float32, own_models=DITS)
     assert err.param == "model_path"
 
 
@@ -96,12 +96,12 @@ def test_unknown_component_class(flux_copy):
     index = json.loads((flux_copy / "model_index.json").read_text())
     index["vae"] = ["diffusers", "AutoencoderTiny"]
     (flux_copy / "model_index.json").write_text(json.dumps(index))
-    _expect("no loader for component class.*AutoencoderTiny", load_components, flux_copy, CPU, torch.float32)
+    _expect("no loader for component class.*AutoencoderTiny", load_components, flux_copy, CPU, torch.float32, own_models=DITS)
 
 
 def test_missing_weight_file(flux_copy):
     (flux_copy / "transformer" / "diffusion_pytorch_model.safetensors").unlink()
-    _expect(r"no \*\.safetensors weights in .*transformer", load_components, flux_copy, CPU, torch.float32)
+    _expect(r"no \*\.safetensors weights in .*transformer", load_components, flux_copy, CPU, torch.float32, own_models=DITS)
 
 
 def _edit_transformer_weights(folder, edit):
@@ -113,7 +113,7 @@ def _edit_transformer_weights(folder, edit):
 
 def test_missing_weight_named(flux_copy):
     _edit_transformer_weights(flux_copy, lambda s: s.pop("proj_out.weight"))
-    _expect(r"missing weights: proj_out\.weight", load_components, flux_copy, CPU, torch.float32)
+    _expect(r"missing weights: proj_out\.weight", load_components, flux_copy, CPU, torch.float32, own_models=DITS)
 
 
 def test_misshaped_weight_named(flux_copy):
@@ -121,14 +121,14 @@ def test_misshaped_weight_named(flux_copy):
         s["proj_out.bias"] = torch.zeros(3)
     _edit_transformer_weights(flux_copy, edit)
     _expect(r"wrong shape: proj_out\.bias \(checkpoint \(3,\), model \(16,\)\)", load_components, flux_copy, CPU,
-            torch.float32)
+            torch.float32, own_models=DITS)
 
 
 def test_unexpected_weight_reported(flux_copy, caplog):
     def edit(s):
         s["extra.weight"] = torch.zeros(2)
     _edit_transformer_weights(flux_copy, edit)
-    comps = load_components(flux_copy, CPU, torch.float32)
+    comps = load_components(flux_copy, CPU, torch.float32, own_models=DITS)
     assert "extra.weight" in caplog.text and comps["transformer"] is not None
 
 
@@ -137,7 +137,7 @@ def test_missing_text_encoder_weight_named(flux_copy):
     state = load_file(f)
     state.pop("final_layer_norm.weight")
     save_file(state, f, metadata={"format": "pt"})
-    _expect("missing weights.*final_layer_norm", load_components, flux_copy, CPU, torch.float32)
+    _expect("missing weights.*final_layer_norm", load_components, flux_copy, CPU, torch.float32, own_models=DITS)
 
 
 def test_several_variants_need_a_choice(tmp_path, flux_dev_path):

@@ -1,4 +1,4 @@
-"""First-block step cache (gen/step_cache.py) on the tiny FLUX, Wan and Qwen-Image assets: exact when it never
+"""First-block step cache (gen/transforms/step_cache.py) on the tiny FLUX, Wan and Qwen-Image assets: exact when it never
 skips, counted and finite when it skips, per-CFG-branch residuals, reset between generations, flag validation."""
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import torch
 
 from gen import GenError, Generator
 from gen.cli import main
-from gen.step_cache import StepCache, step_cache_stats, transformers
+from gen.transforms.step_cache import StepCache, step_cache_stats, step_caches
 from helpers import rel_err
 
 ASSETS = Path(__file__).resolve().parents[1] / "assets"
@@ -26,7 +26,7 @@ CASES = {  # model folder, request keywords (every case runs two CFG branches pe
 @contextlib.contextmanager
 def cached(gen: Generator, threshold: float):
     """Step caches on the generator's transformers for the duration (StepCache itself takes any threshold)."""
-    caches = [StepCache(m, threshold) for m in transformers(gen.pipeline)]
+    caches = [StepCache(m, dit.blocks, dit.cache_layout, threshold) for _, m, dit in gen.pipeline.dits()]
     try:
         yield caches
     finally:
@@ -38,7 +38,7 @@ def run(gen: Generator, kw: dict, prompt: str = "a red circle") -> tuple[np.ndar
     """(first image or frame as an array, every transformer output of the generation)."""
     outputs = []
     hooks = [m.register_forward_hook(lambda mod, args, out: outputs.append(out.clone()))
-             for m in transformers(gen.pipeline)]
+             for _, m, _ in gen.pipeline.dits()]
     try:
         result = gen.generate(prompt, seed=7, num_inference_steps=STEPS, **kw)
     finally:
@@ -155,20 +155,21 @@ def test_both_wan22_experts_cache():
     gen = Generator.from_pretrained(ASSETS / "wan22-a14b-tiny", device="cpu", step_cache=0.9)
     gen.generate("a red circle", seed=1, num_inference_steps=6, height=32, width=32, num_frames=5,
                  guidance_scale=3.0)
-    caches = [m._step_cache for m in transformers(gen.pipeline)]
+    caches = step_caches(gen.pipeline)
     assert len(caches) == 2 and all(c.stats["skipped_forwards"] > 0 for c in caches)
 
 
 def test_works_around_regionally_compiled_blocks(gens):
     """The gates call the blocks as the model would, so compiled blocks stay compiled (dynamo, eager backend)."""
-    from gen.optimize import compile_blocks
+    from gen.transforms.compile import compile_blocks
 
     kw = CASES["flux"][1]
     with cached(gens["flux"], 0.5) as plain:
         image, outputs = run(gens["flux"], kw)
     gen = Generator.from_pretrained(ASSETS / CASES["flux"][0], device="cpu")
     try:
-        assert compile_blocks(gen.pipeline.transformer, backend="eager") == n_blocks(gen)
+        blocks = gen.pipeline.dit.blocks
+        assert compile_blocks(gen.pipeline.transformer, blocks, backend="eager") == n_blocks(gen)
         with cached(gen, 0.5) as caches:
             image_c, outputs_c = run(gen, kw)
     finally:
@@ -183,8 +184,10 @@ def test_model_is_unchanged_but_for_forward(gens):
     with cached(gens["qwen"], 0.1):
         assert [n for n, _ in m.named_modules()] == names and list(m.state_dict()) == keys
         assert "forward" in m.__dict__
-    with pytest.raises(GenError, match="step caching does not support Linear"):
-        StepCache(torch.nn.Linear(2, 2), 0.1)
+    from gen.families import dit_of
+
+    with pytest.raises(GenError, match="Linear is not a DiT any family declares"):
+        dit_of(torch.nn.Linear(2, 2))  # no declaration: no blocks or layout to cache
 
 
 @pytest.mark.parametrize("bad", [0, 1, 1.5, -0.1, "0.1", True])

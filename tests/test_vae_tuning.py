@@ -1,4 +1,4 @@
-"""VAE decode settings (gen/vae.py): channels-last gives the same decode, undo restores, tiling is switched on."""
+"""VAE decode settings (gen/transforms/vae.py): channels-last gives the same decode, undo restores, tiling is switched on."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -10,7 +10,7 @@ from helpers import rel_err
 
 from gen import GenError, Generator
 from gen.cli import main
-from gen.vae import is_3d, tune_vae
+from gen.transforms.vae import is_3d, tune_vae
 
 ASSETS = Path(__file__).resolve().parents[1] / "assets"
 

@@ -1,15 +1,16 @@
 """Sequence and CFG parallelism applied to a loaded pipeline from outside: wrappers and hooks driven by a ShardPlan.
 
-Not the attention math (gen/distributed/attention.py) nor the plans (gen/distributed/plans.py); the model files
-are not touched. `parallelize(pipeline, ctx)` wraps `pipeline.transformer` (and `transformer_2`) so that each call
-shards its per-token tensors over the sp group, runs with the sequence-parallel attention backend installed, and
-gathers the output; with cfg_degree 2 the two calls of a true-CFG step run on different rank halves.
+Not the attention math (gen/distributed/attention.py) nor the plans (each family's `DiT.shard_plan`); the model
+files are not touched. `parallelize(pipeline, ctx)` wraps each of the pipeline's DiTs (gen/transforms/forward.py) so
+that each call shards its per-token tensors over the sp group, runs with the sequence-parallel attention backend
+installed, and gathers the output; with cfg_degree 2 the two calls of a true-CFG step run on different rank halves.
+One of the transforms gen.transforms.apply_transforms composes.
 """
 from __future__ import annotations
 
 import contextlib
-import fnmatch
 import inspect
+import re
 
 import torch
 import torch.distributed as dist
@@ -17,8 +18,11 @@ import torch.nn.functional as F
 
 from gen.distributed.attention import CallState, SequenceParallelAttention
 from gen.distributed.groups import ParallelContext
-from gen.distributed.plans import ShardPlan, plan_for
+from gen.distributed.plans import ShardPlan
 from gen.models.attention import get_attention_backend, set_attention_backend
+from gen.transforms.forward import unwrap_forward, wrap_forward
+
+WRAPPER = "sequence_parallel"
 
 
 class ShardedTransformer:
@@ -30,12 +34,16 @@ class ShardedTransformer:
         ctx.config.check_heads(heads)
         self.sp = ctx.config.sp_degree > 1
         self.attn = SequenceParallelAttention(ctx, get_attention_backend())
-        self.forward = model.forward
-        self.signature = inspect.signature(self.forward)
         self.handles = []
+        self.methods: list[str] = []
         if self.sp:
             self._install_hooks()
-        model.forward = self._forward
+
+        def make(inner):
+            self.forward, self.signature = inner, inspect.signature(inner)
+            return self._forward
+
+        wrap_forward(model, WRAPPER, make)
 
     # ---- sharding helpers (active only inside a wrapped call)
 
@@ -79,11 +87,21 @@ class ShardedTransformer:
         for name, split in plan.split_methods.items():
             method = getattr(model, name)
             setattr(model, name, lambda *a, method=method, split=split, **kw: self.apply_split(method(*a, **kw), split))
+            self.methods.append(name)
         for pattern, splits in plan.split_args.items():
-            def pre(m, args, splits=splits):
-                return tuple(self.apply_split(a, splits[i]) if i in splits else a for i, a in enumerate(args))
             for module in self._matching(pattern):
-                self.handles.append(module.register_forward_pre_hook(pre))
+                signature = inspect.signature(module.forward)
+                unknown = set(splits) - set(signature.parameters)
+                assert not unknown, f"plan splits {sorted(unknown)}: not arguments of {type(module).__name__}.forward"
+
+                def pre(m, args, kwargs, splits=splits, signature=signature):
+                    bound = signature.bind(*args, **kwargs)
+                    for name, split in splits.items():
+                        if name in bound.arguments:
+                            bound.arguments[name] = self.apply_split(bound.arguments[name], split)
+                    return bound.args, bound.kwargs
+
+                self.handles.append(module.register_forward_pre_hook(pre, with_kwargs=True))
         if plan.gather:
             hook = lambda m, args, out: self.gather(out) if self.attn.state is not None else out
             self.handles.append(model.get_submodule(plan.gather).register_forward_hook(hook))
@@ -93,7 +111,9 @@ class ShardedTransformer:
                 self.handles.append(module.register_forward_hook(lambda m, a, o: self._local(-1)))
 
     def _matching(self, pattern: str) -> list[torch.nn.Module]:
-        found = [m for name, m in self.model.named_modules() if fnmatch.fnmatchcase(name, pattern)]
+        """Submodules whose dotted name matches `pattern`, where `*` stands for one name component."""
+        regex = re.compile(re.escape(pattern).replace(r"\*", r"[^.]+"))
+        found = [m for name, m in self.model.named_modules() if regex.fullmatch(name)]
         assert found, f"plan pattern {pattern!r} matches no submodule of {type(self.model).__name__}"
         return found
 
@@ -135,8 +155,9 @@ class ShardedTransformer:
     def remove(self) -> None:
         for h in self.handles:
             h.remove()
-        for name in ("forward", *self.plan.split_methods):
+        for name in self.methods:
             self.model.__dict__.pop(name, None)
+        unwrap_forward(self.model, WRAPPER)
 
 
 class CfgParallel:
@@ -198,35 +219,30 @@ class CfgParallel:
         return torch.empty(shape, dtype=dtype, device=x.device)
 
 
-class ParallelPipeline:
-    """A pipeline whose transformer(s) run over a ParallelContext; called like the pipeline it wraps."""
+class SequenceParallel:
+    """The sequence / CFG parallel state of one pipeline on this rank: its DiTs sharded, the CFG pairing reset before
+    each request; `remove()` undoes it."""
 
     def __init__(self, pipeline, ctx: ParallelContext):
         self.pipeline, self.ctx = pipeline, ctx
         self.cfg = CfgParallel(ctx)
-        self.sharded = []
+        self.sharded: list[ShardedTransformer] = []
         try:
-            for attr in ("transformer", "transformer_2"):
-                model = getattr(pipeline, attr, None)
-                if model is not None:
-                    self.sharded.append(ShardedTransformer(model, plan_for(model), ctx, self.cfg))
+            for _, model, dit in pipeline.dits():
+                self.sharded.append(ShardedTransformer(model, dit.shard_plan, ctx, self.cfg))
         except BaseException:  # undo the hooks already installed, then let the error go on
             self.remove()
             raise
-
-    def __getattr__(self, name):  # family, modality, defaults, ... of the wrapped pipeline
-        return getattr(self.pipeline, name)
-
-    def __call__(self, req, progress=None, cancel=None):
-        self.cfg.reset()
-        return self.pipeline(req, progress=progress, cancel=cancel)
+        pipeline.request_hooks.append(self.cfg.reset)
 
     def remove(self) -> None:
-        for s in self.sharded:
+        for s in reversed(self.sharded):
             s.remove()
         self.sharded = []
+        if self.cfg.reset in self.pipeline.request_hooks:
+            self.pipeline.request_hooks.remove(self.cfg.reset)
 
 
-def parallelize(pipeline, ctx: ParallelContext) -> ParallelPipeline:
-    """Run `pipeline`'s transformers over `ctx`'s ranks (every rank calls this and then runs every request)."""
-    return ParallelPipeline(pipeline, ctx)
+def parallelize(pipeline, ctx: ParallelContext) -> SequenceParallel:
+    """Run `pipeline`'s DiTs over `ctx`'s ranks, in place (every rank calls this and then runs every request)."""
+    return SequenceParallel(pipeline, ctx)

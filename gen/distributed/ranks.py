@@ -21,8 +21,9 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from gen.distributed.apply import ParallelPipeline, parallelize
 from gen.distributed.groups import DEFAULT_TIMEOUT_S, ParallelConfig, ParallelContext, backend_for, timeout
+from gen.loading import load_pipeline
+from gen.transforms import TransformOptions
 from gen.types import GenError
 
 log = logging.getLogger(__name__)
@@ -45,7 +46,7 @@ class RankSpec:
     variant: str | None
     config: ParallelConfig
     timeout_s: float = DEFAULT_TIMEOUT_S
-    load_kwargs: dict = field(default_factory=dict)  # more Generator.from_pretrained keywords (compile, attention)
+    options: TransformOptions = field(default_factory=TransformOptions)
 
 
 # ---------------------------------------------------------------- process group set-up
@@ -80,13 +81,9 @@ def _control_groups(timeout_s: float):
     return dispatch, control
 
 
-def _load(spec: RankSpec, device: torch.device) -> ParallelPipeline:
-    from gen.generator import Generator  # the single-rank loader
-
+def _load(spec: RankSpec, device: torch.device):
     ctx = ParallelContext.build(spec.config, device, spec.timeout_s)
-    gen = Generator.from_pretrained(spec.path, device=device, dtype=spec.dtype, variant=spec.variant,
-                                    **spec.load_kwargs)
-    return parallelize(gen.pipeline, ctx)
+    return load_pipeline(spec.path, device, spec.dtype, spec.variant, spec.options, parallel=ctx)
 
 
 def _setup(rank: int, spec: RankSpec, device: torch.device):
@@ -179,7 +176,7 @@ class RankGroup:
     `alive`: every spawned rank process is running. `ready`: alive and no collective has failed.
     """
 
-    def __init__(self, pipeline: ParallelPipeline, dispatch, control, processes=(),
+    def __init__(self, pipeline, dispatch, control, processes=(),
                  timeout_s: float = DEFAULT_TIMEOUT_S):
         self.pipeline, self.dispatch, self.control = pipeline, dispatch, control
         self.timeout_s = timeout_s
@@ -195,7 +192,7 @@ class RankGroup:
 
     @property
     def world_size(self) -> int:
-        return self.pipeline.ctx.config.world_size
+        return self.pipeline.transforms.get("parallel").detail.ctx.config.world_size
 
     @property
     def alive(self) -> bool:
@@ -265,7 +262,7 @@ def check_heads(path: Path, config: ParallelConfig) -> None:
 
 
 def start_ranks(path, device: torch.device, dtype: torch.dtype, variant: str | None, config: ParallelConfig,
-                timeout_s: float = DEFAULT_TIMEOUT_S, load_kwargs: dict | None = None) -> RankGroup:
+                timeout_s: float = DEFAULT_TIMEOUT_S, options: TransformOptions = TransformOptions()) -> RankGroup:
     """Start `config.world_size` ranks and return rank 0's RankGroup.
 
     Under torchrun (RANK / WORLD_SIZE / MASTER_ADDR set) the ranks already exist: rendezvous through env://;
@@ -273,7 +270,7 @@ def start_ranks(path, device: torch.device, dtype: torch.dtype, variant: str | N
     Otherwise spawn ranks 1..N-1 (one per accelerator, or N CPU processes with gloo); this process is rank 0.
     """
     check_heads(path, config)
-    spec = RankSpec(str(path), device.type, dtype, variant, config, timeout_s, dict(load_kwargs or {}))
+    spec = RankSpec(str(path), device.type, dtype, variant, config, timeout_s, options)
     world = config.world_size
     if launched_by_torchrun():
         env_world, rank = int(os.environ["WORLD_SIZE"]), int(os.environ["RANK"])

@@ -1,7 +1,6 @@
 """The FLUX.1 diffusion transformer (dev and schnell), parameter names = diffusers checkpoint keys; not the pipeline."""
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
@@ -9,9 +8,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from gen.models.attention import attention
-from gen.models.layers import MLPEmbedder, project
+from gen.models.layers import AdaNormOut, FeedForward, MLPEmbedder, apply_rope, project, timestep_embedding
 
-Rope = tuple[torch.Tensor, torch.Tensor]  # (cos, sin), each (S, head_dim) float32
+Rope = tuple[torch.Tensor, torch.Tensor]  # (cos, sin), each (S, head_dim / 2) float32
 
 
 @dataclass(frozen=True)
@@ -47,10 +46,8 @@ class FluxConfig:
 
 
 def rope_from_ids(ids: torch.Tensor, axes_dims: tuple[int, ...], theta: float = 10000.0) -> Rope:
-    """Per-axis rotary tables for positions `ids` (S, n_axes) -> (cos, sin), each (S, sum(axes_dims)) float32.
-
-    Each pair of channels (2i, 2i+1) shares one frequency (interleaved layout, as BFL and diffusers).
-    """
+    """Per-axis rotary tables for positions `ids` (S, n_axes) -> (cos, sin), each (S, sum(axes_dims) / 2) float32:
+    one angle per channel pair (2i, 2i+1) (interleaved layout, as BFL and diffusers)."""
     if ids.ndim != 2 or ids.shape[-1] != len(axes_dims):
         raise ValueError(f"ids must be (S, {len(axes_dims)}) for axes_dims={axes_dims}, got shape {tuple(ids.shape)}")
     # float64 where the device has it (diffusers does the same), float32 elsewhere.
@@ -60,27 +57,17 @@ def rope_from_ids(ids: torch.Tensor, axes_dims: tuple[int, ...], theta: float = 
     for i, dim in enumerate(axes_dims):
         freqs = 1.0 / theta ** (torch.arange(0, dim, 2, dtype=fdtype, device=ids.device) / dim)  # (dim/2,)
         angles.append(torch.outer(pos[:, i], freqs))  # (S, dim/2)
-    angle = torch.cat(angles, dim=-1).repeat_interleave(2, dim=-1)  # (S, D)
+    angle = torch.cat(angles, dim=-1)  # (S, D/2)
     return angle.cos().float(), angle.sin().float()
 
 
-def apply_rope(x: torch.Tensor, rope: Rope) -> torch.Tensor:
-    """Rotate channel pairs (2i, 2i+1) of x (B, S, H, D) by the angles in rope; math in fp32, result in x.dtype."""
-    cos, sin = (t.to(x.device)[None, :, None, :] for t in rope)  # (1, S, 1, D)
-    re, im = x.float().unflatten(-1, (-1, 2)).unbind(-1)  # (B, S, H, D/2) each
-    rotated = torch.stack([-im, re], dim=-1).flatten(-2)  # (B, S, H, D)
-    return (x.float() * cos + rotated * sin).to(x.dtype)
+def rotate(x: torch.Tensor, rope: Rope) -> torch.Tensor:
+    """x (B, S, H, D) rotated by the joint sequence's (cos, sin)."""
+    cos, sin = (t.to(x.device)[None, :, None, :] for t in rope)  # (1, S, 1, D/2)
+    return apply_rope(x, cos, sin)
 
 
 # ---------------------------------------------------------------- embeddings
-
-
-def timestep_sinusoids(t: torch.Tensor, dim: int = 256, max_period: float = 10000.0) -> torch.Tensor:
-    """Sinusoidal embedding of t (B,) -> (B, dim) float32, laid out [cos | sin]."""
-    half = dim // 2
-    freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
-    args = t[:, None].float() * freqs[None]  # (B, half)
-    return torch.cat([args.cos(), args.sin()], dim=-1)
 
 
 class TimeTextEmbed(nn.Module):
@@ -93,9 +80,9 @@ class TimeTextEmbed(nn.Module):
         self.text_embedder = MLPEmbedder(pooled_dim, dim)
 
     def forward(self, t: torch.Tensor, guidance: torch.Tensor | None, pooled: torch.Tensor) -> torch.Tensor:
-        emb = self.timestep_embedder(timestep_sinusoids(t).to(pooled.dtype))  # (B, dim)
+        emb = self.timestep_embedder(timestep_embedding(t).to(pooled.dtype))  # (B, dim)
         if self.guidance_embedder is not None:
-            emb = emb + self.guidance_embedder(timestep_sinusoids(guidance).to(pooled.dtype))
+            emb = emb + self.guidance_embedder(timestep_embedding(guidance).to(pooled.dtype))
         return emb + self.text_embedder(pooled)
 
 
@@ -119,26 +106,6 @@ def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch
     return F.layer_norm(x, x.shape[-1:], eps=1e-6) * (1 + scale[:, None]) + shift[:, None]
 
 
-class GeluProj(nn.Module):
-    def __init__(self, dim: int, hidden: int):
-        super().__init__()
-        self.proj = nn.Linear(dim, hidden)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.gelu(self.proj(x), approximate="tanh")
-
-
-class FeedForward(nn.Module):
-    """dim -> 4 dim (tanh GELU) -> dim; `net.0.proj` / `net.2` as in diffusers (net.1 is its dropout slot)."""
-
-    def __init__(self, dim: int, mult: int = 4):
-        super().__init__()
-        self.net = nn.Sequential(GeluProj(dim, mult * dim), nn.Identity(), nn.Linear(mult * dim, dim))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net(x)
-
-
 def _heads(x: torch.Tensor, head_dim: int) -> torch.Tensor:
     return x.unflatten(-1, (-1, head_dim))  # (B, L, H*D) -> (B, L, H, D)
 
@@ -146,7 +113,7 @@ def _heads(x: torch.Tensor, head_dim: int) -> torch.Tensor:
 class SelfAttention(nn.Module):
     """Single-stream attention: q/k/v + q/k RMSNorm + RoPE; the output projection lives in the block's proj_out.
 
-    The block computes q/k/v itself (with its MLP input projection, one joined matmul when gen/fuse.py joined them)."""
+    The block computes q/k/v itself (with its MLP input projection, one joined matmul when gen/transforms/join.py joined them)."""
 
     def __init__(self, dim: int, heads: int, head_dim: int):
         super().__init__()
@@ -160,7 +127,7 @@ class SelfAttention(nn.Module):
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rope: Rope) -> torch.Tensor:
         """Projected q, k, v (B, S, H*D) -> attention output (B, S, H*D)."""
         q, k, v = (t.unflatten(-1, (-1, self.head_dim)) for t in (q, k, v))  # (B, S, H, D)
-        out = attention(apply_rope(self.norm_q(q), rope), apply_rope(self.norm_k(k), rope), v)
+        out = attention(rotate(self.norm_q(q), rope), rotate(self.norm_k(k), rope), v)
         return out.flatten(2)
 
 
@@ -196,8 +163,8 @@ class JointAttention(nn.Module):
     def forward(self, img: torch.Tensor, txt: torch.Tensor, rope: Rope) -> tuple[torch.Tensor, torch.Tensor]:
         """img (B, L, dim), txt (B, T, dim), rope over the T + L joint positions -> (img_out, txt_out)."""
         (iq, ik, iv), (tq, tk, tv) = self.img_qkv(img), self.txt_qkv(txt)  # (B, L|T, H, D)
-        q = apply_rope(torch.cat([tq, iq], dim=1), rope)  # (B, T+L, H, D)
-        k = apply_rope(torch.cat([tk, ik], dim=1), rope)
+        q = rotate(torch.cat([tq, iq], dim=1), rope)  # (B, T+L, H, D)
+        k = rotate(torch.cat([tk, ik], dim=1), rope)
         v = torch.cat([tv, iv], dim=1)
         out = attention(q, k, v).flatten(2)  # (B, T+L, H*D)
         txt_out, img_out = out.split([txt.shape[1], img.shape[1]], dim=1)
@@ -218,8 +185,8 @@ class FluxDoubleBlock(nn.Module):
         self.norm1 = Modulation(dim, 6)
         self.norm1_context = Modulation(dim, 6)
         self.attn = JointAttention(dim, heads, head_dim)
-        self.ff = FeedForward(dim)
-        self.ff_context = FeedForward(dim)
+        self.ff = FeedForward(dim, 4 * dim)
+        self.ff_context = FeedForward(dim, 4 * dim)
 
     def forward(self, img: torch.Tensor, txt: torch.Tensor, temb: torch.Tensor, rope: Rope):
         """img (B, L, dim), txt (B, T, dim), temb (B, dim) -> (img, txt)."""
@@ -258,18 +225,6 @@ class FluxSingleBlock(nn.Module):
         return _clip_fp16(x + gate[:, None] * out)
 
 
-class OutNorm(nn.Module):
-    """Final adaLN (diffusers' AdaLayerNormContinuous): note its chunk order is (scale, shift)."""
-
-    def __init__(self, dim: int):
-        super().__init__()
-        self.linear = nn.Linear(dim, 2 * dim)
-
-    def forward(self, x: torch.Tensor, temb: torch.Tensor) -> torch.Tensor:
-        scale, shift = self.linear(F.silu(temb).to(x.dtype)).chunk(2, dim=1)
-        return modulate(x, shift, scale)
-
-
 # ---------------------------------------------------------------- model
 
 
@@ -286,7 +241,7 @@ class FluxTransformer(nn.Module):
         self.single_transformer_blocks = nn.ModuleList(
             [FluxSingleBlock(dim, heads, hd) for _ in range(c.num_single_layers)]
         )
-        self.norm_out = OutNorm(dim)
+        self.norm_out = AdaNormOut(dim)
         self.proj_out = nn.Linear(dim, c.patch_size * c.patch_size * self.out_channels)
 
     def rope(self, txt_ids: torch.Tensor, img_ids: torch.Tensor) -> Rope:

@@ -1,5 +1,9 @@
-"""Small layers several of our DiTs share (no weights of their own beyond plain Linear layers)."""
+"""Small layers several of our DiTs share, where the math is the same (no weights beyond plain Linear layers and
+norm scales): feed-forward, RMSNorm, the final adaptive norm, timestep embedding, RoPE application."""
 from __future__ import annotations
+
+import math
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -7,20 +11,92 @@ from torch import nn
 
 
 class MLPEmbedder(nn.Module):
-    """Linear -> SiLU -> Linear (diffusers' TimestepEmbedding / PixArtAlphaTextProjection): `linear_1`, `linear_2`."""
+    """Linear -> activation (SiLU) -> Linear (diffusers' TimestepEmbedding / PixArtAlphaTextProjection):
+    `linear_1`, `linear_2`."""
 
-    def __init__(self, in_dim: int, dim: int):
+    def __init__(self, in_dim: int, dim: int, act: Callable[[torch.Tensor], torch.Tensor] = F.silu):
         super().__init__()
         self.linear_1 = nn.Linear(in_dim, dim)
         self.linear_2 = nn.Linear(dim, dim)
+        self.act = act
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.linear_2(F.silu(self.linear_1(x)))
+        return self.linear_2(self.act(self.linear_1(x)))
+
+
+class GeluProj(nn.Module):
+    """Linear then GELU (the checkpoint names the linear `proj`)."""
+
+    def __init__(self, dim_in: int, dim_out: int, approximate: str = "tanh"):
+        super().__init__()
+        self.proj = nn.Linear(dim_in, dim_out)
+        self.approximate = approximate
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.gelu(self.proj(x), approximate=self.approximate)
+
+
+class FeedForward(nn.Module):
+    """dim -> inner (GELU) -> dim_out; `net.0.proj` / `net.2` as in diffusers (net.1 is its dropout slot)."""
+
+    def __init__(self, dim: int, inner: int, dim_out: int | None = None, approximate: str = "tanh"):
+        super().__init__()
+        self.net = nn.Sequential(GeluProj(dim, inner, approximate), nn.Identity(), nn.Linear(inner, dim_out or dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+
+class RMSNorm(nn.Module):
+    """RMSNorm as diffusers computes it: statistics in fp32, the normalized value cast to the weight's dtype, then
+    scaled by the weight."""
+
+    def __init__(self, dim: int, eps: float = 1e-6):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.float() * torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + self.eps)
+        return x.to(self.weight.dtype) * self.weight
+
+
+class AdaNormOut(nn.Module):
+    """Final LayerNorm (no affine, eps 1e-6) with scale and shift (in that order: diffusers' AdaLayerNormContinuous)
+    projected from the time embedding: `linear`."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.linear = nn.Linear(dim, 2 * dim)
+
+    def forward(self, x: torch.Tensor, temb: torch.Tensor) -> torch.Tensor:
+        """x (B, L, dim), temb (B, dim) -> (B, L, dim)."""
+        scale, shift = self.linear(F.silu(temb).to(x.dtype)).chunk(2, dim=1)  # (B, dim) each
+        return F.layer_norm(x, x.shape[-1:], eps=1e-6) * (1 + scale[:, None]) + shift[:, None]
+
+
+def timestep_embedding(t: torch.Tensor, dim: int = 256, scale: float = 1.0, max_period: float = 10000.0,
+                       freqs_dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Sinusoidal embedding of t (N,) -> (N, dim) float32, laid out [cos | sin] (zero-padded for an odd dim).
+    `freqs_dtype`: the frequencies rounded to this dtype first (Qwen-Image rounds them to the timestep's)."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
+    args = t[:, None].float() * freqs.to(freqs_dtype)[None]  # (N, half)
+    if scale != 1.0:
+        args = scale * args
+    return F.pad(torch.cat([args.cos(), args.sin()], dim=-1), (0, dim % 2))
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate the interleaved channel pairs (2i, 2i+1) of x (B, L, H, D) by angles given as cos / sin broadcastable to
+    (B, L, H, D/2); math in fp32, result in x's dtype."""
+    xr, xi = x.float().unflatten(-1, (-1, 2)).unbind(-1)  # (B, L, H, D/2) each
+    return torch.stack([xr * cos - xi * sin, xr * sin + xi * cos], dim=-1).flatten(-2).type_as(x)
 
 
 def project(x: torch.Tensor, *layers: nn.Module) -> tuple[torch.Tensor, ...]:
-    """`x` through several Linear layers that all read it: one matmul when gen/fuse.py joined exactly this group
-    (the first layer then holds the joined weight), else one call per layer."""
+    """`x` through several Linear layers that all read it: one matmul when gen/transforms/join.py joined exactly this
+    group (the first layer then holds the joined weight), else one call per layer."""
     sizes = getattr(layers[0], "joined_sizes", None)
     if sizes is None:
         return tuple(layer(x) for layer in layers)

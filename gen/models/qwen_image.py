@@ -4,7 +4,6 @@ Not the text encoder, the VAE or the sampling loop: those live in `pipelines/qwe
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from math import prod
 
@@ -13,7 +12,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from gen.models.attention import attention
-from gen.models.layers import MLPEmbedder, project
+from gen.models.layers import AdaNormOut, FeedForward, MLPEmbedder, RMSNorm, apply_rope, project, timestep_embedding
 
 
 @dataclass(frozen=True)
@@ -85,55 +84,12 @@ def qwen_rope(
     return (img.cos(), img.sin()), (txt.cos(), txt.sin())
 
 
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate channel pairs (2j, 2j+1) of x (B, L, H, D) by angles given as cos/sin (L, D/2); math in fp32."""
-    xr, xi = x.float().unflatten(-1, (-1, 2)).unbind(-1)  # (B, L, H, D/2) each
-    c, s = cos[None, :, None, :], sin[None, :, None, :]
-    return torch.stack([xr * c - xi * s, xr * s + xi * c], dim=-1).flatten(3).type_as(x)
+def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x (B, L, H, D) rotated by angles given as cos / sin (L, D/2)."""
+    return apply_rope(x, cos[None, :, None, :], sin[None, :, None, :])
 
 
 # ---------------------------------------------------------------- layers
-
-class RMSNorm(nn.Module):
-    def __init__(self, dim: int, eps: float = 1e-6):
-        super().__init__()
-        self.eps = eps
-        self.weight = nn.Parameter(torch.ones(dim))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x.float() * torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + self.eps)
-        return x.to(self.weight.dtype) * self.weight
-
-
-class GeluProj(nn.Module):
-    def __init__(self, dim_in: int, dim_out: int):
-        super().__init__()
-        self.proj = nn.Linear(dim_in, dim_out)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.gelu(self.proj(x), approximate="tanh")
-
-
-class FeedForward(nn.Module):
-    """net.0 = Linear + tanh-GELU, net.1 = (dropout slot, no weights), net.2 = Linear; hidden 4 * dim."""
-
-    def __init__(self, dim: int):
-        super().__init__()
-        self.net = nn.ModuleList([GeluProj(dim, 4 * dim), nn.Identity(), nn.Linear(4 * dim, dim)])
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        for layer in self.net:
-            x = layer(x)
-        return x
-
-
-def timestep_sinusoid(t: torch.Tensor, dim: int = 256, scale: float = 1000.0, max_period: float = 10000.0) -> torch.Tensor:
-    """Sinusoidal embedding of t (B,) -> (B, dim) fp32, cos half first."""
-    half = dim // 2
-    freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
-    args = scale * (t[:, None].float() * freqs.to(t.dtype)[None, :])
-    return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
-
 
 class TimeTextEmbed(nn.Module):
     def __init__(self, dim: int, use_additional_t_cond: bool):
@@ -143,24 +99,13 @@ class TimeTextEmbed(nn.Module):
             self.addition_t_embedding = nn.Embedding(2, dim)
 
     def forward(self, t: torch.Tensor, dtype: torch.dtype, additional_t_cond: torch.Tensor | None) -> torch.Tensor:
-        emb = self.timestep_embedder(timestep_sinusoid(t).to(dtype))  # (B, D)
+        # t in [0, 1] scaled by 1000; the frequencies rounded to t's dtype, as the reference does
+        emb = self.timestep_embedder(timestep_embedding(t, scale=1000.0, freqs_dtype=t.dtype).to(dtype))  # (B, D)
         if hasattr(self, "addition_t_embedding"):
             if additional_t_cond is None:
                 raise ValueError("this model has use_additional_t_cond=True: pass additional_t_cond (B,) in {0, 1}")
             emb = emb + self.addition_t_embedding(additional_t_cond).to(dtype)
         return emb
-
-
-class AdaNormOut(nn.Module):
-    """Final LayerNorm (no affine) with scale and shift (in that order) projected from the time embedding."""
-
-    def __init__(self, dim: int):
-        super().__init__()
-        self.linear = nn.Linear(dim, 2 * dim)
-
-    def forward(self, x: torch.Tensor, temb: torch.Tensor) -> torch.Tensor:
-        scale, shift = self.linear(F.silu(temb).to(x.dtype)).chunk(2, dim=1)  # (B, D) each
-        return F.layer_norm(x, x.shape[-1:], eps=1e-6) * (1 + scale[:, None]) + shift[:, None]
 
 
 class JointAttention(nn.Module):
@@ -182,9 +127,9 @@ class JointAttention(nn.Module):
         split = lambda x: x.unflatten(-1, (-1, self.head_dim))  # (B, L, H, D)
         q, k, v = (split(t) for t in project(img, self.to_q, self.to_k, self.to_v))
         tq, tk, tv = (split(t) for t in project(txt, self.add_q_proj, self.add_k_proj, self.add_v_proj))
-        q, k = apply_rope(self.norm_q(q), img_cos, img_sin), apply_rope(self.norm_k(k), img_cos, img_sin)
-        tq = apply_rope(self.norm_added_q(tq), txt_cos, txt_sin)
-        tk = apply_rope(self.norm_added_k(tk), txt_cos, txt_sin)
+        q, k = rotate(self.norm_q(q), img_cos, img_sin), rotate(self.norm_k(k), img_cos, img_sin)
+        tq = rotate(self.norm_added_q(tq), txt_cos, txt_sin)
+        tk = rotate(self.norm_added_k(tk), txt_cos, txt_sin)
         out = attention(torch.cat([tq, q], 1), torch.cat([tk, k], 1), torch.cat([tv, v], 1), mask)  # (B, T+L, H, D)
         out = out.flatten(2).to(q.dtype)
         t = txt.shape[1]
@@ -211,8 +156,8 @@ class QwenImageTransformerBlock(nn.Module):
         self.img_mod = nn.Sequential(nn.SiLU(), nn.Linear(dim, 6 * dim))
         self.txt_mod = nn.Sequential(nn.SiLU(), nn.Linear(dim, 6 * dim))
         self.attn = JointAttention(dim, cfg.num_attention_heads, cfg.attention_head_dim)
-        self.img_mlp = FeedForward(dim)
-        self.txt_mlp = FeedForward(dim)
+        self.img_mlp = FeedForward(dim, 4 * dim)
+        self.txt_mlp = FeedForward(dim, 4 * dim)
 
     def forward(self, img, txt, mask, temb, rope, mod_index):
         ln = lambda x: F.layer_norm(x, x.shape[-1:], eps=1e-6)

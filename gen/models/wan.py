@@ -1,6 +1,7 @@
 """The Wan2.1 / Wan2.2 video DiT (diffusers' `WanTransformer3DModel` layout and keys); not the VAE, text encoder or sampler."""
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -9,7 +10,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from gen.models.attention import attention
-from gen.models.layers import project
+from gen.models.layers import FeedForward, MLPEmbedder, apply_rope, project, timestep_embedding
 
 Rope = tuple[torch.Tensor, torch.Tensor]  # cos, sin: each (1, L, 1, D/2) float32
 
@@ -59,15 +60,6 @@ class FP32LayerNorm(nn.LayerNorm):
         return F.layer_norm(x.float(), self.normalized_shape, w, b, self.eps).to(x.dtype)
 
 
-def timestep_embedding(t: torch.Tensor, dim: int) -> torch.Tensor:
-    """Sinusoidal embedding [cos, sin] of (N,) timesteps -> (N, dim) float32 (max period 10000)."""
-    half = dim // 2
-    freqs = torch.exp(-math.log(10000.0) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
-    args = t[:, None].float() * freqs[None]  # (N, half)
-    emb = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
-    return F.pad(emb, (0, dim % 2))
-
-
 def rope_3d(head_dim: int, f: int, h: int, w: int, device: torch.device, theta: float = 10000.0) -> Rope:
     """Wan's 3D RoPE over an (f, h, w) token grid: head_dim split into time / height / width bands."""
     d_hw = 2 * (head_dim // 6)
@@ -80,46 +72,6 @@ def rope_3d(head_dim: int, f: int, h: int, w: int, device: torch.device, theta: 
         bands.append(ang.view(shape).expand(f, h, w, d // 2))
     ang = torch.cat(bands, dim=-1).reshape(1, f * h * w, 1, head_dim // 2)  # (1, L, 1, D/2)
     return ang.cos().float(), ang.sin().float()
-
-
-def apply_rope(x: torch.Tensor, rope: Rope) -> torch.Tensor:
-    """Rotate interleaved pairs (x[2i], x[2i+1]) of x (B, L, H, D)."""
-    cos, sin = rope
-    x0, x1 = x.unflatten(-1, (-1, 2)).unbind(-1)  # (B, L, H, D/2) each
-    out = torch.stack([x0 * cos - x1 * sin, x0 * sin + x1 * cos], dim=-1)
-    return out.flatten(-2).type_as(x)
-
-
-class GeluProj(nn.Module):
-    """Linear then GELU (the checkpoint names the linear `proj`)."""
-
-    def __init__(self, d_in: int, d_out: int, approximate: str):
-        super().__init__()
-        self.proj = nn.Linear(d_in, d_out)
-        self.approximate = approximate
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.gelu(self.proj(x), approximate=self.approximate)
-
-
-class FeedForward(nn.Module):
-    def __init__(self, dim: int, inner: int, dim_out: int, approximate: str):
-        super().__init__()
-        self.net = nn.Sequential(GeluProj(dim, inner, approximate), nn.Identity(), nn.Linear(inner, dim_out))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net(x)
-
-
-class MLPEmbedder(nn.Module):
-    """linear_1 -> activation -> linear_2 (timestep and text projections)."""
-
-    def __init__(self, d_in: int, dim: int, act: nn.Module):
-        super().__init__()
-        self.linear_1, self.act, self.linear_2 = nn.Linear(d_in, dim), act, nn.Linear(dim, dim)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.linear_2(self.act(self.linear_1(x)))
 
 
 class ImageEmbedder(nn.Module):
@@ -143,9 +95,9 @@ class ConditionEmbedder(nn.Module):
         super().__init__()
         dim = cfg.dim
         self.freq_dim = cfg.freq_dim
-        self.time_embedder = MLPEmbedder(cfg.freq_dim, dim, nn.SiLU())
+        self.time_embedder = MLPEmbedder(cfg.freq_dim, dim)
         self.time_proj = nn.Linear(dim, 6 * dim)
-        self.text_embedder = MLPEmbedder(cfg.text_dim, dim, nn.GELU(approximate="tanh"))
+        self.text_embedder = MLPEmbedder(cfg.text_dim, dim, functools.partial(F.gelu, approximate="tanh"))
         self.image_embedder = ImageEmbedder(cfg.image_dim, dim, cfg.pos_embed_seq_len) if cfg.image_dim else None
 
     def forward(self, t: torch.Tensor, text: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -183,7 +135,7 @@ class WanAttention(nn.Module):
         k = self.norm_k(k).unflatten(-1, (self.heads, -1))  # (B, T, H, Dh)
         v = v.unflatten(-1, (self.heads, -1))
         if rope is not None:
-            q, k = apply_rope(q, rope), apply_rope(k, rope)
+            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         out = attention(q, k, v).flatten(2).type_as(q)  # (B, L, D)
         if ctx_img is not None:
             k_img = self.norm_added_k(self.add_k_proj(ctx_img)).unflatten(-1, (self.heads, -1))

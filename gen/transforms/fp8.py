@@ -2,8 +2,8 @@
 
 `Fp8Linear` holds its weight in float8_e4m3fn with one fp32 scale per output channel; each call scales every
 activation row by its own absmax (dynamic, per token) and multiplies on the FP8 tensor cores through
-`torch._scaled_mm` with row-wise scales (Hopper), the bias added after. `quantize_transformer(model)` swaps the
-nn.Linear layers inside the repeated blocks from outside the model files; embedders and the final projection stay
+`torch._scaled_mm` with row-wise scales (Hopper), the bias added after. `quantize_transformer(model, blocks)` swaps
+the nn.Linear layers inside the repeated blocks (the family's `DiT.blocks`) from outside the model files; embedders and the final projection stay
 exact. Module names and state_dict keys do not change: a state_dict is written in the original dtype (weights
 dequantized) and loading a full-precision one quantizes it. Quantize last: a later `.to(dtype)` would cast the
 FP8 weights like any floating-point parameter.
@@ -17,7 +17,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from gen.device import is_cuda
-from gen.optimize import BLOCK_LISTS
 from gen.types import GenError
 
 log = logging.getLogger(__name__)
@@ -121,26 +120,49 @@ class Fp8Linear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
 
 
-def quantize_transformer(model: nn.Module) -> dict:
-    """Swap the nn.Linear layers inside the model's repeated blocks for Fp8Linear, in place.
+def _swap(block: nn.Module, name: str, new: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    setattr(block.get_submodule(parent_name) if parent_name else block, child, new)
+
+
+def quantize_transformer(model: nn.Module, block_lists: tuple[str, ...]) -> dict:
+    """Swap the nn.Linear layers inside the model's repeated blocks (`block_lists`) for Fp8Linear, in place.
 
     Layers whose sizes are not multiples of 16 stay exact. Returns {"fp8_linears": n, "kept_exact": m}.
     """
     swapped, kept = 0, 0
-    for attr in BLOCK_LISTS:
-        for block in getattr(model, attr, None) or []:
+    for attr in block_lists:
+        for block in getattr(model, attr):
             for name, module in list(block.named_modules()):
                 if type(module) is not nn.Linear:
                     continue
                 if module.in_features % 16 or module.out_features % 16:
                     kept += 1
                     continue
-                parent_name, _, child = name.rpartition(".")
-                parent = block.get_submodule(parent_name) if parent_name else block
-                setattr(parent, child, Fp8Linear.from_linear(module))
+                _swap(block, name, Fp8Linear.from_linear(module))
                 swapped += 1
     log.info("fp8: %d linears swapped, %d kept exact (sizes not multiples of 16)", swapped, kept)
     return {"fp8_linears": swapped, "kept_exact": kept}
+
+
+@torch.no_grad()
+def dequantize_transformer(model: nn.Module, block_lists: tuple[str, ...]) -> int:
+    """Undo quantize_transformer: each Fp8Linear becomes an nn.Linear again, its weight dequantized (the FP8 rounding
+    stays: the original weights are not kept). Returns the count."""
+    n = 0
+    for attr in block_lists:
+        for block in getattr(model, attr):
+            for name, module in list(block.named_modules()):
+                if isinstance(module, Fp8Linear):
+                    w = module.dequantized_weight()
+                    linear = nn.Linear(module.in_features, module.out_features, module.bias is not None,
+                                       device=w.device, dtype=w.dtype)
+                    linear.weight.copy_(w)
+                    if module.bias is not None:
+                        linear.bias.copy_(module.bias)
+                    _swap(block, name, linear)
+                    n += 1
+    return n
 
 
 def check_fp8(device: torch.device, dtype: torch.dtype, capability: tuple[int, int] | None = None) -> None:

@@ -7,10 +7,10 @@ final hidden states minus its first-block hidden states, per stream) is added in
 and the cache is refreshed. As in ParaAttention, the reference residual moves only on fully computed steps, so the
 drift a run of skipped steps may build up stays bounded by the threshold.
 
-Applied from outside the model files (like gen/distributed/apply.py): `StepCache(model, threshold)` replaces the
-model's `forward` with a wrapper; during one wrapped call the model's block lists (`transformer_blocks`, ...) are
-shadowed by lists of gate functions around the same block objects, so the model's own `for block in ...` loop runs
-through the gates. Parameters, module names, state_dict and (regionally) compiled blocks are untouched.
+Applied from outside the model files: `StepCache(model, blocks, layout, threshold)` wraps the model's `forward`
+(gen/transforms/forward.py); during one wrapped call the model's block lists (the family's `DiT.blocks`) are shadowed
+by lists of gate functions around the same block objects, so the model's own `for block in ...` loop runs through
+the gates. Parameters, module names, state_dict and (regionally) compiled blocks are untouched.
 
 CFG branches: our pipelines call the transformer once per branch per step (conditional, then unconditional), each
 branch with its own text tensor that lives, unchanged, for the whole generation. A call's branch is therefore the
@@ -21,7 +21,7 @@ its timestep goes up (a new generation reusing a cached text tensor) or its inpu
 fail cost the speed-up, never correctness: a pipeline that re-creates its text tensor every step gets a fresh
 branch every call, and a text tensor seen twice at one timestep (two branches sharing it) is never skipped.
 
-Not for sequence-parallel runs: ranks would decide on their own shards (Generator.from_pretrained refuses both).
+Not for sequence-parallel runs: ranks would decide on their own shards (gen.transforms.check_options refuses both).
 """
 from __future__ import annotations
 
@@ -34,6 +34,7 @@ from typing import Callable
 import torch
 from torch import nn
 
+from gen.transforms.forward import forward_wrapper, unwrap_forward, wrap_forward
 from gen.types import GenError
 
 Streams = tuple[torch.Tensor, ...]
@@ -43,26 +44,14 @@ def _identity(streams: Streams) -> Streams:
     return streams
 
 
-def _flux_join(streams: Streams) -> Streams:
-    img, txt = streams
-    return (torch.cat([txt, img], dim=1),)  # FluxTransformer.forward hands the single blocks [txt, img]
-
-
 @dataclass(frozen=True)
 class CacheLayout:
-    """How a model's blocks chain: the block lists in call order with the number of streams a block returns
-    (its first that many arguments are those streams, image first), and `join`: the first block's output streams
-    -> the last block's input streams, as the model hands them on when every block between does nothing."""
+    """How a model's blocks chain, per block list of its `DiT.blocks`: the number of streams a block returns (its first
+    that many arguments are those streams, image first), and `join`: the first block's output streams -> the last
+    block's input streams, as the model hands them on when every block between does nothing."""
 
-    block_lists: tuple[tuple[str, int], ...]
+    streams: tuple[int, ...]
     join: Callable[[Streams], Streams] = _identity
-
-
-LAYOUTS: dict[str, CacheLayout] = {
-    "FluxTransformer": CacheLayout((("transformer_blocks", 2), ("single_transformer_blocks", 1)), _flux_join),
-    "WanTransformer": CacheLayout((("blocks", 1),)),
-    "QwenImageTransformer": CacheLayout((("transformer_blocks", 2),)),
-}
 
 
 def check_threshold(threshold) -> float:
@@ -107,40 +96,46 @@ def _as_tuple(out) -> Streams:
 
 
 class StepCache:
-    """The first-block cache of one transformer; `stats` counts forwards and blocks run and skipped."""
+    """The first-block cache of one transformer whose block lists are `blocks` chained as `layout` says; `stats`
+    counts forwards and blocks run and skipped. Any threshold is taken here (0: never skip; huge: always skip);
+    the user-facing check is check_threshold."""
 
-    def __init__(self, model: nn.Module, threshold: float):
-        name = type(model).__name__
-        if name not in LAYOUTS:
-            raise GenError(f"step caching does not support {name}; supported: {sorted(LAYOUTS)}", param="step_cache")
-        self.model, self.threshold, self.layout = model, threshold, LAYOUTS[name]
+    name = "step_cache"
+
+    def __init__(self, model: nn.Module, blocks: tuple[str, ...], layout: CacheLayout, threshold: float):
+        assert len(blocks) == len(layout.streams), (blocks, layout)
+        self.model, self.threshold, self.layout = model, threshold, layout
+        self.block_lists = tuple(zip(blocks, layout.streams))
         self.branches: list[_Branch] = []
         self.call: _Call | None = None
         self.stats = {"forwards": 0, "skipped_forwards": 0, "blocks": 0, "skipped_blocks": 0}
-        self.forward = model.forward
-        self.signature = inspect.signature(self.forward)
 
-        @functools.wraps(self.forward)  # keeps the signature for those who inspect it (e.g. sequence parallel)
-        def forward(*args, **kwargs):
-            return self._forward(*args, **kwargs)
+        def make(inner):
+            self.forward = inner
+            self.signature = inspect.signature(inner)
 
-        model.forward = forward
-        model._step_cache = self
+            @functools.wraps(inner)  # keeps the signature for those who inspect it
+            def forward(*args, **kwargs):
+                return self._wrapped(*args, **kwargs)
+
+            forward.transform = self
+            return forward
+
+        wrap_forward(model, self.name, make)
 
     def remove(self) -> None:
-        """Give the model back its own forward."""
-        self.model.__dict__.pop("forward", None)
-        self.model.__dict__.pop("_step_cache", None)
+        """Give the model back the forward it had before."""
+        unwrap_forward(self.model, self.name)
 
     # ---- one call
 
-    def _forward(self, *args, **kwargs):
+    def _wrapped(self, *args, **kwargs):
         a = self.signature.bind(*args, **kwargs).arguments
         if self.call is not None:
             raise RuntimeError("re-entrant call of a step-cached transformer")
         branch = self._branch(a["encoder_hidden_states"], float(a["timestep"].max()), tuple(a["hidden_states"].shape))
         # the blocks as they are now (after any swap inside them), chained across the model's block lists
-        chain = [(attr, arity, block) for attr, arity in self.layout.block_lists
+        chain = [(attr, arity, block) for attr, arity in self.block_lists
                  for block in self.model._modules.get(attr) or []]
         last_in_later_list = chain and chain[0][0] != chain[-1][0]
         self.call = _Call(branch, len(chain), self.layout.join if last_in_later_list else _identity)
@@ -201,27 +196,10 @@ class StepCache:
         return out
 
 
-def transformers(pipeline) -> list[nn.Module]:
-    """The pipeline's DiTs (`transformer` and, for Wan2.2 A14B, `transformer_2`)."""
-    return [m for slot in ("transformer", "transformer_2")
-            if isinstance(m := pipeline.components.get(slot), nn.Module)]
-
-
-def apply_step_cache(pipeline, threshold: float) -> list[StepCache]:
-    """Cache the steps of each of the pipeline's DiTs at `threshold` (checked: 0 < threshold < 1)."""
-    threshold = check_threshold(threshold)
-    return [StepCache(m, threshold) for m in transformers(pipeline)]
-
-
-def remove_step_cache(pipeline) -> None:
-    """Take the step caches off the pipeline's DiTs (exact generation again)."""
-    for cache in step_caches(pipeline):
-        cache.remove()
-
-
 def step_caches(pipeline) -> list[StepCache]:
     """The step caches installed on the pipeline's DiTs (none when step caching is off)."""
-    return [c for m in transformers(pipeline) if (c := getattr(m, "_step_cache", None)) is not None]
+    wrappers = [forward_wrapper(m, StepCache.name) for _, m, _ in pipeline.dits()]
+    return [w.transform for w in wrappers if w is not None]
 
 
 def step_cache_stats(pipeline) -> dict:

@@ -8,7 +8,7 @@ run there, outside the graph), copies the tensor arguments into static buffers a
 call then copies its tensors into that signature's buffers, replays the graph and returns a copy of the static
 output, so a caller may keep results across calls (the two CFG branches of one step do).
 
-Applied from outside the model files (`enable_cuda_graphs(model)`, through gen.optimize). Requires: no host-device
+Applied from outside the model files (`enable_cuda_graphs(model)`, through gen.transforms.apply_transforms). Requires: no host-device
 sync inside the call (capture fails loudly otherwise), no data-dependent Python control flow (the step cache has
 some: refused together), one process (collectives of sequence-parallel ranks are not captured: refused). The
 graphs of one GraphedCall share a memory pool for the call's intermediates (held for as long as the graphs are:
@@ -26,6 +26,7 @@ from torch import nn
 from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
 
 from gen.device import is_cuda
+from gen.transforms.forward import forward_wrapper, unwrap_forward, wrap_forward
 from gen.types import GenError
 
 log = logging.getLogger(__name__)
@@ -131,10 +132,17 @@ class GraphedCall:
         return entry
 
 
+WRAPPER = "cuda_graphs"
+
+
 def enable_cuda_graphs(model: nn.Module, capture: Capture | None = None, max_graphs: int = 4) -> GraphedCall:
-    """Replace `model.forward` with a GraphedCall of it (undone by `del model.forward`)."""
-    if isinstance(model.forward, GraphedCall):
-        return model.forward
-    graphed = GraphedCall(model.forward, capture, max_graphs)
-    model.forward = graphed
-    return graphed
+    """Wrap `model.forward` in a GraphedCall of it (undone by disable_cuda_graphs)."""
+    installed = forward_wrapper(model, WRAPPER)
+    if installed is not None:
+        return installed
+    return wrap_forward(model, WRAPPER, lambda inner: GraphedCall(inner, capture, max_graphs))
+
+
+def disable_cuda_graphs(model: nn.Module) -> None:
+    """Give the model back the forward it had before enable_cuda_graphs (the graphs are dropped)."""
+    unwrap_forward(model, WRAPPER)

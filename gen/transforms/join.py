@@ -10,7 +10,8 @@ summation order the matmul kernel picks.
 
 Join last, after loading and moving the model: a later `.to()` gives the layers and the joined tensor separate
 copies (still correct, memory doubled) and a later `load_state_dict` would update the layers only. Layers that are
-no longer plain nn.Linear (FP8, gen/fp8.py) are left alone.
+no longer plain nn.Linear (FP8, gen/transforms/fp8.py) are left alone. `unjoin_projections` gives each layer its own
+weight again (same values).
 """
 from __future__ import annotations
 
@@ -49,4 +50,23 @@ def join_projections(model: nn.Module) -> int:
             if all(type(layer) is nn.Linear for layer in layers) and not hasattr(layers[0], "joined_sizes"):
                 join_linears(layers)
                 n += 1
+    return n
+
+
+def unjoin_projections(model: nn.Module) -> int:
+    """Undo join_projections: each joined layer gets its own weight and bias (copies of its slice, same values)."""
+    n = 0
+    for module in model.modules():
+        for group in getattr(type(module), "joinable", ()):
+            layers = [module.get_submodule(path) for path in group]
+            if not hasattr(layers[0], "joined_sizes"):
+                continue
+            with torch.no_grad():
+                for layer in layers:
+                    layer.weight = nn.Parameter(layer.weight.clone(), requires_grad=layer.weight.requires_grad)
+                    if layer.bias is not None:
+                        layer.bias = nn.Parameter(layer.bias.clone(), requires_grad=layer.bias.requires_grad)
+            first = layers[0]
+            del first.joined_weight, first.joined_bias, first.joined_sizes
+            n += 1
     return n

@@ -1,0 +1,154 @@
+"""Everything applied to a loaded pipeline from outside the model files, composed here in one order.
+
+A transform changes how a pipeline's DiTs (or its VAE) run, never what the model files say; each has an apply and
+an undo, and reads what it needs about a DiT from its family's declaration (`DiT.blocks`, `.shard_plan`,
+`.cache_layout`, pipelines/family.py). `apply_transforms` applies the chosen ones in this order (innermost first)
+and returns an `Applied` record whose `undo()` takes them off in the reverse order:
+
+| # | transform          | module                      | what it changes                                         |
+|---|--------------------|-----------------------------|---------------------------------------------------------|
+| 1 | attention backend  | gen/models/attention.py     | the process's attention function (chosen once)          |
+| 2 | fp8 (lossy)        | gen/transforms/fp8.py       | block nn.Linear -> Fp8Linear                            |
+| 3 | join (exact)       | gen/transforms/join.py      | q/k/v (+MLP) weights become views of one joined weight  |
+| 4 | compile            | gen/transforms/compile.py   | each block torch.compile'd (regional)                   |
+| 5 | step cache (lossy) | gen/transforms/step_cache.py| forward wrapper skipping later blocks on quiet steps     |
+| 6 | sequence parallel  | gen/distributed/apply.py    | forward wrapper + hooks sharding tokens over ranks      |
+| 7 | CUDA graphs        | gen/transforms/cuda_graph.py| forward wrapper replaying captured graphs (outermost)   |
+| 8 | VAE settings       | gen/transforms/vae.py       | channels-last convs, compiled decoder, tiled decode     |
+
+Forward wrappers (5-7) stack through gen/transforms/forward.py, removed in the reverse order. Combinations that
+cannot work are refused by `check_options` before any weight is loaded: the step cache decides on the host per
+step, so neither CUDA graphs (no host decisions inside a graph) nor parallel ranks (each would decide on its own
+shard) go with it; CUDA graphs do not capture the ranks' collectives; FP8 needs a CUDA GPU of compute capability
+8.9+ in bf16. FP8 goes before join (joining needs plain nn.Linear layers; FP8 layers stay unjoined) and compile
+after both (it traces the final layers).
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+
+from gen.types import GenError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class TransformOptions:
+    """Which transforms to apply (the Generator.from_pretrained / CLI flags of the same names)."""
+
+    compile: bool = False
+    attention: str = "auto"
+    fp8: bool = False
+    step_cache: float | None = None
+    cuda_graphs: bool = False
+    vae_tiling: bool = False
+    join: bool = True
+
+
+def check_options(options: TransformOptions, device: torch.device, dtype: torch.dtype, parallel: bool = False) -> None:
+    """Refuse, with a GenError naming the option, what cannot run on `device` in `dtype` (on parallel ranks)."""
+    from gen.transforms.cuda_graph import check_cuda_graphs
+    from gen.transforms.fp8 import check_fp8
+    from gen.transforms.step_cache import check_threshold
+
+    if options.step_cache is not None:
+        check_threshold(options.step_cache)
+        if parallel:
+            raise GenError(f"step_cache={options.step_cache} works in one process only: ranks would decide to skip "
+                           "on their own shards; drop it or the parallel flags", param="step_cache")
+    if options.fp8:
+        check_fp8(device, dtype)
+    if options.cuda_graphs:
+        check_cuda_graphs(device, options.step_cache)
+        if parallel:
+            raise GenError("cuda_graphs works in one process only (the ranks' collectives are not captured); "
+                           "drop it or the parallel flags", param="cuda_graphs")
+
+
+@dataclass
+class Step:
+    """One applied transform: its name, what it reports, and how to take it off."""
+
+    name: str
+    detail: Any
+    undo: Callable[[], None]
+
+
+class Applied(list):
+    """The transforms applied to one pipeline, innermost first."""
+
+    def summary(self) -> dict:
+        return {s.name: s.detail for s in self}
+
+    def get(self, name: str) -> Step | None:
+        return next((s for s in self if s.name == name), None)
+
+    def undo(self) -> None:
+        """Take every transform off, the outermost first."""
+        while self:
+            self.pop().undo()
+
+
+def apply_transforms(pipeline, options: TransformOptions = TransformOptions(), parallel=None) -> Applied:
+    """Apply the chosen transforms to `pipeline` in the order of the module doc; `parallel`: a
+    gen.distributed.ParallelContext to run its DiTs on (sequence / CFG parallel). Records them in
+    `pipeline.transforms` and returns that record."""
+    from gen.models.attention import get_attention_backend, select_attention_backend, set_attention_backend
+
+    check_options(options, pipeline.device, pipeline.dtype, parallel is not None)
+    applied = Applied()
+    dits = pipeline.dits()
+    try:
+        previous = get_attention_backend()
+        backend = select_attention_backend(pipeline.device, pipeline.dtype, options.attention)
+        applied.append(Step("attention", backend, lambda: set_attention_backend(previous)))
+        if options.fp8:
+            from gen.transforms.fp8 import dequantize_transformer, quantize_transformer
+
+            counts = [quantize_transformer(m, dit.blocks) for _, m, dit in dits]
+            applied.append(Step("fp8_linears", sum(c["fp8_linears"] for c in counts),
+                                lambda: [dequantize_transformer(m, dit.blocks) for _, m, dit in dits]))
+        if options.join:
+            from gen.transforms.join import join_projections, unjoin_projections
+
+            n = sum(join_projections(m) for _, m, _ in dits)
+            applied.append(Step("joined_projections", n, lambda: [unjoin_projections(m) for _, m, _ in dits]))
+        if options.compile:
+            from gen.transforms.compile import compile_blocks, uncompile_blocks
+
+            n = sum(compile_blocks(m, dit.blocks) for _, m, dit in dits)
+            applied.append(Step("compiled_blocks", n, lambda: [uncompile_blocks(m, dit.blocks) for _, m, dit in dits]))
+        if options.step_cache is not None:
+            from gen.transforms.step_cache import StepCache
+
+            caches = [StepCache(m, dit.blocks, dit.cache_layout, options.step_cache) for _, m, dit in dits]
+            applied.append(Step("step_cache", options.step_cache, lambda: [c.remove() for c in reversed(caches)]))
+        if parallel is not None:
+            from gen.distributed.apply import parallelize
+
+            sp = parallelize(pipeline, parallel)
+            applied.append(Step("parallel", sp, sp.remove))
+        if options.cuda_graphs:
+            from gen.transforms.cuda_graph import disable_cuda_graphs, enable_cuda_graphs
+
+            for _, m, _ in dits:
+                enable_cuda_graphs(m)
+            applied.append(Step("cuda_graphs", len(dits), lambda: [disable_cuda_graphs(m) for _, m, _ in dits]))
+        vae = pipeline.components.get("vae")
+        if vae is not None:
+            from gen.transforms.vae import is_3d, tune_vae
+
+            accel, video = pipeline.device.type != "cpu", pipeline.modality == "video"
+            settings = dict(channels_last=accel and video, compile=options.compile and accel and not is_3d(vae),
+                            tiling=options.vae_tiling)
+            applied.append(Step("vae", [k for k, on in settings.items() if on], tune_vae(vae, **settings)))
+    except BaseException:  # leave the pipeline as it was, then let the error go on
+        applied.undo()
+        raise
+    pipeline.transforms = applied
+    log.info("transforms: %s", applied.summary())
+    return applied

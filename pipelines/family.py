@@ -1,0 +1,38 @@
+"""What a model family declares about itself, once: the pipelines it serves and its transformer architectures.
+
+Each family's file in pipelines/ ends with its `FAMILY`; gen/families.py builds the registries (model_index.json
+class -> pipeline, checkpoint class -> our DiT) from those declarations, and the transforms of gen/transforms read a
+DiT's blocks, sequence-parallel plan and step-cache layout from its `DiT`. Nothing else names a family's classes.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from torch import nn
+
+from gen.distributed.plans import ShardPlan
+from gen.transforms.step_cache import CacheLayout
+
+
+@dataclass(frozen=True)
+class DiT:
+    """One of our diffusion-transformer architectures and how the transforms applied from outside reach it."""
+
+    checkpoint_class: str  # the `_class_name` of its config.json / model_index.json entry (diffusers' class)
+    model: type[nn.Module]  # our implementation, parameter names = the checkpoint's keys
+    config: type  # its config dataclass, fields = config.json keys
+    blocks: tuple[str, ...]  # attributes holding the repeated blocks, in call order (compile, FP8, offload, cache)
+    shard_plan: ShardPlan  # sequence parallel: what to split and gather (gen/distributed/apply.py)
+    cache_layout: CacheLayout  # step cache: how the block lists chain (gen/transforms/step_cache.py)
+
+    def __post_init__(self):
+        assert len(self.cache_layout.streams) == len(self.blocks), (self.blocks, self.cache_layout)
+
+
+@dataclass(frozen=True)
+class Family:
+    """A model family: the model_index.json pipeline classes it serves and the DiTs its pipelines run."""
+
+    name: str
+    pipelines: dict[str, type]  # model_index.json `_class_name` -> our pipeline class
+    dits: tuple[DiT, ...]
