@@ -416,8 +416,8 @@ class DeepseekForCausalLM(nn.Module):
 
     Config = DeepseekConfig
     static_decode = True  # forward accepts a 0-dim tensor cache_offset (static-shape decode over the whole cache)
-    # For the loader (not read by it yet): HF keeps the routing bias in fp32 (`_keep_in_fp32_modules_strict`); near-tied expert
-    # choices can flip if it is rounded to bf16.
+    # The loader keeps these float32 whatever the load dtype, as HF does (`_keep_in_fp32_modules_strict`): near-tied
+    # expert choices can flip if the routing bias is rounded to bf16.
     keep_fp32_checkpoint_keys = (r"e_score_correction_bias$",)
 
     def __init__(self, config: DeepseekConfig):
@@ -535,6 +535,6 @@ class DeepseekV2ForCausalLM(DeepseekForCausalLM):
 
 
 class DeepseekV3ForCausalLM(DeepseekForCausalLM):
-    """DeepSeek-V3 / R1 (bf16 weights; the fp8 block-quantized release needs dequantizing first)."""
+    """DeepSeek-V3 / R1, bf16 or as released in block-scaled FP8 (dequantized to the load dtype by the loader)."""
 
     Config = DeepseekV3Config
