@@ -7,6 +7,8 @@ ARCHITECTURES = {
     "LlamaForCausalLM": "gen.llm.models.llama:LlamaForCausalLM",
     "Qwen2ForCausalLM": "gen.llm.models.llama:LlamaForCausalLM",
     "Qwen3ForCausalLM": "gen.llm.models.llama:LlamaForCausalLM",
+    "MistralForCausalLM": "gen.llm.models.llama:LlamaForCausalLM",
+    "Mistral3ForConditionalGeneration": "gen.llm.models.mistral3:Mistral3ForConditionalGeneration",
     "Qwen2_5_VLForConditionalGeneration": "gen.llm.models.qwen2_5_vl:Qwen2_5_VLForConditionalGeneration",
     "DeepseekV2ForCausalLM": "gen.llm.models.deepseek:DeepseekV2ForCausalLM",
     "DeepseekV3ForCausalLM": "gen.llm.models.deepseek:DeepseekV3ForCausalLM",

@@ -1,4 +1,4 @@
-"""Dense decoder LLMs (Llama, Qwen2/2.5 with qkv bias, Qwen3 with q/k RMSNorm) with a contiguous KV cache; not the tokenizer or sampling."""
+"""Dense decoder LLMs (Llama, Mistral with its sliding window, Qwen2/2.5 with qkv bias, Qwen3 with q/k RMSNorm) with a contiguous KV cache; not the tokenizer or sampling."""
 from __future__ import annotations
 
 import math
@@ -383,7 +383,7 @@ class LlamaModel(nn.Module):
 
 
 class LlamaForCausalLM(nn.Module):
-    """Also Qwen2ForCausalLM and Qwen3ForCausalLM (config switches)."""
+    """Also Qwen2ForCausalLM, Qwen3ForCausalLM and MistralForCausalLM (config switches)."""
 
     Config = LlamaConfig
     static_decode = True  # forward accepts a 0-dim tensor cache_offset (static-shape decode, see causal_mask)
