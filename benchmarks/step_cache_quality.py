@@ -1,11 +1,11 @@
 """Step caching (gen/transforms/step_cache.py) on the trained default model: what it skips, what it saves, what it changes.
 
 Runs the embedded gen-shapes model (Generator.from_pretrained() with no path) on prompts of the shapes world's
-evaluation set (assets/shapes/world.eval_prompts; seed = row index, 128x128, 20 steps, as assets/shapes/eval_model),
+evaluation set (training/shapes/world.eval_prompts; seed = row index, 128x128, 20 steps, as training/shapes/eval_model),
 exactly and with the step cache at each threshold (true CFG on, the model's default: two branches a step). For
 every prompt the exact and the cached runs are interleaved, so load on the machine falls on all of them alike. Reports per threshold: the fraction of block computations
 skipped, the speed-up of the denoising loop and of the whole generation, PSNR and mean absolute difference (0-255)
-against the exact image, and the shapes evaluator's accuracy (assets/shapes/evaluate.score) next to the exact one.
+against the exact image, and the shapes evaluator's accuracy (training/shapes/evaluate.score) next to the exact one.
 
   OMP_NUM_THREADS=1 python benchmarks/step_cache_quality.py --prompts 16                  # this CPU, ~4 min
   python benchmarks/step_cache_quality.py --device cuda --out step_cache_gen_shapes_gpu.json
@@ -27,8 +27,8 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from assets.shapes import world  # noqa: E402
-from assets.shapes.evaluate import ATTRIBUTES, score  # noqa: E402
+from training.shapes import world  # noqa: E402
+from training.shapes.evaluate import ATTRIBUTES, score  # noqa: E402
 from gen import Generator  # noqa: E402
 from gen.transforms.step_cache import apply_step_cache, remove_step_cache, step_cache_stats  # noqa: E402
 

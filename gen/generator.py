@@ -14,7 +14,7 @@ from gen.types import CancelFn, GenError, GenerationRequest, GenerationResult, P
 
 log = logging.getLogger(__name__)
 ASSETS = Path(__file__).resolve().parents[1] / "assets"
-DEFAULT_MODEL = "gen-shapes"  # trained on the shapes world (assets/shapes); draws what it is asked
+DEFAULT_MODEL = "gen-shapes"  # trained on the shapes world (training/shapes); draws what it is asked
 
 
 def default_model_path() -> Path:

@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from assets.shapes import world
-from assets.shapes.eval_model import evaluate_model, summary
-from assets.shapes.evaluate import score
+from training.shapes import world
+from training.shapes.eval_model import evaluate_model, summary
+from training.shapes.evaluate import score
 from gen.generator import Generator, default_model_path
 
 EXAMPLE = "a large yellow star in the center on a purple background"

@@ -1,4 +1,4 @@
-"""The shapes-world evaluator (assets/shapes/evaluate.py) and the model evaluation around it (eval_model.py)."""
+"""The shapes-world evaluator (training/shapes/evaluate.py) and the model evaluation around it (eval_model.py)."""
 from __future__ import annotations
 
 import json
@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 from PIL import Image, ImageDraw, ImageFilter
 
-from assets.shapes import eval_model, evaluate, world
-from assets.shapes.evaluate import analyze, score
+from training.shapes import eval_model, evaluate, world
+from training.shapes.evaluate import analyze, score
 
 ROWS = world.eval_prompts(100, 100, 100, seed=99)  # 300 one-object scenes over all three splits
 

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from assets.builders.shapes import build
-from assets.shapes import configs
+from training.shapes import configs
 from component_loaders import load_component
 from gen import Generator
 from gen.llm import registry

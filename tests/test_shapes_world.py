@@ -1,4 +1,4 @@
-"""The synthetic shapes world (assets/shapes/world.py): determinism, splits, layouts and captions."""
+"""The synthetic shapes world (training/shapes/world.py): determinism, splits, layouts and captions."""
 from __future__ import annotations
 
 import itertools
@@ -7,8 +7,8 @@ import re
 import numpy as np
 import pytest
 
-from assets.shapes import world
-from assets.shapes.world import Obj, Scene
+from training.shapes import world
+from training.shapes.world import Obj, Scene
 
 ISSUE_PROMPT = "a large yellow star in the center on a purple background"
 

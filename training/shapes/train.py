@@ -1,12 +1,12 @@
 """Train gen-shapes on a GPU machine: the VAE, then the DiT with flow matching on frozen SmolLM2 hidden states.
 
 One call fits the device's 10-minute limit: it renders a fresh batch of the shapes world, encodes its captions with
-the packed encoder (assets/shapes/encoder_pack.py: bit-identical layer-12 states of SmolLM2), trains or loads the VAE,
+the packed encoder (training/shapes/encoder_pack.py: bit-identical layer-12 states of SmolLM2), trains or loads the VAE,
 then trains the DiT until the time budget and writes, under --out: vae.safetensors, dit-{0,1,2}.safetensors (EMA
 weights, fp32, split to stay under 16 MiB a file) and meta.tar (log.json, vae_stats.json, samples.png).
 Training resumes from --work (full state, on a machine still warm) or else --resume (a previous call's --out).
 
-    python -m assets.shapes.train --out $OUT --encoder .shapes/encoder --resume .shapes/resume --budget-s 540
+    python -m training.shapes.train --out $OUT --encoder .shapes/encoder --resume .shapes/resume --budget-s 540
 """
 from __future__ import annotations
 
@@ -26,8 +26,8 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
-from assets.shapes.configs import ENCODER_LAYER, PROMPT_TEMPLATE, TRANSFORMER, VAE
-from assets.shapes.world import training_sample
+from training.shapes.configs import ENCODER_LAYER, PROMPT_TEMPLATE, TRANSFORMER, VAE
+from training.shapes.world import training_sample
 
 T0 = time.time()
 SAMPLE_PROMPTS = [
@@ -188,7 +188,7 @@ def grid_png(images: torch.Tensor) -> bytes:
 def main() -> None:
     from diffusers import AutoencoderKL, QwenImageTransformer2DModel
 
-    from assets.shapes.encoder_pack import load_pack
+    from training.shapes.encoder_pack import load_pack
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", type=Path, required=True)

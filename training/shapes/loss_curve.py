@@ -1,6 +1,6 @@
 """Draw the training log (train.py's log.json) as a loss-curve PNG, with PIL only (no plotting library).
 
-    python -m assets.shapes.loss_curve docs/shapes/training-log.json docs/shapes/loss-curve.png
+    python -m training.shapes.loss_curve docs/shapes/training-log.json docs/shapes/loss-curve.png
 """
 from __future__ import annotations
 

@@ -1,7 +1,7 @@
 """Write the trained gen-shapes checkpoint (a training call's --out folder) as assets/gen-shapes in the diffusers
 layout: fp16 weights, transformer sharded under 16 MiB a file, the VAE's scaling/shift factors from training.
 
-    python -m assets.shapes.export .shapes/run3 [--to assets/gen-shapes]
+    python -m training.shapes.export .shapes/run3 [--to assets/gen-shapes]
 """
 from __future__ import annotations
 
@@ -13,8 +13,8 @@ import torch
 from safetensors.torch import load_file
 
 from assets.builders.shapes import init_kwargs, write_folder
-from assets.shapes import configs
-from assets.shapes.train import load_dit
+from training.shapes import configs
+from training.shapes.train import load_dit
 
 ASSETS = Path(__file__).resolve().parents[1]
 

@@ -3,7 +3,7 @@
 Training reads SmolLM2 hidden states of layer ENCODER_LAYER for the training captions only. The pack keeps the first
 ENCODER_LAYER decoder layers as their raw GGUF blocks (dequantized there by the `gguf` package, so the weights are
 bit-identical to the full file's) and only the embedding rows of tokens the training captions use; everything the
-training captions never touch is left out. `python -m assets.shapes.encoder_pack OUT_DIR` writes it;
+training captions never touch is left out. `python -m training.shapes.encoder_pack OUT_DIR` writes it;
 `load_pack(OUT_DIR, device)` rebuilds an `gen.llm.LLM` whose hidden state ENCODER_LAYER equals the full model's.
 """
 from __future__ import annotations
@@ -15,8 +15,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from assets.shapes.configs import ENCODER_LAYER, PROMPT_TEMPLATE
-from assets.shapes.world import (PARAPHRASE_TEMPLATES, PARAPHRASE_WORDS, TRAIN_TEMPLATES, TWO_OBJECT_TEMPLATES,
+from training.shapes.configs import ENCODER_LAYER, PROMPT_TEMPLATE
+from training.shapes.world import (PARAPHRASE_TEMPLATES, PARAPHRASE_WORDS, TRAIN_TEMPLATES, TWO_OBJECT_TEMPLATES,
                                  training_sample)
 
 PACK_FILE = "encoder.pt"

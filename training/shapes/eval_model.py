@@ -1,6 +1,6 @@
-"""Evaluate a shapes-world model by checking its images directly (assets/shapes/evaluate.py), no learned judge.
+"""Evaluate a shapes-world model by checking its images directly (training/shapes/evaluate.py), no learned judge.
 
-    python -m assets.shapes.eval_model --model assets/gen-shapes --n-in 200 --n-heldout 200 --n-paraphrase 100 \\
+    python -m training.shapes.eval_model --model assets/gen-shapes --n-in 200 --n-heldout 200 --n-paraphrase 100 \\
         --steps 20 --out runs/shapes-eval [--markdown docs/SHAPES-EVAL.md]
 
 One image per row of world.eval_prompts (seed = row index), scored per attribute. Writes DIR/results.json (per-row
@@ -20,8 +20,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-from assets.shapes import configs, world
-from assets.shapes.evaluate import ATTRIBUTES, Detection, analyze, score_detection
+from training.shapes import configs, world
+from training.shapes.evaluate import ATTRIBUTES, Detection, analyze, score_detection
 
 SPLITS = ("in-distribution", "held-out", "paraphrase")
 COLUMNS = ATTRIBUTES + ("all",)
@@ -152,7 +152,7 @@ def markdown_doc(results: list[RowResult], settings: dict, grid_name: str) -> st
 
 Model `{settings['model']}`, {settings['steps']} steps, true CFG {settings['cfg']}, {settings['device']} /
 {settings['dtype']}; prompts from `world.eval_prompts(seed={settings['prompt_seed']})`, one image per prompt with seed =
-row index. Every image is checked directly, without a learned judge (`assets/shapes/evaluate.py`): background =
+row index. Every image is checked directly, without a learned judge (`training/shapes/evaluate.py`): background =
 border median, object = pixels past halfway from the background color to the object color, color = nearest named
 color of the object's interior, shape from the mask's geometry, position = nearest of the 9 positions to the
 bounding-box center, size = nearest of the 3 sizes by area. The checks are 100% right on jittered renders, also

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from assets.shapes import world
+from training.shapes import world
 
 ATTRIBUTES = ("background", "color", "shape", "position", "size")  # what score() checks
 SEED_DISTANCE = 40.0  # RGB distance from the background that surely belongs to an object
