@@ -21,7 +21,7 @@ from pipelines.base import Pipeline, Timings
 from pipelines.family import DiT, Family
 from stages.decode import decode_image, to_pil
 from stages.denoise import denoise
-from stages.latents import draw_noise, pack_2x2, unpack_2x2
+from stages.latents import draw_noise, latent_stats, pack_2x2, unpack_2x2
 from stages.timesteps import linear_sigmas, scheduler_shift, set_timesteps
 from stages.validate import FamilyDefaults
 
@@ -53,7 +53,7 @@ MAX_TEXT_TOKENS = 1024  # tokenizer limit after the template prefix
 T2I_MAX_EMBED = 512  # text-to-image keeps at most this many embedding tokens
 VAE_AREA, CONDITION_AREA = 1024 * 1024, 384 * 384  # pixel areas of the reference latents / Edit-Plus VL images
 QWEN_DEFAULTS = FamilyDefaults(num_inference_steps=50, guidance_scale=1.0, height=1024, width=1024, true_cfg_scale=4.0)
-# small Qwen-Image-architecture models on one LLM hidden layer (gen-shapes: assets/shapes/configs.py matches these)
+# small Qwen-Image-architecture models on one LLM hidden layer (gen-shapes: training/shapes/configs.py matches these)
 LLM_DEFAULTS = FamilyDefaults(num_inference_steps=20, guidance_scale=1.0, height=128, width=128, true_cfg_scale=4.0)
 
 
@@ -220,17 +220,11 @@ class QwenImagePipeline(Pipeline):
             images = self.decode(unpack_2x2(latents, h, w)[:, :, None])
         return GenerationResult(seed=req.seed, images=images, timings=dict(tm), request=req)
 
-    def latent_stats(self, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        c = self.vae.config
-        mean = torch.tensor(c.latents_mean).view(1, c.z_dim, 1, 1, 1).to(like.device, like.dtype)
-        std = torch.tensor(c.latents_std).view(1, c.z_dim, 1, 1, 1).to(like.device, like.dtype)
-        return mean, std
-
     @torch.no_grad()
     def decode(self, latents: torch.Tensor) -> list[Image.Image]:
         """Normalised latents (n, z, 1, h, w) -> PIL images."""
         latents = latents.to(self.vae.dtype)
-        mean, std = self.latent_stats(latents)
+        mean, std = latent_stats(self.vae, latents)
         latents = latents / (1.0 / std) + mean  # the reference's exact arithmetic
         return to_pil(self.vae.decode(latents, return_dict=False)[0][:, :, 0])
 
@@ -238,7 +232,7 @@ class QwenImagePipeline(Pipeline):
     def encode_image(self, pixels: torch.Tensor, n: int, dtype) -> tuple[torch.Tensor, tuple[int, int, int]]:
         """(1, 3, 1, H, W) in [-1, 1] -> packed normalised latents (n, H/16 * W/16, z*4) and their token grid."""
         z = self.vae.encode(pixels.to(self.vae.device, dtype)).latent_dist.mode()  # (1, z, 1, H/8, W/8)
-        mean, std = self.latent_stats(z)
+        mean, std = latent_stats(self.vae, z)
         z = ((z - mean) / std)[:, :, 0]
         h, w = z.shape[-2:]
         return pack_2x2(z.repeat(n, 1, 1, 1)), (1, h // 2, w // 2)

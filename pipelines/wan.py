@@ -23,7 +23,7 @@ from pipelines.base import Pipeline, Timings
 from pipelines.family import DiT, Family
 from stages.decode import to_pil
 from stages.denoise import denoise, true_cfg
-from stages.latents import draw_noise
+from stages.latents import draw_noise, latent_stats
 from stages.text_encode import encode_t5
 from stages.timesteps import set_timesteps
 from stages.validate import FamilyDefaults
@@ -74,29 +74,21 @@ def preprocess_image(image: Image.Image, height: int, width: int) -> torch.Tenso
     return torch.from_numpy(x).permute(2, 0, 1)[None] * 2.0 - 1.0
 
 
-def latent_stats(vae, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """The VAE's per-channel latent mean and 1/std, shaped (1, z, 1, 1, 1) like `like`."""
-    z = vae.config.z_dim
-    mean = torch.tensor(vae.config.latents_mean).view(1, z, 1, 1, 1).to(like.device, like.dtype)
-    inv_std = 1.0 / torch.tensor(vae.config.latents_std).view(1, z, 1, 1, 1).to(like.device, like.dtype)
-    return mean, inv_std
-
-
 @torch.no_grad()
 def encode_video(vae, video: torch.Tensor, device: torch.device) -> torch.Tensor:
     """(1, 3, F, H, W) pixels in [-1, 1] -> normalised latents (1, z, f, h, w) float32 (posterior mode)."""
     posterior = vae.encode(video.to(device=vae.device, dtype=vae.dtype)).latent_dist
     latents = posterior.mode().to(device=device, dtype=torch.float32)
-    mean, inv_std = latent_stats(vae, latents)
-    return (latents - mean) * inv_std
+    mean, std = latent_stats(vae, latents)
+    return (latents - mean) * (1.0 / std)  # the reference's arithmetic: times the reciprocal
 
 
 @torch.no_grad()
 def decode_video(vae, latents: torch.Tensor) -> list[Image.Image]:
     """Normalised latents (1, z, f, h, w) -> the clip's frames as PIL images."""
     latents = latents.to(device=vae.device, dtype=vae.dtype)
-    mean, inv_std = latent_stats(vae, latents)
-    video = vae.decode(latents / inv_std + mean, return_dict=False)[0]  # (1, 3, F, H, W)
+    mean, std = latent_stats(vae, latents)
+    video = vae.decode(latents / (1.0 / std) + mean, return_dict=False)[0]  # (1, 3, F, H, W)
     return to_pil(video[0].transpose(0, 1))  # (F, 3, H, W)
 
 

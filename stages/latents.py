@@ -34,3 +34,12 @@ def image_token_ids(h: int, w: int, device: torch.device, dtype: torch.dtype) ->
     ids[..., 1] = torch.arange(h)[:, None]
     ids[..., 2] = torch.arange(w)[None, :]
     return ids.reshape(h * w, 3).to(device=device, dtype=dtype)
+
+
+def latent_stats(vae, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """A video-style VAE's per-channel latent mean and std (config `latents_mean` / `latents_std`), each shaped
+    (1, z, 1, 1, 1) on `like`'s device in its dtype. Normalised latents are (z - mean) / std."""
+    c = vae.config
+    mean = torch.tensor(c.latents_mean).view(1, c.z_dim, 1, 1, 1).to(like.device, like.dtype)
+    std = torch.tensor(c.latents_std).view(1, c.z_dim, 1, 1, 1).to(like.device, like.dtype)
+    return mean, std
