@@ -10,6 +10,7 @@ ARCHITECTURES = {
     "MistralForCausalLM": "gen.llm.models.llama:LlamaForCausalLM",
     "Mistral3ForConditionalGeneration": "gen.llm.models.mistral3:Mistral3ForConditionalGeneration",
     "Qwen2_5_VLForConditionalGeneration": "gen.llm.models.qwen2_5_vl:Qwen2_5_VLForConditionalGeneration",
+    "Qwen3VLForConditionalGeneration": "gen.llm.models.qwen3_vl:Qwen3VLForConditionalGeneration",
     "DeepseekV2ForCausalLM": "gen.llm.models.deepseek:DeepseekV2ForCausalLM",
     "DeepseekV3ForCausalLM": "gen.llm.models.deepseek:DeepseekV3ForCausalLM",
 }
