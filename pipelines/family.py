@@ -24,6 +24,10 @@ class DiT:
     blocks: tuple[str, ...]  # attributes holding the repeated blocks, in call order (compile, FP8, offload, cache)
     shard_plan: ShardPlan  # sequence parallel: what to split and gather (gen/distributed/apply.py)
     cache_layout: CacheLayout  # step cache: how the block lists chain (gen/transforms/step_cache.py)
+    # batching concurrent generations (gen/transforms/batch.py): forward arguments concatenated along dim 0
+    # (none: this DiT's calls are never batched), and text arguments padded along dim 1 -> their mask argument
+    batch_args: tuple[str, ...] = ()
+    batch_pad: tuple[tuple[str, str], ...] = ()
 
     def __post_init__(self):
         assert len(self.cache_layout.streams) == len(self.blocks), (self.blocks, self.cache_layout)

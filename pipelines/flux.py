@@ -34,6 +34,7 @@ FLUX_DIT = DiT(
     # packed latents and their position ids are the per-token inputs; RoPE is computed from the ids
     shard_plan=ShardPlan(split_inputs={"hidden_states": 1, "img_ids": -2}, text_prefix="encoder_hidden_states"),
     cache_layout=CacheLayout(streams=(2, 1), join=_single_stream),
+    batch_args=("hidden_states", "encoder_hidden_states", "pooled_projections", "timestep", "guidance"),
 )
 
 

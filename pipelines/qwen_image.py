@@ -37,6 +37,8 @@ QWEN_IMAGE_DIT = DiT(
         text_prefix="encoder_hidden_states",
     ),
     cache_layout=CacheLayout(streams=(2,)),
+    batch_args=("hidden_states", "encoder_hidden_states", "timestep", "additional_t_cond"),
+    batch_pad=(("encoder_hidden_states", "encoder_hidden_states_mask"),),
 )
 T2I_TEMPLATE = ("<|im_start|>system\nDescribe the image by detailing the color, shape, size, texture, quantity, text, "
                 "spatial relationships of the objects and background:<|im_end|>\n<|im_start|>user\n{}<|im_end|>\n"

@@ -43,6 +43,7 @@ WAN_DIT = DiT(
         local_attention=("blocks.*.attn2",),
     ),
     cache_layout=CacheLayout(streams=(1,)),
+    batch_args=("hidden_states", "timestep", "encoder_hidden_states", "encoder_hidden_states_image"),
 )
 WAN_DEFAULTS = FamilyDefaults(num_inference_steps=50, guidance_scale=5.0, height=480, width=832, num_frames=81, fps=16)
 
