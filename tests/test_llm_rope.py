@@ -94,7 +94,8 @@ def test_config_forms_and_context():
     """Qwen2.5's documented long-context setting in the old `rope_scaling` form reads like transformers 5's
     rope_parameters; dynamic and yarn stretch the engine's context; unknown types are named."""
     qwen = {"model_type": "qwen2", "max_position_embeddings": 32768, "rope_theta": 1000000.0, "hidden_size": 64,
-            "num_attention_heads": 4, "num_key_value_heads": 2, "rope_scaling": {"type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32768}}
+            "num_attention_heads": 4, "num_key_value_heads": 2,
+            "rope_scaling": {"type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32768}}
     cfg = LlamaConfig.from_hf(qwen)
     assert (cfg.rope_type, cfg.rope_factor, cfg.original_max_position_embeddings) == ("yarn", 4.0, 32768)
     assert cfg.max_context == 131072

@@ -54,8 +54,10 @@ class LLM:
 
     def __init__(self, path: str | Path, device=None, dtype=None, compile_decode: bool | None = None, tokenizer=None,
                  compile_prefill: bool = False):
-        """Load an HF checkpoint folder. `tokenizer`: a folder or a loaded tokenizer; default: `path`, or the sibling
-        `tokenizer/` folder of a diffusers layout (text_encoder/ + tokenizer/) when `path` has no tokenizer files."""
+        """Load an HF checkpoint folder (the architectures of gen/llm/models/__init__.py: Llama, Mistral, Mistral 3 text,
+        Qwen2/2.5/3, Qwen2.5-VL, Qwen3-VL, DeepSeek-V2/V3; a block-scaled FP8 DeepSeek-V3/R1 is dequantized to `dtype`
+        at load). `tokenizer`: a folder or a loaded tokenizer; default: `path`, or the sibling `tokenizer/` folder of a
+        diffusers layout (text_encoder/ + tokenizer/) when `path` has no tokenizer files."""
         from gen.config import read_json
         from gen.llm.loader import load_model
 

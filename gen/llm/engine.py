@@ -163,6 +163,8 @@ class Engine:
         """
         self.check_lengths(seqs)
         if pad_to is not None:
+            if pad_to > self.max_context:
+                raise ValueError(f"pad_to={pad_to} is longer than the model context of {self.max_context}")
             too_long = [i for i, s in enumerate(seqs) if len(s) > pad_to]
             if too_long:
                 raise ValueError(f"prompt {too_long[0]} has {len(seqs[too_long[0]])} tokens, more than pad_to={pad_to}")
@@ -172,7 +174,10 @@ class Engine:
             if not -(n + 1) <= i <= n:
                 raise ValueError(f"hidden layer {i} out of range for {n + 1} hidden states")
         idx = [i % (n + 1) for i in layers]
-        ids, mask, pos = pad_left(seqs, self.pad_id, self.device) if pad_to is None else pad_right(seqs, pad_to, self.pad_id, self.device)
+        if pad_to is None:
+            ids, mask, pos = pad_left(seqs, self.pad_id, self.device)
+        else:
+            ids, mask, pos = pad_right(seqs, pad_to, self.pad_id, self.device)
         images = {k: v.to(self.device) for k, v in images.items() if v is not None}
         several = len(set(idx)) > 1
         if (final_norm and n in idx) or not self.early_exit:  # the full forward; its last hidden state is normed

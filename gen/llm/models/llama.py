@@ -117,7 +117,8 @@ def yarn_mscale(scale: float, mscale: float = 1.0) -> float:
     return 1.0 if scale <= 1 else 0.1 * mscale * math.log(scale) + 1.0
 
 
-def yarn_attention_factor(factor: float, attention_factor: float | None, mscale: float | None, mscale_all_dim: float | None) -> float:
+def yarn_attention_factor(factor: float, attention_factor: float | None, mscale: float | None,
+                          mscale_all_dim: float | None) -> float:
     """YaRN's scale of cos / sin: given, or mscale(factor, mscale) / mscale(factor, mscale_all_dim), or mscale(factor)."""
     if attention_factor is not None:
         return float(attention_factor)
