@@ -54,8 +54,9 @@ class Generator:
                         dtype: str | torch.dtype | None = None, variant: str | None = None,
                         prompt_enhancer: str | os.PathLike | None = None, compile: bool = False,
                         attention: str = "auto", *, fp8: bool = False, step_cache: float | None = None,
-                        cuda_graphs: bool = False, vae_tiling: bool = False,
-                        num_gpus: int = 1, ulysses_degree: int | None = None, ring_degree: int | None = None,
+                        cuda_graphs: bool = False, vae_tiling: bool = False, max_batch: int = 1,
+                        batch_wait_ms: float = 5.0, num_gpus: int = 1, ulysses_degree: int | None = None,
+                        ring_degree: int | None = None,
                         cfg_parallel: bool = False) -> "Generator":
         """Load a diffusers-layout folder (`None`: the embedded default) on `device` in `dtype`.
 
@@ -71,6 +72,8 @@ class Generator:
         `cuda_graphs` (exact, CUDA only, not with step_cache) replays each DiT call from a CUDA graph
         (gen/transforms/cuda_graph.py): it pays on small inputs, where the GPU would wait for kernel launches. `vae_tiling`
         decodes in tiles: less memory for large images and long videos, about twice the decode time.
+        `max_batch` > 1: `run` may be called from several threads at once and their generations' DiT calls are
+        batched (up to max_batch together, a call waiting up to `batch_wait_ms` for others; gen/transforms/batch.py).
         """
         from gen.transforms import TransformOptions, check_options
 
@@ -78,7 +81,8 @@ class Generator:
         device = resolve_device(device)
         dtype = resolve_dtype(dtype, device)
         options = TransformOptions(compile=compile, attention=attention, fp8=fp8, step_cache=step_cache,
-                                   cuda_graphs=cuda_graphs, vae_tiling=vae_tiling)
+                                   cuda_graphs=cuda_graphs, vae_tiling=vae_tiling, max_batch=max_batch,
+                                   batch_wait_ms=batch_wait_ms)
         parallel = num_gpus != 1 or ulysses_degree not in (None, 1) or ring_degree not in (None, 1) or cfg_parallel
         check_options(options, device, dtype, parallel)  # before any weight is loaded
         if parallel:
@@ -139,8 +143,23 @@ class Generator:
                                 enhance_prompt=enhance_prompt)
         return self.run(req, progress=progress, cancel=cancel)
 
+    @property
+    def batch_group(self):
+        """The BatchGroup of concurrent generations when loaded with max_batch > 1, else None."""
+        step = self.pipeline.transforms.get("batch") if self.pipeline.transforms is not None else None
+        return None if step is None else step.detail
+
     def run(self, req: GenerationRequest, progress: ProgressFn | None = None,
             cancel: CancelFn | None = None) -> GenerationResult:
+        """One generation (thread-safe when loaded with max_batch > 1: concurrent runs share batched DiT calls)."""
+        group = self.batch_group
+        if group is None:
+            return self._run(req, progress, cancel)
+        with group.member():
+            return self._run(req, progress, cancel)
+
+    def _run(self, req: GenerationRequest, progress: ProgressFn | None,
+             cancel: CancelFn | None) -> GenerationResult:
         if not req.enhance_prompt:
             return self.pipeline(req, progress=progress, cancel=cancel)
         start = time.perf_counter()

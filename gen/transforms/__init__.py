@@ -14,9 +14,10 @@ and returns an `Applied` record whose `undo()` takes them off in the reverse ord
 | 5 | step cache (lossy) | gen/transforms/step_cache.py| forward wrapper skipping later blocks on quiet steps     |
 | 6 | sequence parallel  | gen/distributed/apply.py    | forward wrapper + hooks sharding tokens over ranks      |
 | 7 | CUDA graphs        | gen/transforms/cuda_graph.py| forward wrapper replaying captured graphs (outermost)   |
-| 8 | VAE settings       | gen/transforms/vae.py       | channels-last convs, compiled decoder, tiled decode     |
+| 8 | batching           | gen/transforms/batch.py     | forward wrapper merging concurrent generations' calls   |
+| 9 | VAE settings       | gen/transforms/vae.py       | channels-last convs, compiled decoder, tiled decode     |
 
-Forward wrappers (5-7) stack through gen/transforms/forward.py, removed in the reverse order. Combinations that
+Forward wrappers (5-8) stack through gen/transforms/forward.py, removed in the reverse order. Combinations that
 cannot work are refused by `check_options` before any weight is loaded: the step cache decides on the host per
 step, so neither CUDA graphs (no host decisions inside a graph) nor parallel ranks (each would decide on its own
 shard) go with it; CUDA graphs do not capture the ranks' collectives; FP8 needs a CUDA GPU of compute capability
@@ -47,6 +48,8 @@ class TransformOptions:
     cuda_graphs: bool = False
     vae_tiling: bool = False
     join: bool = True
+    max_batch: int = 1  # > 1: batch the DiT calls of up to this many concurrent generations
+    batch_wait_ms: float = 5.0  # how long a call waits for others to join its batch
 
 
 def check_options(options: TransformOptions, device: torch.device, dtype: torch.dtype, parallel: bool = False) -> None:
@@ -60,6 +63,17 @@ def check_options(options: TransformOptions, device: torch.device, dtype: torch.
         if parallel:
             raise GenError(f"step_cache={options.step_cache} works in one process only: ranks would decide to skip "
                            "on their own shards; drop it or the parallel flags", param="step_cache")
+    if isinstance(options.max_batch, bool) or not isinstance(options.max_batch, int) or options.max_batch < 1:
+        raise GenError(f"max_batch must be an integer >= 1, got {options.max_batch!r}", param="max_batch")
+    if not 0 <= options.batch_wait_ms <= 10_000:
+        raise GenError(f"batch_wait_ms must be between 0 and 10000, got {options.batch_wait_ms!r}",
+                       param="batch_wait_ms")
+    if options.max_batch > 1 and options.step_cache is not None:
+        raise GenError(f"max_batch={options.max_batch} and step_cache cannot be combined: the step cache keys its "
+                       "state by each call's text tensor", param="max_batch")
+    if options.max_batch > 1 and parallel:
+        raise GenError(f"max_batch={options.max_batch} works in one process only: parallel ranks run one "
+                       "generation at a time", param="max_batch")
     if options.fp8:
         check_fp8(device, dtype)
     if options.cuda_graphs:
@@ -138,6 +152,12 @@ def apply_transforms(pipeline, options: TransformOptions = TransformOptions(), p
             for _, m, _ in dits:
                 enable_cuda_graphs(m)
             applied.append(Step("cuda_graphs", len(dits), lambda: [disable_cuda_graphs(m) for _, m, _ in dits]))
+        if options.max_batch > 1:
+            from gen.transforms.batch import BatchGroup, disable_batching, enable_batching
+
+            group = BatchGroup(options.max_batch, options.batch_wait_ms / 1000)
+            batchers = enable_batching(pipeline, group)
+            applied.append(Step("batch", group, lambda: disable_batching(batchers)))
         vae = pipeline.components.get("vae")
         if vae is not None:
             from gen.transforms.vae import is_3d, tune_vae

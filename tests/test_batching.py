@@ -1,0 +1,106 @@
+"""Batching concurrent generations (gen/transforms/batch.py): generations run in threads share their DiT calls and
+each gets what it would have got alone (its own seed, prompt, size of text); refusals."""
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from gen import GenError, Generator
+from gen.transforms.batch import BatchGroup, CallBatcher
+from gen.types import GenerationRequest
+from helpers import psnr
+
+ASSETS = Path(__file__).resolve().parents[1] / "assets"
+CASES = {  # folder, requests (different prompts and seeds; gen-shapes' prompts differ in token count)
+    "flux": ("flux-tiny", dict(height=32, width=32, num_inference_steps=3)),
+    "wan": ("wan-t2v-tiny", dict(height=32, width=32, num_frames=5, num_inference_steps=3, guidance_scale=3.0)),
+    "shapes": ("gen-shapes", dict(num_inference_steps=3)),
+}
+PROMPTS = ["a red circle", "a small blue square in the top left corner on a yellow background", "a green star"]
+
+
+def pictures(result) -> np.ndarray:
+    return np.stack([np.asarray(p) for p in (result.frames if result.frames is not None else result.images)])
+
+
+def run_threads(gen: Generator, requests: list[GenerationRequest]) -> list:
+    results, errors = [None] * len(requests), []
+    start = threading.Barrier(len(requests))
+
+    def work(i):
+        try:
+            start.wait()
+            results[i] = gen.run(requests[i])
+        except BaseException as e:  # reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(len(requests))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=300)
+    assert not errors, errors
+    return results
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_batched_generations_equal_each_alone(name):
+    folder, kw = CASES[name]
+    requests = [GenerationRequest(prompt=p, seed=10 + i, **kw) for i, p in enumerate(PROMPTS)]
+    alone = Generator.from_pretrained(ASSETS / folder, device="cpu")
+    expected = [pictures(alone.run(r)) for r in requests]
+    gen = Generator.from_pretrained(ASSETS / folder, device="cpu", max_batch=4, batch_wait_ms=2000)
+    results = run_threads(gen, requests)
+    stats = gen.batch_group.stats
+    assert stats["batched_calls"] > 0 and stats["forwards"] < stats["calls"], stats  # calls were shared
+    for r, want in zip(results, expected):
+        got = pictures(r)
+        assert got.shape == want.shape
+        assert psnr(got, want) >= 50.0, psnr(got, want)
+    assert gen.batch_group.active == 0
+
+
+def test_a_lone_generation_does_not_wait():
+    gen = Generator.from_pretrained(ASSETS / "flux-tiny", device="cpu", max_batch=4, batch_wait_ms=10_000)
+    result = gen.generate("a red circle", seed=1, height=32, width=32, num_inference_steps=2)  # would take 10 s/call
+    assert result.images and gen.batch_group.stats["batched_calls"] == 0
+
+
+def test_batcher_splits_outputs_and_pads_text():
+    class Toy(torch.nn.Module):
+        def forward(self, x, text, mask=None, scale=1.0):
+            w = text.sum(1) if mask is None else (text * mask[..., None]).sum(1)
+            return x * scale + w, {"n": x.shape[0]}
+
+    group = BatchGroup(max_batch=3, wait_s=5.0)
+    model = Toy()
+    CallBatcher(model, group, ("x", "text"), (("text", "mask"),))
+    calls = [(torch.full((1, 2), float(i)), torch.ones(1, i + 1, 2)) for i in range(3)]
+    outs = [None] * 3
+
+    def work(i):
+        with group.member():
+            outs[i] = model(*calls[i], scale=2.0)
+
+    with group.member():  # a fourth member that never calls: the leader stops waiting when all callers are in
+        threads = [threading.Thread(target=work, args=(i,)) for i in range(3)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=30)
+    for i, (x, text) in enumerate(calls):
+        assert torch.equal(outs[i][0], x * 2.0 + text.sum(1))
+    assert group.stats["forwards"] < 3 and group.stats["batched_calls"] >= 2
+
+
+def test_refusals():
+    with pytest.raises(GenError, match="max_batch must be an integer >= 1, got 0"):
+        Generator.from_pretrained(ASSETS / "flux-tiny", device="cpu", max_batch=0)
+    with pytest.raises(GenError, match="step_cache cannot be combined"):
+        Generator.from_pretrained(ASSETS / "flux-tiny", device="cpu", max_batch=2, step_cache=0.1)
+    with pytest.raises(GenError, match="one process only"):
+        Generator.from_pretrained(ASSETS / "flux-tiny", device="cpu", max_batch=2, num_gpus=2)
