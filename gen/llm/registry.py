@@ -21,7 +21,7 @@ def key(path, device=None, dtype=None) -> tuple[str, str, str]:
 def get_llm(path, device=None, dtype=None):
     """The shared LLM for this checkpoint (an HF folder, or a .gguf file loaded with LLM.from_gguf), dtype and device,
     loading it on first use (thread-safe: loads once)."""
-    from gen.llm import LLM
+    from gen.llm.api import LLM
 
     k = key(path, device, dtype)
     with _LOCK:  # one lock for all: loads are rare and must not run twice for the same key
