@@ -146,7 +146,7 @@ def param_counts(modules: dict[str, Any]) -> dict[str, int]:
 
 
 def build_generator(cfg: dict[str, dict], device: torch.device, dtype: torch.dtype, compile: bool,
-                    attention: str) -> tuple[Generator, dict]:
+                    attention: str, **options) -> tuple[Generator, dict]:
     """Our FluxPipeline assembled from build_modules(cfg), optimized as Generator.from_pretrained does."""
     from component_loaders import Components
     from component_loaders.model_index import ModelIndex
@@ -156,7 +156,7 @@ def build_generator(cfg: dict[str, dict], device: torch.device, dtype: torch.dty
     index = ModelIndex(path=Path("<in-memory FLUX.1-dev-sized folder>"), class_name="FluxPipeline",
                        components={slot: CLASSES[slot] for slot in modules}, extra={})
     pipeline = flux_pipeline_module.FluxPipeline(Components(index=index, modules=modules), device, dtype)
-    applied = apply_transforms(pipeline, TransformOptions(compile=compile, attention=attention)).summary()
+    applied = apply_transforms(pipeline, TransformOptions(compile=compile, attention=attention, **options)).summary()
     info = {"params": param_counts(modules), "optimizations": applied,
             "text_encoder_attn": modules["text_encoder"].config._attn_implementation,
             "text_encoder_2_attn": modules["text_encoder_2"].config._attn_implementation}

@@ -31,3 +31,13 @@ def test_sync_check_watches_only_the_denoise_stage():
         gen.generate("a red circle", seed=1, num_inference_steps=2, height=32, width=32)
     assert found == []  # no CUDA here: nothing to flag, but the generation ran through the wrapper
     assert pipelines.flux.denoise.__name__ == "denoise"  # restored
+
+
+def test_batching_benchmark_runs_on_cpu():
+    from benchmarks.batching import main
+
+    result = main(["--tiny", "--clients", "1", "2", "--per-client", "1"])
+    rows = {(r["clients"], r["batching"]): r for r in result["rows"]}
+    assert set(rows) == {(1, False), (2, False), (1, True), (2, True)}
+    assert rows[2, True]["requests"] == 2 and rows[2, True]["batch_stats"]["calls"] > 0
+    assert all(r["p95_s"] >= r["p50_s"] > 0 for r in result["rows"])

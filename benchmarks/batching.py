@@ -1,0 +1,143 @@
+"""Throughput and latency of concurrent clients, batching off and on (gen/transforms/batch.py).
+
+Each client is a thread sending requests one after another (its own prompt and seed) to one loaded model, as the
+server's clients do. Off: one generation at a time (the server's single worker: a request waits for the ones
+before it). On: every client's generation runs at once, their DiT calls merged up to --max-batch per forward.
+Per setting: images per minute over the run and the p50 / p95 latency of a request (waiting included).
+
+  python benchmarks/batching.py --model shapes --clients 1 4 16                      # GPU: the default model, 128^2
+  python benchmarks/batching.py --model flux --size 512 --steps 4 --clients 1 4 16   # GPU: FLUX.1-dev-sized
+  OMP_NUM_THREADS=1 python benchmarks/batching.py --tiny                             # CPU check (assets/flux-tiny)
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import threading
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+from benchmarks.common import environment, write_json  # noqa: E402
+from gen import Generator  # noqa: E402
+from gen.device import resolve_device, resolve_dtype  # noqa: E402
+from gen.types import GenerationRequest  # noqa: E402
+
+PROMPTS = ["a large yellow star in the center on a purple background", "a red circle", "a small green square in the "
+           "top left corner on a white background", "a blue triangle at the bottom on a black background"]
+
+
+def load(model: str, device, dtype, max_batch: int, wait_ms: float, compile: bool) -> Generator:
+    if model in ("shapes", "tiny"):
+        folder = ROOT / "assets" / ("gen-shapes" if model == "shapes" else "flux-tiny")
+        return Generator.from_pretrained(folder, device=device, dtype=dtype, compile=compile, max_batch=max_batch,
+                                         batch_wait_ms=wait_ms)
+    from benchmarks.e2e_flux import REAL, build_generator
+
+    generator, _ = build_generator(REAL, device, dtype, compile, "auto", max_batch=max_batch, batch_wait_ms=wait_ms)
+    return generator
+
+
+def run_clients(generator: Generator, clients: int, per_client: int, request_kw: dict, batching: bool) -> dict:
+    """`clients` threads each sending `per_client` requests; latencies in seconds and the wall time."""
+    serial = threading.Lock()  # batching off: one generation at a time, in arrival order as the server's worker
+    latencies: list[float] = []
+    errors: list[BaseException] = []
+    start = threading.Barrier(clients + 1)
+
+    def client(c: int) -> None:
+        start.wait()
+        for i in range(per_client):
+            req = GenerationRequest(prompt=PROMPTS[(c + i) % len(PROMPTS)], seed=1000 * c + i, **request_kw)
+            t = time.perf_counter()
+            try:
+                if batching:
+                    generator.run(req)
+                else:
+                    with serial:
+                        generator.run(req)
+            except BaseException as e:  # reported after the run
+                errors.append(e)
+                return
+            latencies.append(time.perf_counter() - t)
+
+    threads = [threading.Thread(target=client, args=(c,)) for c in range(clients)]
+    for t in threads:
+        t.start()
+    start.wait()
+    t0 = time.perf_counter()
+    for t in threads:
+        t.join()
+    wall = time.perf_counter() - t0
+    if errors:
+        raise errors[0]
+    lat = sorted(latencies)
+    return {"clients": clients, "requests": len(lat), "wall_s": wall, "images_per_min": 60 * len(lat) / wall,
+            "p50_s": statistics.median(lat), "p95_s": lat[min(len(lat) - 1, round(0.95 * (len(lat) - 1)))]}
+
+
+def main(argv=None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", choices=["shapes", "flux"], default="shapes")
+    p.add_argument("--tiny", action="store_true", help="CPU check on assets/flux-tiny")
+    p.add_argument("--size", type=int, help="height = width (default: the model's; 64 for --tiny)")
+    p.add_argument("--steps", type=int, help="denoising steps (default: the model's; 2 for --tiny)")
+    p.add_argument("--clients", type=int, nargs="+", default=[1, 4, 16])
+    p.add_argument("--per-client", type=int, default=3, help="requests each client sends")
+    p.add_argument("--max-batch", type=int, default=16)
+    p.add_argument("--batch-wait-ms", type=float, default=5.0)
+    p.add_argument("--compile", action="store_true")
+    p.add_argument("--device")
+    p.add_argument("--dtype")
+    p.add_argument("--out", help="write the results here as JSON")
+    args = p.parse_args(argv)
+    model = "tiny" if args.tiny else args.model
+    device = resolve_device(args.device or ("cpu" if args.tiny else None))
+    dtype = resolve_dtype(args.dtype, device)
+    request_kw = {}
+    if args.size or args.tiny:
+        request_kw.update(height=args.size or 64, width=args.size or 64)
+    if args.steps or args.tiny:
+        request_kw["num_inference_steps"] = args.steps or 2
+    rows = []
+    for batching in (False, True):
+        generator = load(model, device, dtype, args.max_batch if batching else 1, args.batch_wait_ms, args.compile)
+        run_clients(generator, 1, 1, request_kw, batching)  # warm-up (compile, caches)
+        if batching:  # one warm-up batch at the largest size too
+            run_clients(generator, max(args.clients), 1, request_kw, batching)
+        for clients in args.clients:
+            if batching:
+                generator.batch_group.stats.update(calls=0, batched_calls=0, forwards=0)
+            row = run_clients(generator, clients, args.per_client, request_kw, batching)
+            row["batching"] = batching
+            if batching:
+                row["batch_stats"] = dict(generator.batch_group.stats)
+            rows.append(row)
+        del generator
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    result = {"env": {**environment(), "torch_device": str(device), "dtype": str(dtype)}, "model": model,
+              "request": request_kw, "max_batch": args.max_batch, "batch_wait_ms": args.batch_wait_ms,
+              "compile": args.compile, "rows": rows}
+    if args.out:
+        write_json(args.out, result)
+    print(json.dumps(result["env"]))
+    print("| model | clients | batching | images/min | p50 s | p95 s | DiT forwards / calls |")
+    print("|---|---|---|---|---|---|---|")
+    base = {r["clients"]: r for r in rows if not r["batching"]}
+    for r in rows:
+        stats = r.get("batch_stats") or {}
+        speed = r["images_per_min"] / base[r["clients"]]["images_per_min"]
+        print(f"| {model} {request_kw} | {r['clients']} | {'on' if r['batching'] else 'off'} | "
+              f"{r['images_per_min']:.1f} ({speed:.2f}x) | {r['p50_s']:.3f} | {r['p95_s']:.3f} | "
+              f"{stats.get('forwards', '-')} / {stats.get('calls', '-')} |")
+    return result
+
+
+if __name__ == "__main__":
+    main()
