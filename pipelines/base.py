@@ -3,6 +3,8 @@ the DiTs the transforms reach, and the lifecycle (ready / alive / close) a group
 from __future__ import annotations
 
 import contextlib
+import contextvars
+import threading
 import time
 from typing import Callable, ClassVar
 
@@ -16,16 +18,23 @@ from pipelines.family import DiT
 from stages.validate import FamilyDefaults, validate_request
 
 
+# stage name -> lock, for the pipeline call running in this thread (Pipeline.__call__ sets it)
+_STAGE_LOCKS: contextvars.ContextVar[dict[str, threading.Lock]] = contextvars.ContextVar("stage_locks", default={})
+
+
 class Timings(dict):
-    """stage name -> seconds; `with timings("denoise"): ...` records one stage."""
+    """stage name -> seconds; `with timings("denoise"): ...` records one stage. A stage the running pipeline
+    serializes (`Pipeline.stage_locks`: concurrent generations, gen/transforms/batch.py) runs under its lock."""
 
     @contextlib.contextmanager
     def __call__(self, name: str):
-        start = time.perf_counter()
-        try:
-            yield
-        finally:
-            self[name] = self.get(name, 0.0) + time.perf_counter() - start
+        lock = _STAGE_LOCKS.get().get(name)
+        with lock if lock is not None else contextlib.nullcontext():
+            start = time.perf_counter()
+            try:
+                yield
+            finally:
+                self[name] = self.get(name, 0.0) + time.perf_counter() - start
 
 
 class Pipeline:
@@ -48,6 +57,7 @@ class Pipeline:
         self.device = device
         self.dtype = dtype
         self.request_hooks: list[Callable[[], None]] = []  # called before each request (transforms' per-request state)
+        self.stage_locks: dict[str, threading.Lock] = {}  # stages one generation at a time when several run at once
         self.transforms = None  # gen.transforms.Applied once gen.transforms.apply_transforms ran
 
     # ---- the DiTs, for the transforms applied from outside
@@ -81,7 +91,11 @@ class Pipeline:
                  cancel: CancelFn | None = None) -> GenerationResult:
         for hook in self.request_hooks:
             hook()
-        return self.run(req, progress, cancel)
+        token = _STAGE_LOCKS.set(self.stage_locks)
+        try:
+            return self.run(req, progress, cancel)
+        finally:
+            _STAGE_LOCKS.reset(token)
 
     def run(self, req: GenerationRequest, progress: ProgressFn | None, cancel: CancelFn | None) -> GenerationResult:
         """The family's stages."""

@@ -171,42 +171,52 @@ class CallBatcher:
         return True
 
     def _run(self, calls: list[dict]) -> list[Any]:
-        if len(calls) == 1:
-            return [self.forward(**calls[0])]
-        merged = dict(calls[0])
-        for text, mask in self.batch_pad.items():
-            if calls[0].get(text) is None:
-                continue
-            length = max(c[text].shape[1] for c in calls)
-            if all(c[text].shape[1] == length and c.get(mask) is None for c in calls):
-                merged[text] = torch.cat([c[text] for c in calls])  # nothing to pad: no mask, as unbatched
-                continue
-            padded, masks = [], []
-            for c in calls:
-                t = c[text]
-                m = c.get(mask)
-                if m is None:
-                    m = torch.ones(t.shape[:2], dtype=torch.long, device=t.device)
-                pad = length - t.shape[1]
-                padded.append(F.pad(t, (0, 0) * (t.ndim - 2) + (0, pad)))
-                masks.append(F.pad(m, (0, pad)))
-            merged[text], merged[mask] = torch.cat(padded), torch.cat(masks)
-        for name in self.batch_args:
-            if name in self.batch_pad or calls[0].get(name) is None:
-                continue
-            merged[name] = torch.cat([c[name] for c in calls])
-        out = self.forward(**merged)
-        sizes = [self._batch_size(c) for c in calls]
-        leaves, spec = tree_flatten(out)
-        parts = [x.split(sizes) if isinstance(x, torch.Tensor) else [x] * len(calls) for x in leaves]
-        return [tree_unflatten([p[i] for p in parts], spec) for i in range(len(calls))]
+        return merge_calls(self.forward, calls, tuple(self.batch_args), tuple(self.batch_pad.items()))
 
-    def _batch_size(self, call: dict) -> int:
-        for name in sorted(self.batch_args):
-            v = call.get(name)
-            if isinstance(v, torch.Tensor):
-                return v.shape[0]
-        raise AssertionError("a batched call has no batched tensor")
+
+def merge_calls(forward: Callable, calls: list[dict], batch_args: tuple[str, ...],
+                batch_pad: tuple[tuple[str, str], ...] = ()) -> list[Any]:
+    """`forward(**call)` for each of `calls` (keyword dicts of one signature) as one batched forward: `batch_args`
+    concatenated along dim 0, padded texts (`batch_pad`: text -> mask argument) padded with zeros and masked,
+    everything else taken from the first call; each call gets its own rows of every output tensor."""
+    if len(calls) == 1:
+        return [forward(**calls[0])]
+    pads = dict(batch_pad)
+    merged = dict(calls[0])
+    for text, mask in pads.items():
+        if calls[0].get(text) is None:
+            continue
+        length = max(c[text].shape[1] for c in calls)
+        if all(c[text].shape[1] == length and c.get(mask) is None for c in calls):
+            merged[text] = torch.cat([c[text] for c in calls])  # nothing to pad: no mask, as unbatched
+            continue
+        padded, masks = [], []
+        for c in calls:
+            t = c[text]
+            m = c.get(mask)
+            if m is None:
+                m = torch.ones(t.shape[:2], dtype=torch.long, device=t.device)
+            pad = length - t.shape[1]
+            padded.append(F.pad(t, (0, 0) * (t.ndim - 2) + (0, pad)))
+            masks.append(F.pad(m, (0, pad)))
+        merged[text], merged[mask] = torch.cat(padded), torch.cat(masks)
+    for name in batch_args:
+        if name in pads or calls[0].get(name) is None:
+            continue
+        merged[name] = torch.cat([c[name] for c in calls])
+    out = forward(**merged)
+    sizes = [_batch_size(c, batch_args) for c in calls]
+    leaves, spec = tree_flatten(out)
+    parts = [x.split(sizes) if isinstance(x, torch.Tensor) else [x] * len(calls) for x in leaves]
+    return [tree_unflatten([p[i] for p in parts], spec) for i in range(len(calls))]
+
+
+def _batch_size(call: dict, batch_args: tuple[str, ...]) -> int:
+    for name in sorted(batch_args):
+        v = call.get(name)
+        if isinstance(v, torch.Tensor):
+            return v.shape[0]
+    raise AssertionError("a batched call has no batched tensor")
 
 
 class Serialized:
@@ -229,11 +239,26 @@ class Serialized:
             self.module.__dict__.pop(name, None)
 
 
+class SerializedStages:
+    """The pipeline's stages named `names` run one generation at a time (text encoding: tokenizers change their
+    padding settings between calls and are not safe to share between threads)."""
+
+    def __init__(self, pipeline, names: tuple[str, ...]):
+        self.pipeline, self.names = pipeline, [n for n in names if n not in pipeline.stage_locks]
+        for name in self.names:
+            pipeline.stage_locks[name] = threading.Lock()
+
+    def remove(self) -> None:
+        for name in self.names:
+            self.pipeline.stage_locks.pop(name, None)
+
+
 def enable_batching(pipeline, group: BatchGroup) -> list:
-    """A CallBatcher on each of the pipeline's DiTs whose family declares batch arguments; the VAE's encode and
-    decode serialized."""
+    """A CallBatcher on each of the pipeline's DiTs whose family declares batch arguments; text encoding and the
+    VAE's encode and decode serialized."""
     undo: list = [CallBatcher(m, group, dit.batch_args, dit.batch_pad) for _, m, dit in pipeline.dits()
                   if dit.batch_args]
+    undo.append(SerializedStages(pipeline, ("encode_text",)))
     vae = pipeline.components.get("vae")
     if isinstance(vae, nn.Module):
         undo.append(Serialized(vae, ("encode", "decode", "tiled_decode", "tiled_encode"), threading.Lock()))
@@ -245,4 +270,4 @@ def disable_batching(batchers: list) -> None:
         b.remove()
 
 
-__all__ = ["BatchGroup", "CallBatcher", "enable_batching", "disable_batching", "Callable"]
+__all__ = ["BatchGroup", "CallBatcher", "enable_batching", "disable_batching", "merge_calls"]
