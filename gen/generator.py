@@ -54,7 +54,8 @@ class Generator:
                         dtype: str | torch.dtype | None = None, variant: str | None = None,
                         prompt_enhancer: str | os.PathLike | None = None, compile: bool = False,
                         attention: str = "auto", *, fp8: bool = False, step_cache: float | None = None,
-                        cuda_graphs: bool = False, vae_tiling: bool = False, max_batch: int = 1,
+                        cuda_graphs: bool = False, vae_tiling: bool = False, cfg_batch: bool | None = None,
+                        max_batch: int = 1,
                         batch_wait_ms: float = 5.0, num_gpus: int = 1, ulysses_degree: int | None = None,
                         ring_degree: int | None = None,
                         cfg_parallel: bool = False) -> "Generator":
@@ -72,6 +73,7 @@ class Generator:
         `cuda_graphs` (exact, CUDA only, not with step_cache) replays each DiT call from a CUDA graph
         (gen/transforms/cuda_graph.py): it pays on small inputs, where the GPU would wait for kernel launches. `vae_tiling`
         decodes in tiles: less memory for large images and long videos, about twice the decode time.
+        `cfg_batch`: a CFG step's two branches as one batched forward (None: on accelerators in one process).
         `max_batch` > 1: `run` may be called from several threads at once and their generations' DiT calls are
         batched (up to max_batch together, a call waiting up to `batch_wait_ms` for others; gen/transforms/batch.py).
         """
@@ -81,7 +83,8 @@ class Generator:
         device = resolve_device(device)
         dtype = resolve_dtype(dtype, device)
         options = TransformOptions(compile=compile, attention=attention, fp8=fp8, step_cache=step_cache,
-                                   cuda_graphs=cuda_graphs, vae_tiling=vae_tiling, max_batch=max_batch,
+                                   cuda_graphs=cuda_graphs, vae_tiling=vae_tiling, cfg_batch=cfg_batch,
+                                   max_batch=max_batch,
                                    batch_wait_ms=batch_wait_ms)
         parallel = num_gpus != 1 or ulysses_degree not in (None, 1) or ring_degree not in (None, 1) or cfg_parallel
         check_options(options, device, dtype, parallel)  # before any weight is loaded

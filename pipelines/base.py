@@ -14,6 +14,7 @@ from torch import nn
 
 from component_loaders import Components
 from gen.types import CancelFn, GenError, GenerationRequest, GenerationResult, ProgressFn
+from gen.transforms.batch import merge_calls
 from pipelines.family import DiT
 from stages.validate import FamilyDefaults, validate_request
 
@@ -47,6 +48,7 @@ class Pipeline:
     required: ClassVar[tuple[str, ...]] = ()  # component slots that must be present
     dit: ClassVar[DiT]  # the transformer architecture its expert slots hold
     expert_slots: ClassVar[tuple[str, ...]] = ("transformer",)  # component slots holding a DiT, in denoising order
+    cfg_batch: bool = False  # CFG branches as one batched forward (set by gen.transforms.apply_transforms)
 
     def __init__(self, components: Components, device: torch.device, dtype: torch.dtype):
         missing = [slot for slot in self.required if components.get(slot) is None]
@@ -65,6 +67,13 @@ class Pipeline:
     def dits(self) -> list[tuple[str, nn.Module, DiT]]:
         """(slot, model, declaration) of each DiT this pipeline holds."""
         return [(slot, m, self.dit) for slot in self.expert_slots if isinstance(m := self.components.get(slot), nn.Module)]
+
+    def branches(self, model: nn.Module, *calls: dict) -> list:
+        """The DiT `model` on each keyword set of one step (the CFG branches, conditional first), as one batched
+        forward when `cfg_batch` is on: the same results up to batched-kernel rounding, twice the activations."""
+        if self.cfg_batch and len(calls) > 1 and self.dit.batch_args:
+            return merge_calls(model, list(calls), self.dit.batch_args, self.dit.batch_pad)
+        return [model(**c) for c in calls]
 
     # ---- requests
 

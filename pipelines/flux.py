@@ -90,14 +90,13 @@ class FluxPipeline(Pipeline):
                                       mu=scheduler_shift(scheduler, latents.shape[1]))
 
         def model_fn(x: torch.Tensor, ts: torch.Tensor, i: int) -> torch.Tensor:
-            timestep = ts.expand(x.shape[0]).to(x.dtype) / 1000
-            pred = self.transformer(hidden_states=x, encoder_hidden_states=seq, pooled_projections=pooled,
-                                    timestep=timestep, img_ids=img_ids, txt_ids=txt_ids, guidance=guidance)
-            if use_cfg:
-                neg = self.transformer(hidden_states=x, encoder_hidden_states=neg_seq, pooled_projections=neg_pooled,
-                                       timestep=timestep, img_ids=img_ids, txt_ids=txt_ids, guidance=guidance)
-                pred = true_cfg(pred, neg, req.true_cfg_scale)
-            return pred
+            kw = dict(hidden_states=x, timestep=ts.expand(x.shape[0]).to(x.dtype) / 1000, img_ids=img_ids,
+                      txt_ids=txt_ids, guidance=guidance)
+            if not use_cfg:
+                return self.transformer(encoder_hidden_states=seq, pooled_projections=pooled, **kw)
+            pred, neg = self.branches(self.transformer, dict(kw, encoder_hidden_states=seq, pooled_projections=pooled),
+                                      dict(kw, encoder_hidden_states=neg_seq, pooled_projections=neg_pooled))
+            return true_cfg(pred, neg, req.true_cfg_scale)
 
         with t("denoise"):
             latents = denoise(model_fn, scheduler, latents, timesteps, progress, cancel)

@@ -205,16 +205,16 @@ class QwenImagePipeline(Pipeline):
             timesteps = set_timesteps(scheduler, steps, self.device, sigmas=linear_sigmas(steps),
                                       mu=scheduler_shift(scheduler, latents.shape[1]))
 
-        def predict(x, t, text):
+        def call(x, t, text) -> dict:
             embeds, mask = text
             x_in = x if ref is None else torch.cat([x, ref], dim=1)
-            out = self.transformer(hidden_states=x_in, encoder_hidden_states=embeds, encoder_hidden_states_mask=mask,
-                                   timestep=t.expand(x.shape[0]).to(x.dtype) / 1000, img_shapes=img_shapes)
-            return out[:, : x.shape[1]]
+            return dict(hidden_states=x_in, encoder_hidden_states=embeds, encoder_hidden_states_mask=mask,
+                        timestep=t.expand(x.shape[0]).to(x.dtype) / 1000, img_shapes=img_shapes)
 
         def model_fn(x: torch.Tensor, t: torch.Tensor, i: int) -> torch.Tensor:
-            pred = predict(x, t, pos)
-            return norm_preserving_cfg(pred, predict(x, t, neg), req.true_cfg_scale) if use_cfg else pred
+            texts = (pos, neg) if use_cfg else (pos,)
+            preds = [out[:, : x.shape[1]] for out in self.branches(self.transformer, *(call(x, t, c) for c in texts))]
+            return norm_preserving_cfg(*preds, req.true_cfg_scale) if use_cfg else preds[0]
 
         with tm("denoise"):
             latents = denoise(model_fn, scheduler, latents, timesteps, progress, cancel)

@@ -195,10 +195,10 @@ class WanPipeline(Pipeline):
             else:
                 ts = t.expand(x.shape[0])  # (B,)
             kw = dict(hidden_states=inp, timestep=ts, encoder_hidden_states_image=cond.image_embeds)
-            pred = model(encoder_hidden_states=seq, **kw)
-            if use_cfg:
-                pred = true_cfg(pred, model(encoder_hidden_states=neg, **kw), req.guidance_scale)
-            return pred
+            if not use_cfg:
+                return model(encoder_hidden_states=seq, **kw)
+            pred, neg_pred = self.branches(model, dict(kw, encoder_hidden_states=seq), dict(kw, encoder_hidden_states=neg))
+            return true_cfg(pred, neg_pred, req.guidance_scale)
 
         with tm("denoise"):
             latents = denoise(model_fn, scheduler, latents, timesteps, progress, cancel)

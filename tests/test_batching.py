@@ -118,3 +118,24 @@ def test_refusals():
         Generator.from_pretrained(ASSETS / "flux-tiny", device="cpu", max_batch=2, step_cache=0.1)
     with pytest.raises(GenError, match="one process only"):
         Generator.from_pretrained(ASSETS / "flux-tiny", device="cpu", max_batch=2, num_gpus=2)
+
+
+@pytest.mark.parametrize("name", ["flux", "wan", "qwen"])
+def test_cfg_branches_in_one_forward(name):
+    """cfg_batch: the conditional and unconditional calls of a step as one batched forward (Qwen-Image's two
+    prompts of different lengths padded and masked): same pictures, half the forwards."""
+    folder, kw = {"flux": ("flux-tiny", dict(height=32, width=32, negative_prompt="blue", true_cfg_scale=2.0)),
+                  "wan": ("wan-t2v-tiny", dict(height=32, width=32, num_frames=5, guidance_scale=3.0)),
+                  "qwen": ("qwen-image-tiny", dict(height=32, width=32, negative_prompt="a blue square x",
+                                                   true_cfg_scale=2.0))}[name]
+    pictures_of = {}
+    for cfg_batch in (False, True):
+        gen = Generator.from_pretrained(ASSETS / folder, device="cpu", cfg_batch=cfg_batch)
+        calls = []
+        hook = gen.pipeline.transformer.register_forward_pre_hook(lambda m, a, k: calls.append(1), with_kwargs=True)
+        pictures_of[cfg_batch] = pictures(gen.generate("a red circle", seed=3, num_inference_steps=3, **kw))
+        hook.remove()
+        assert len(calls) == (3 if cfg_batch else 6)
+    assert psnr(pictures_of[True], pictures_of[False]) >= 50.0
+    with pytest.raises(GenError, match="cfg_batch and step_cache cannot be combined"):
+        Generator.from_pretrained(ASSETS / folder, device="cpu", cfg_batch=True, step_cache=0.1)

@@ -48,6 +48,7 @@ class TransformOptions:
     cuda_graphs: bool = False
     vae_tiling: bool = False
     join: bool = True
+    cfg_batch: bool | None = None  # CFG branches in one batched forward; None: on accelerators, one process
     max_batch: int = 1  # > 1: batch the DiT calls of up to this many concurrent generations
     batch_wait_ms: float = 5.0  # how long a call waits for others to join its batch
 
@@ -74,6 +75,12 @@ def check_options(options: TransformOptions, device: torch.device, dtype: torch.
     if options.max_batch > 1 and parallel:
         raise GenError(f"max_batch={options.max_batch} works in one process only: parallel ranks run one "
                        "generation at a time", param="max_batch")
+    if options.cfg_batch and options.step_cache is not None:
+        raise GenError("cfg_batch and step_cache cannot be combined: the step cache tells the CFG branches apart by "
+                       "their text tensors", param="cfg_batch")
+    if options.cfg_batch and parallel:
+        raise GenError("cfg_batch works in one process (on several ranks, cfg_parallel runs the CFG branches on "
+                       "two rank halves instead)", param="cfg_batch")
     if options.fp8:
         check_fp8(device, dtype)
     if options.cuda_graphs:
@@ -117,6 +124,11 @@ def apply_transforms(pipeline, options: TransformOptions = TransformOptions(), p
     applied = Applied()
     dits = pipeline.dits()
     try:
+        cfg_batch = options.cfg_batch
+        if cfg_batch is None:  # where memory is plentiful and kernels are launch- or occupancy-bound
+            cfg_batch = pipeline.device.type != "cpu" and parallel is None and options.step_cache is None
+        pipeline.cfg_batch = cfg_batch
+        applied.append(Step("cfg_batch", cfg_batch, lambda: setattr(pipeline, "cfg_batch", False)))
         previous = get_attention_backend()
         backend = select_attention_backend(pipeline.device, pipeline.dtype, options.attention)
         applied.append(Step("attention", backend, lambda: set_attention_backend(previous)))
