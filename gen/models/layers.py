@@ -12,12 +12,12 @@ from torch import nn
 
 class MLPEmbedder(nn.Module):
     """Linear -> activation (SiLU) -> Linear (diffusers' TimestepEmbedding / PixArtAlphaTextProjection):
-    `linear_1`, `linear_2`."""
+    `linear_1`, `linear_2` (`bias=False`: both without bias, as `sample_proj_bias=False` makes them)."""
 
-    def __init__(self, in_dim: int, dim: int, act: Callable[[torch.Tensor], torch.Tensor] = F.silu):
+    def __init__(self, in_dim: int, dim: int, act: Callable[[torch.Tensor], torch.Tensor] = F.silu, bias: bool = True):
         super().__init__()
-        self.linear_1 = nn.Linear(in_dim, dim)
-        self.linear_2 = nn.Linear(dim, dim)
+        self.linear_1 = nn.Linear(in_dim, dim, bias=bias)
+        self.linear_2 = nn.Linear(dim, dim, bias=bias)
         self.act = act
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
