@@ -36,6 +36,7 @@ class ShardedTransformer:
         self.attn = SequenceParallelAttention(ctx, get_attention_backend())
         self.handles = []
         self.methods: list[str] = []
+        self.prefixes: list[int] = []  # text prefix lengths set aside inside `no_prefix` modules
         if self.sp:
             self._install_hooks()
 
@@ -109,6 +110,10 @@ class ShardedTransformer:
             for module in self._matching(pattern):
                 self.handles.append(module.register_forward_pre_hook(lambda m, a: self._local(+1)))
                 self.handles.append(module.register_forward_hook(lambda m, a, o: self._local(-1)))
+        for pattern in plan.no_prefix:
+            for module in self._matching(pattern):
+                self.handles.append(module.register_forward_pre_hook(lambda m, a: self._no_prefix(True)))
+                self.handles.append(module.register_forward_hook(lambda m, a, o: self._no_prefix(False)))
 
     def _matching(self, pattern: str) -> list[torch.nn.Module]:
         """Submodules whose dotted name matches `pattern`, where `*` stands for one name component."""
@@ -121,6 +126,16 @@ class ShardedTransformer:
         if self.attn.state is not None:
             self.attn.state.local_depth += delta
 
+    def _no_prefix(self, enter: bool) -> None:
+        """Inside a `no_prefix` module the sharded tokens attend among themselves: no replicated text leads."""
+        st = self.attn.state
+        if st is not None:
+            if enter:
+                self.prefixes.append(st.prefix_len)
+                st.prefix_len = 0
+            else:
+                st.prefix_len = self.prefixes.pop()
+
     # ---- the call
 
     def _forward(self, *args, **kwargs):
@@ -131,7 +146,9 @@ class ShardedTransformer:
         if not self.sp:
             return self.forward(*bound.args, **bound.kwargs)
         plan, a = self.plan, bound.arguments
-        state = CallState(prefix_len=a[plan.text_prefix].shape[1] if plan.text_prefix else 0)
+        prefix = plan.text_prefix
+        state = CallState(prefix_len=0 if prefix is None else prefix(self.model, a) if callable(prefix)
+                          else a[prefix].shape[1])
         if plan.seq_len is not None:
             state.full_len = plan.seq_len(self.model, a)
         with self._installed(state):

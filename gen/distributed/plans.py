@@ -21,7 +21,10 @@ class ShardPlan:
     split_args: dict[str, dict[str, Split]] = field(default_factory=dict)  # submodule pattern (* = one name) -> argument -> split
     gather: str = ""  # submodule whose output (B, L_shard, ...) is gathered along dim 1; "" = the model's output
     local_attention: tuple[str, ...] = ()  # submodule patterns whose attention stays on the rank (cross-attn)
-    text_prefix: str | None = None  # forward argument whose dim 1 counts the replicated text leading joint attention
+    no_prefix: tuple[str, ...] = ()  # submodule patterns whose attention is over the sharded tokens alone (no text)
+    # the replicated text leading joint attention: the forward argument whose dim 1 counts it, or
+    # (model, forward arguments) -> its length when the model pads it (Z-Image)
+    text_prefix: str | Callable | None = None
     seq_len: Callable | None = None  # (model, forward arguments) -> sequence length, when inputs do not show it
     heads_attr: str = "num_attention_heads"  # config field with the head count (checked against ulysses_degree)
 
