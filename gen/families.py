@@ -6,12 +6,14 @@ from torch import nn
 
 from gen.types import GenError
 from pipelines import flux, qwen_image, wan
+from pipelines import z_image
 from pipelines.family import DiT, Family
 
 FAMILIES: dict[str, Family] = {
     "flux": flux.FAMILY,
     "wan": wan.FAMILY,
     "qwen-image": qwen_image.FAMILY,
+    "z-image": z_image.FAMILY,
 }
 PIPELINES: dict[str, type] = {name: cls for f in FAMILIES.values() for name, cls in f.pipelines.items()}
 DITS: dict[str, DiT] = {d.checkpoint_class: d for f in FAMILIES.values() for d in f.dits}
