@@ -123,3 +123,35 @@ def test_diffusers_layout_finds_sibling_tokenizer(tmp_path):
 
     tok = load_tokenizer(tmp_path / "text_encoder")
     assert tok.name_or_path == str(tmp_path / "tokenizer")
+
+
+def test_concurrent_encodes_share_batched_prefills(llm):
+    """encode() from several threads: calls that wait while the engine is busy run together in one prefill, each
+    caller gets what it would get alone; different settings are never merged; generate stays correct alongside."""
+    texts = [["the cat sat on the mat"], ["a dog"], ["the big red dog", "a cat"], ["mat"]] * 3
+    alone = [llm.encode(t, hidden_layer=1) for t in texts]
+    greedy = llm.generate(["the cat"], max_new_tokens=4)
+    before = dict(llm.stats)
+    results, outputs, start = [None] * len(texts), [], threading.Barrier(len(texts) + 1)
+
+    def work(i):
+        start.wait()
+        results[i] = llm.encode(texts[i], hidden_layer=1)
+
+    def other():
+        start.wait()
+        outputs.append((llm.encode(["a dog"], hidden_layer=-1), llm.generate(["the cat"], max_new_tokens=4)))
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(len(texts))] + [threading.Thread(target=other)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    for got, want in zip(results, alone):
+        assert got.hidden.shape == want.hidden.shape and torch.equal(got.mask, want.mask)
+        assert rel_err(got.hidden, want.hidden) <= 1e-5
+    calls = llm.stats["encode_calls"] - before["encode_calls"]
+    batches = llm.stats["encode_batches"] - before["encode_batches"]
+    assert calls == len(texts) + 1 and batches < calls  # some prefills served several calls
+    (enc, gen), = outputs
+    assert rel_err(enc.hidden, llm.encode(["a dog"], hidden_layer=-1).hidden) <= 1e-5 and gen == greedy

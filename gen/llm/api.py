@@ -1,7 +1,8 @@
 """The LLM runtime's API objects (`LLM`, `Encoded`); gen/llm/__init__.py re-exports them with the shared registry."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+import threading
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -110,6 +111,9 @@ class LLM:
         self.stop_ids = stop_ids_of(hf_config, gen_cfg, tokenizer)
         self.engine = Engine(model, device, dtype, int(max_context), self.stop_ids, pad, compile_decode,
                              compile_prefill=compile_prefill)
+        self._lock = threading.Lock()  # one engine call at a time (its caches are shared state)
+        self._encodes = _EncodeQueue(self)
+        self.stats = {"encode_calls": 0, "encode_batches": 0}  # encode() calls, and engine runs that served them
 
     def __repr__(self) -> str:
         return f"LLM({self.name!r}, {type(self.model).__name__}, device={self.device}, dtype={self.dtype})"
@@ -177,22 +181,31 @@ class LLM:
             raise ValueError(f"{type(self.model).__name__} takes no images (pixel_values given)")
         if pixel_values is not None and max_length is not None:
             raise ValueError("max_length truncation would cut image tokens; truncate the prompt before adding images")
-        images = {} if pixel_values is None else {"pixel_values": pixel_values, "image_grid_thw": image_grid_thw}
-        hidden, mask = self.engine.hidden_states(self._ids(texts, max_length), hidden_layer, final_norm, pad_to, **images)
-        return Encoded(hidden, mask)
+        if pixel_values is not None:
+            images = {"pixel_values": pixel_values, "image_grid_thw": image_grid_thw}
+            with self._lock:
+                self.stats["encode_calls"] += 1
+                self.stats["encode_batches"] += 1
+                hidden, mask = self.engine.hidden_states(self._ids(texts, max_length), hidden_layer, final_norm,
+                                                         pad_to, **images)
+            return Encoded(hidden, mask)
+        key = (tuple(layers), max_length, final_norm, pad_to)
+        return self._encodes.submit(texts, key)
 
     def generate(self, prompts, max_new_tokens: int = 128, temperature: float = 0.0, top_p: float = 1.0,
                  top_k: int = 0, seed: int | None = None) -> list[str]:
         """Continuations of raw prompts (str, list of str, or token ids), decoded without special tokens."""
         params = SamplingParams(max_new_tokens, temperature, top_k, top_p, seed)
-        return self._decode(self.engine.generate(self._ids(prompts), params))
+        with self._lock:
+            return self._decode(self.engine.generate(self._ids(prompts), params))
 
     def chat(self, messages, max_new_tokens: int = 256, temperature: float = 0.0, top_p: float = 1.0,
              top_k: int = 0, seed: int | None = None):
         """Assistant reply to one conversation (-> str) or a list of conversations (-> list[str])."""
         params = SamplingParams(max_new_tokens, temperature, top_k, top_p, seed)
-        seqs, batch = self._chat_ids(messages)
-        out = self._decode(self.engine.generate(seqs, params))
+        with self._lock:
+            seqs, batch = self._chat_ids(messages)
+            out = self._decode(self.engine.generate(seqs, params))
         return out if batch else out[0]
 
     def _decode(self, rows: list[list[int]]) -> list[str]:
@@ -208,3 +221,84 @@ def smollm2_path() -> Path:
     from gen.llm.gguf import smollm2_path as _p
 
     return _p()
+
+
+@dataclass
+class _Pending:
+    texts: object
+    key: tuple
+    done: bool = False
+    result: Encoded | None = None
+    error: BaseException | None = None
+    rows: int = 0
+
+
+@dataclass
+class _EncodeQueue:
+    """Concurrent text-only encode() calls of one LLM, served in batches: a call arriving while the engine is busy
+    waits, and when the engine frees up the waiting calls with the same settings run as one batched prefill (every
+    caller gets its own rows, trimmed to its own length: what it would get alone, up to batched-kernel rounding).
+    A call that finds the engine idle runs at once: no waiting when there is no concurrency."""
+
+    llm: "LLM"
+    cond: threading.Condition = field(default_factory=threading.Condition)
+    queue: list = field(default_factory=list)
+    running: bool = False
+
+    def submit(self, texts, key: tuple) -> Encoded:
+        entry = _Pending(texts, key)
+        with self.cond:
+            self.queue.append(entry)
+            while not entry.done:
+                if not self.running:  # run every waiting call with this call's settings (the others: next)
+                    batch = [e for e in self.queue if e.key == key]
+                    self.queue = [e for e in self.queue if e.key != key]
+                    self.running = True
+                    break
+                self.cond.wait()
+            else:
+                if entry.error is not None:
+                    raise entry.error
+                return entry.result
+        try:
+            self._run(batch)
+        finally:
+            with self.cond:
+                self.running = False
+                self.cond.notify_all()
+        if entry.error is not None:
+            raise entry.error
+        return entry.result
+
+    def _run(self, batch: list[_Pending]) -> None:
+        llm = self.llm
+        layers, max_length, final_norm, pad_to = batch[0].key
+        hidden_layer = layers[0] if len(layers) == 1 else list(layers)
+        seqs, ok = [], []
+        for e in batch:  # a bad prompt fails its own call only
+            try:
+                ids = llm._ids(e.texts, max_length)
+            except (TypeError, ValueError) as err:
+                e.error, e.done = err, True
+                continue
+            e.rows = len(ids)
+            seqs += ids
+            ok.append(e)
+        if not ok:
+            return
+        with llm._lock:
+            llm.stats["encode_calls"] += len(ok)
+            llm.stats["encode_batches"] += 1
+            try:
+                hidden, mask = llm.engine.hidden_states(seqs, hidden_layer, final_norm, pad_to)
+            except BaseException as err:  # every caller of the batch gets the error
+                for e in ok:
+                    e.error, e.done = err, True
+                return
+        start = 0
+        for e in ok:
+            m = mask[start: start + e.rows]
+            length = hidden.shape[1] if pad_to is not None else int(m.sum(dim=1).max())
+            e.result = Encoded(hidden[start: start + e.rows, :length], m[:, :length])
+            e.done = True
+            start += e.rows
