@@ -109,6 +109,28 @@ def test_registry_shares_one_instance(folder):
     registry.clear()
 
 
+def test_registry_shares_copies_of_the_same_weights(folder, tmp_path):
+    """Two folders holding the same checkpoint (two models shipping one text encoder) load it once; a copy with one
+    weight changed, or another tokenizer, is another instance."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    path, _ = folder
+    registry.clear()
+    copies = [shutil.copytree(path, tmp_path / name) for name in ("model_a", "model_b", "changed", "retokenized")]
+    weights = next(p for p in copies[2].iterdir() if p.suffix == ".safetensors")
+    state = load_file(weights)
+    name = sorted(state)[0]
+    state[name] = state[name] + 1
+    save_file(state, weights)
+    (copies[3] / "tokenizer_config.json").write_text((copies[3] / "tokenizer_config.json").read_text() + " ")
+    a, b, changed, retokenized = (get_llm(c, "cpu", "fp32") for c in copies)
+    assert a is b and changed is not a and retokenized is not a
+    assert len(registry.loaded()) == 4 and len(registry.instances()) == 3
+    registry.clear()
+
+
 def test_diffusers_layout_finds_sibling_tokenizer(tmp_path):
     """text_encoder/ (weights) + tokenizer/ (tokenizer) as in a diffusers pipeline folder."""
     from test_llm_loader import tiny_tokenizer
