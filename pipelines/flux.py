@@ -1,15 +1,18 @@
-"""FLUX.1 text-to-image (dev and schnell): CLIP pooled + T5 text encoding, packed 2x2 latents, flow matching."""
+"""FLUX.1 text-to-image (dev and schnell) and image editing (Kontext): CLIP pooled + T5 text encoding, packed 2x2
+latents, flow matching; Kontext appends the input image's packed latents to the noise tokens."""
 from __future__ import annotations
 
 import copy
 from dataclasses import replace
 
+import numpy as np
 import torch
+from PIL import Image
 
 from gen.distributed.plans import ShardPlan
 from gen.models.flux import FluxConfig, FluxTransformer
 from gen.transforms.step_cache import CacheLayout
-from gen.types import GenerationRequest, GenerationResult
+from gen.types import GenError, GenerationRequest, GenerationResult
 from pipelines.base import Pipeline, Timings
 from pipelines.family import DiT, Family
 from stages.decode import decode_image
@@ -20,6 +23,10 @@ from stages.timesteps import linear_sigmas, scheduler_shift, set_timesteps
 from stages.validate import FamilyDefaults
 
 T5_MAX_LENGTH = 512
+# (width, height) the reference resizes a Kontext input image to: the one whose aspect ratio is closest to the input's
+KONTEXT_RESOLUTIONS = ((672, 1568), (688, 1504), (720, 1456), (752, 1392), (800, 1328), (832, 1248), (880, 1184),
+                       (944, 1104), (1024, 1024), (1104, 944), (1184, 880), (1248, 832), (1328, 800), (1392, 752),
+                       (1456, 720), (1504, 688), (1568, 672))
 
 
 def _single_stream(streams: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
@@ -80,6 +87,9 @@ class FluxPipeline(Pipeline):
             latents = pack_2x2(draw_noise((n, channels, h, w), req.seed, self.device, seq.dtype))
             img_ids = image_token_ids(h // 2, w // 2, self.device, seq.dtype)
             txt_ids = torch.zeros(seq.shape[1], 3, device=self.device, dtype=seq.dtype)
+            ref, ref_ids = self.reference_latents(req, n, seq.dtype)
+            if ref is not None:
+                img_ids = torch.cat([img_ids, ref_ids])
             guidance = None
             if self.transformer.config.guidance_embeds:
                 guidance = torch.full((n,), req.guidance_scale, device=self.device, dtype=torch.float32)
@@ -90,13 +100,14 @@ class FluxPipeline(Pipeline):
                                       mu=scheduler_shift(scheduler, latents.shape[1]))
 
         def model_fn(x: torch.Tensor, ts: torch.Tensor, i: int) -> torch.Tensor:
-            kw = dict(hidden_states=x, timestep=ts.expand(x.shape[0]).to(x.dtype) / 1000, img_ids=img_ids,
+            x_in = x if ref is None else torch.cat([x, ref], dim=1)  # the noise tokens first, then the reference's
+            kw = dict(hidden_states=x_in, timestep=ts.expand(x.shape[0]).to(x.dtype) / 1000, img_ids=img_ids,
                       txt_ids=txt_ids, guidance=guidance)
             if not use_cfg:
-                return self.transformer(encoder_hidden_states=seq, pooled_projections=pooled, **kw)
+                return self.transformer(encoder_hidden_states=seq, pooled_projections=pooled, **kw)[:, : x.shape[1]]
             pred, neg = self.branches(self.transformer, dict(kw, encoder_hidden_states=seq, pooled_projections=pooled),
                                       dict(kw, encoder_hidden_states=neg_seq, pooled_projections=neg_pooled))
-            return true_cfg(pred, neg, req.true_cfg_scale)
+            return true_cfg(pred[:, : x.shape[1]], neg[:, : x.shape[1]], req.true_cfg_scale)
 
         with t("denoise"):
             latents = denoise(model_fn, scheduler, latents, timesteps, progress, cancel)
@@ -104,5 +115,51 @@ class FluxPipeline(Pipeline):
             images = decode_image(self.vae, unpack_2x2(latents, h, w))
         return GenerationResult(seed=req.seed, images=images, timings=dict(t), request=req)
 
+    def reference_latents(self, req: GenerationRequest, n: int,
+                          dtype) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """Packed latents of the input image (n, L_ref, C*4) and their position ids (L_ref, 3); none here."""
+        return None, None
 
-FAMILY = Family(name="flux", pipelines={"FluxPipeline": FluxPipeline}, dits=(FLUX_DIT,))
+
+def kontext_size(width: int, height: int, multiple: int) -> tuple[int, int]:
+    """(width, height) a Kontext input image is resized to: of KONTEXT_RESOLUTIONS, the aspect ratio closest to the
+    image's (its sides first cut down to multiples of `multiple`), as the reference picks it."""
+    width, height = width - width % multiple, height - height % multiple
+    if width == 0 or height == 0:
+        raise GenError(f"the input image ({width} x {height} after cutting to multiples of {multiple}) is smaller than "
+                       f"{multiple} x {multiple} pixels", param="image")
+    _, width, height = min((abs(width / height - w / h), w, h) for w, h in KONTEXT_RESOLUTIONS)
+    return width // multiple * multiple, height // multiple * multiple
+
+
+class FluxKontextPipeline(FluxPipeline):
+    """Image editing (FLUX.1 Kontext): the input image, resized to the preferred resolution of nearest aspect ratio,
+    is VAE-encoded and its packed latents follow the noise tokens (position ids on frame 1). The output is
+    height x width (default: as FluxPipeline); the reference rescales any requested size to a 1024 x 1024 pixel area
+    (its max_area), which equals ours when max_area = height * width."""
+
+    takes_images = "required"
+
+    def check_images(self, req: GenerationRequest) -> None:
+        super().check_images(req)
+        if len(req.images) > 1:
+            raise GenError(f"{type(self).__name__} takes one input image, got {len(req.images)}", param="image")
+        kontext_size(req.images[0].width, req.images[0].height, self.vae_scale * 2)  # big enough to resize
+
+    @torch.no_grad()
+    def reference_latents(self, req: GenerationRequest, n: int, dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        image = req.images[0].convert("RGB")
+        width, height = kontext_size(image.width, image.height, self.vae_scale * 2)
+        pixels = np.asarray(image.resize((width, height), resample=Image.LANCZOS)).astype(np.float32)[None] / 255.0
+        # (1, 3, H, W) in [-1, 1], channels last in memory as the reference's (the CPU convolutions then round alike)
+        pixels = torch.from_numpy(pixels.transpose(0, 3, 1, 2)) * 2.0 - 1.0
+        z = self.vae.encode(pixels.to(self.vae.device, dtype)).latent_dist.mode()  # (1, C, H/8, W/8)
+        z = (z - (self.vae.config.get("shift_factor", None) or 0.0)) * self.vae.config.scaling_factor
+        h, w = z.shape[-2:]
+        ids = image_token_ids(h // 2, w // 2, self.device, dtype)
+        ids[:, 0] = 1  # the reference image sits on frame 1 of FLUX's 3-axis RoPE
+        return pack_2x2(z.to(self.device)).repeat(n, 1, 1), ids
+
+
+FAMILY = Family(name="flux", pipelines={"FluxPipeline": FluxPipeline, "FluxKontextPipeline": FluxKontextPipeline},
+                dits=(FLUX_DIT,))

@@ -1,10 +1,12 @@
-"""Tiny FLUX.1-dev and FLUX.1-schnell checkpoints, written by diffusers' own FluxPipeline.save_pretrained."""
+"""Tiny FLUX.1-dev, FLUX.1-schnell and FLUX.1 Kontext checkpoints, written by diffusers' own save_pretrained of
+FluxPipeline / FluxKontextPipeline (Kontext: the dev components under the Kontext pipeline class)."""
 from __future__ import annotations
 
 from pathlib import Path
 
 import torch
-from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+from diffusers import (AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxKontextPipeline, FluxPipeline,
+                       FluxTransformer2DModel)
 
 from assets.builders.common import tiny_clip_text_model, tiny_clip_tokenizer, tiny_t5_encoder, tiny_t5_tokenizer
 
@@ -17,7 +19,7 @@ def tiny_flux_vae() -> AutoencoderKL:
                          scaling_factor=0.3611, shift_factor=0.1159, use_quant_conv=False, use_post_quant_conv=False)
 
 
-def build_flux(out: Path, guidance_embeds: bool) -> Path:
+def build_flux(out: Path, guidance_embeds: bool, pipeline_cls=FluxPipeline) -> Path:
     torch.manual_seed(0)
     tok, tok2 = tiny_clip_tokenizer(), tiny_t5_tokenizer()
     clip, t5 = tiny_clip_text_model(len(tok)), tiny_t5_encoder(len(tok2))
@@ -28,7 +30,7 @@ def build_flux(out: Path, guidance_embeds: bool) -> Path:
     scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0, use_dynamic_shifting=True,
                                                 base_shift=0.5, max_shift=1.15, base_image_seq_len=256,
                                                 max_image_seq_len=4096)
-    pipe = FluxPipeline(scheduler=scheduler, vae=tiny_flux_vae(), text_encoder=clip, tokenizer=tok,
+    pipe = pipeline_cls(scheduler=scheduler, vae=tiny_flux_vae(), text_encoder=clip, tokenizer=tok,
                         text_encoder_2=t5, tokenizer_2=tok2, transformer=transformer)
     pipe.save_pretrained(out, safe_serialization=True)
     return out
@@ -36,4 +38,5 @@ def build_flux(out: Path, guidance_embeds: bool) -> Path:
 
 def build(root: Path) -> list[Path]:
     return [build_flux(root / "flux-tiny", guidance_embeds=True),
-            build_flux(root / "flux-schnell-tiny", guidance_embeds=False)]
+            build_flux(root / "flux-schnell-tiny", guidance_embeds=False),
+            build_flux(root / "flux-kontext-tiny", guidance_embeds=True, pipeline_cls=FluxKontextPipeline)]

@@ -1,5 +1,5 @@
-"""Builds the tiny Z-Image checkpoint (assets/z-image-tiny) in the diffusers layout, written by diffusers' / transformers'
-own save_pretrained with real config keys and tiny dims. Not a test; run it to (re)build:
+"""Builds the tiny Z-Image checkpoint (assets/z-image-tiny) in the diffusers layout, written by diffusers' and
+transformers' own save_pretrained with real config keys and tiny dims. Not a test; run it to (re)build:
 
     python -m assets.build_assets z_image
 
