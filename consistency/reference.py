@@ -31,6 +31,19 @@ def _flux(pipe, case: Case) -> tuple[list[Image.Image], None]:
     return pipe(**kw).images, None
 
 
+def _flux_kontext(pipe, case: Case) -> tuple[list[Image.Image], None]:
+    kw = _common(case, "prompt", "negative_prompt", "true_cfg_scale", "height", "width", "num_inference_steps",
+                 "guidance_scale")
+    if case.height is not None and case.width is not None:
+        kw["max_area"] = case.height * case.width  # the reference rescales height x width to max_area pixels
+    return pipe(image=load_image(case.images[0]), **kw).images, None
+
+
+def _z_image(pipe, case: Case) -> tuple[list[Image.Image], None]:
+    kw = _common(case, "prompt", "negative_prompt", "height", "width", "num_inference_steps", "guidance_scale")
+    return pipe(**kw).images, None
+
+
 def _qwen_image(pipe, case: Case) -> tuple[list[Image.Image], None]:
     kw = _common(case, "prompt", "negative_prompt", "true_cfg_scale", "height", "width", "num_inference_steps",
                  "guidance_scale")
@@ -80,6 +93,8 @@ def _qwen_vl_processor(model) -> dict:
 # model_index.json `_class_name` -> (diffusers pipeline class, runner, components to pass in instead of loading)
 RUNNERS = {
     "FluxPipeline": ("FluxPipeline", _flux, None),
+    "FluxKontextPipeline": ("FluxKontextPipeline", _flux_kontext, None),
+    "ZImagePipeline": ("ZImagePipeline", _z_image, None),
     "QwenImagePipeline": ("QwenImagePipeline", _qwen_image, None),
     "QwenImageEditPipeline": ("QwenImageEditPipeline", _qwen_image_edit, _qwen_vl_processor),
     "WanPipeline": ("WanPipeline", _wan_t2v, None),
@@ -95,7 +110,7 @@ def run_reference(case: Case, class_name: str, device: torch.device, dtype: torc
     if class_name not in RUNNERS:
         raise GenError(f"case {case.id!r}: no reference runner for pipeline {class_name!r}; "
                        f"known: {sorted(RUNNERS)} (use --source gen)")
-    takes_image = class_name in ("QwenImageEditPipeline", "WanImageToVideoPipeline")
+    takes_image = class_name in ("QwenImageEditPipeline", "WanImageToVideoPipeline", "FluxKontextPipeline")
     if takes_image != bool(case.images):
         need = "needs an input image" if takes_image else "takes no input images"
         raise GenError(f"case {case.id!r}: {class_name} {need} (case field 'images')")
