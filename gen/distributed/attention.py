@@ -2,7 +2,9 @@
 
 Not the sharding of model inputs (gen/distributed/apply.py). The joint layout is [prefix, sequence]: `prefix`
 tokens (the text of FLUX / Qwen-Image joint attention) are held whole by every rank and are never sent around;
-the sequence is sharded, shard s on sp rank s, padded at its end (padding keys are cut off, never attended).
+the sequence is sharded, shard s on sp rank s, padded at its end (padding keys are cut off, never attended). Keys
+may lead with more replicated tokens than the queries hold: context attended to without being computed (the cached
+prompt and condition of Qwen-Image 2.1).
 """
 from __future__ import annotations
 
@@ -191,10 +193,12 @@ class SequenceParallelAttention:
         if st is None or st.local_depth or st.full_len is None:
             return self.inner(q, k, v, mask)
         cfg, p = self.ctx.config, st.prefix_len
-        assert q.shape[1] == k.shape[1], f"joint self-attention expected, got Lq={q.shape[1]} Lk={k.shape[1]}"
-        tq, tk, tv = q[:, :p], k[:, :p], v[:, :p]  # (B, P, H, D), replicated
-        xq, xk, xv = q[:, p:], k[:, p:], v[:, p:]  # (B, Ls, H, D), this rank's shard
-        tmask = None if mask is None else mask[:, :p].bool()
+        # keys beyond the queries lead the keys: replicated context no query stands for (Qwen-Image 2.1's prefix)
+        pk = p + k.shape[1] - q.shape[1]
+        assert pk >= p, f"joint self-attention (plus leading keys) expected, got Lq={q.shape[1]} Lk={k.shape[1]}"
+        tq, tk, tv = q[:, :p], k[:, :pk], v[:, :pk]  # (B, P, H, D), (B, Pk, H, D), replicated
+        xq, xk, xv = q[:, p:], k[:, pk:], v[:, pk:]  # (B, Ls, H, D), this rank's shard
+        tmask = None if mask is None else mask[:, :pk].bool()
         u = cfg.ulysses_degree
         if u > 1:
             heads = q.shape[2]
@@ -213,7 +217,7 @@ class SequenceParallelAttention:
                 kmask = torch.cat([tmask, tmask.new_ones(tmask.shape[0], n_valid)], dim=1)
             out = self.inner(torch.cat([tq, xq], dim=1), keys, values, kmask)
         else:
-            prefix = (tk, tv, tmask) if p else None
+            prefix = (tk, tv, tmask) if pk else None
             out = ring_attention(torch.cat([tq, xq], dim=1), xk, xv, self.ctx, st.full_len, prefix, n_prefix_q=p)
         t_out, x_out = out[:, :p], out[:, p:]
         if u > 1:
