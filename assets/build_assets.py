@@ -14,6 +14,7 @@ BUILDERS = {
     "flux": "assets.builders.flux",
     "wan": "assets.builders.wan",
     "qwen_image": "assets.builders.qwen_image",
+    "qwen_image21": "assets.builders.qwen_image21",
     "z_image": "assets.builders.z_image",
 }
 

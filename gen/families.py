@@ -6,6 +6,7 @@ from torch import nn
 
 from gen.types import GenError
 from pipelines import flux, qwen_image, wan
+from pipelines import qwen_image21
 from pipelines import z_image
 from pipelines.family import DiT, Family
 
@@ -13,6 +14,7 @@ FAMILIES: dict[str, Family] = {
     "flux": flux.FAMILY,
     "wan": wan.FAMILY,
     "qwen-image": qwen_image.FAMILY,
+    "qwen-image-2.1": qwen_image21.FAMILY,
     "z-image": z_image.FAMILY,
 }
 PIPELINES: dict[str, type] = {name: cls for f in FAMILIES.values() for name, cls in f.pipelines.items()}
