@@ -1,4 +1,5 @@
-"""`gen serve` as a real process: it serves the embedded default model, and SIGTERM drains the running request."""
+"""`gen serve` as a real process on the embedded default model: SIGTERM answers queued requests 503 at once, keeps
+answering /ready 503 while the running request drains, and cancels it with a JSON 503 past --shutdown-timeout."""
 from __future__ import annotations
 
 import concurrent.futures
@@ -24,35 +25,75 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_gen_serve_answers_then_drains_on_sigterm(tmp_path):
+def start_serve(tmp_path, *flags) -> tuple[subprocess.Popen, str]:
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     proc = subprocess.Popen([sys.executable, "-m", "gen.cli", "serve", "--port", str(port), "--output-dir",
-                             str(tmp_path), "--max-queue", "2", "--no-ui"], cwd=ROOT,
+                             str(tmp_path), "--no-ui", *flags], cwd=ROOT,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.monotonic() + 120
+    while True:
+        assert proc.poll() is None, proc.stdout.read()
+        assert time.monotonic() < deadline, "gen serve did not become ready"
+        try:
+            if httpx.get(f"{url}/ready").status_code == 200:
+                return proc, url
+        except httpx.TransportError:
+            pass
+        time.sleep(0.2)
+
+
+def metric(url: str, name: str) -> float:
+    for line in httpx.get(f"{url}/metrics").text.splitlines():
+        if line.startswith(name + " "):
+            return float(line.split()[-1])
+    return 0.0
+
+
+def wait_for(predicate, what: str, timeout: float = 60.0):
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, what
+        time.sleep(0.05)
+
+
+def test_gen_serve_answers_then_drains_on_sigterm(tmp_path):
+    proc, url = start_serve(tmp_path, "--max-queue", "2", "--shutdown-timeout", "120")
     try:
-        deadline = time.monotonic() + 120
-        while True:
-            assert proc.poll() is None, proc.stdout.read()
-            assert time.monotonic() < deadline, "gen serve did not become ready"
-            try:
-                if httpx.get(f"{url}/ready").status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            time.sleep(0.2)
         body = {"prompt": "a boat", "size": "64x64", "num_inference_steps": 2}
         assert httpx.post(f"{url}/v1/images/generations", json=body, timeout=60).status_code == 200
-
-        with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        with concurrent.futures.ThreadPoolExecutor(2) as pool:
             long = pool.submit(httpx.post, f"{url}/v1/images/generations",
-                               json={**body, "num_inference_steps": 15}, timeout=120)
-            while "gen_running 1.0" not in httpx.get(f"{url}/metrics").text:
-                assert not long.done(), long.result().text
-                time.sleep(0.05)
+                               json={**body, "num_inference_steps": 20}, timeout=180)
+            wait_for(lambda: metric(url, "gen_running") == 1 or long.done(), "the generation did not start")
+            queued = pool.submit(httpx.post, f"{url}/v1/images/generations", json=body, timeout=60)
+            wait_for(lambda: metric(url, "gen_queue_depth") == 1, "the second request was not queued")
             proc.send_signal(signal.SIGTERM)
+            r = queued.result(timeout=10)  # at once, as JSON
+            assert r.status_code == 503 and r.json()["error"]["code"] == "shutting_down"
+            ready = httpx.get(f"{url}/ready")  # still listening while the running one drains
+            assert ready.status_code == 503 and ready.json()["error"]["code"] == "not_ready"
+            assert not long.done()
             assert long.result().status_code == 200  # the running generation finishes and answers
         assert proc.wait(timeout=60) in (0, -signal.SIGTERM)  # uvicorn re-raises the signal once it has drained
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait()
+
+
+def test_gen_serve_cancels_past_the_shutdown_timeout_with_json(tmp_path):
+    proc, url = start_serve(tmp_path, "--shutdown-timeout", "0.5")
+    try:
+        with concurrent.futures.ThreadPoolExecutor(1) as pool:
+            long = pool.submit(httpx.post, f"{url}/v1/images/generations",
+                               json={"prompt": "a boat", "size": "256x256", "num_inference_steps": 32}, timeout=180)
+            wait_for(lambda: metric(url, "gen_running") == 1 or long.done(), "the generation did not start")
+            assert not long.done(), long.result().text
+            proc.send_signal(signal.SIGTERM)
+            r = long.result(timeout=60)
+            assert r.status_code == 503 and r.json()["error"]["code"] == "shutting_down"
+        assert proc.wait(timeout=60) in (0, -signal.SIGTERM)
     finally:
         if proc.poll() is None:
             proc.kill()
@@ -63,5 +104,21 @@ def test_gen_serve_help():
     out = subprocess.run([sys.executable, "-m", "gen.cli", "serve", "--help"], cwd=ROOT, capture_output=True,
                          text=True, timeout=60, env={**os.environ, "PYTHONWARNINGS": "ignore"})
     assert out.returncode == 0
-    for flag in ("--model-path", "--host", "--port", "--api-key", "--max-queue", "--output-dir"):
-        assert flag in out.stdout
+    for flag in ("--model-path", "--host", "--port", "--api-key", "--max-queue", "--output-dir", "--public-url",
+                 "--timeout", "--read-timeout", "--max-pixels", "--max-frames", "--max-steps", "--max-n",
+                 "--max-prompt-tokens", "--max-work", "--max-decode-gb", "--output-ttl", "--max-output-gb",
+                 "--job-lease", "--job-retries", "--webhook-allow-host", "--webhook-secret"):
+        assert flag in out.stdout, flag
+
+
+def test_serve_flags_reach_the_limits_and_durations():
+    from gen.cli import build_parser
+    from gen.server.cli import limit_kwargs
+
+    args = build_parser().parse_args(["serve", "--max-pixels", "4096", "--max-steps", "9", "--max-work", "0.5",
+                                      "--output-ttl", "90m"])
+    assert limit_kwargs(args)["max_pixels"] == 4096 and limit_kwargs(args)["max_work"] == 0.5
+    assert args.output_ttl == 5400 and args.max_frames is None
+    assert build_parser().parse_args(["serve", "--output-ttl", "0"]).output_ttl is None
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["serve", "--output-ttl", "soon"])

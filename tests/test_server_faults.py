@@ -1,4 +1,5 @@
-"""Server faults and load: stage exceptions, client disconnects, timeouts, a full queue, shutdown, many clients.
+"""Server faults and load: stage exceptions, client disconnects (running and queued), deadlines, a full queue,
+shutdown (drain, then cancel), many clients.
 
 Faults are injected through real pipeline hooks (a slow or failing stage of the tiny FLUX pipeline) in a server run
 by uvicorn in a thread.
@@ -45,11 +46,18 @@ def slow(flux, monkeypatch):
 
 
 def wait_idle(app, timeout=10.0):
-    engine = app.state.engine
+    queue = app.state.queue
     deadline = time.monotonic() + timeout
-    while engine.running is not None or engine.queue_depth:
-        assert time.monotonic() < deadline, "the engine did not go idle"
+    while queue.running is not None or queue.queue_depth:
+        assert time.monotonic() < deadline, "the queue did not go idle"
         time.sleep(0.02)
+
+
+def wait_for(predicate, timeout=30.0):
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.01)
 
 
 def metric(url: str, name: str) -> float:
@@ -90,12 +98,32 @@ def test_client_disconnect_cancels(flux, tmp_path, slow):
         assert httpx.post(f"{url}/v1/images/generations", json=SMALL, timeout=60).status_code == 200
 
 
-def test_request_timeout_is_504(flux, tmp_path, slow):
-    app = create_app(flux, output_dir=tmp_path, timeout=0.5, ui=False)
+def test_deadline_cuts_an_admitted_request_and_frees_the_worker(flux, tmp_path, slow):
+    app = create_app(flux, output_dir=tmp_path, timeout=0.6, ui=False)
     with serve_in_thread(app) as url:
+        start = time.monotonic()
         r = httpx.post(f"{url}/v1/images/generations", json={**SMALL, "num_inference_steps": 40}, timeout=30)
+        answered = time.monotonic() - start
         assert r.status_code == 504 and r.json()["error"]["code"] == "timeout"
-        assert len(slow) < 40
+        assert answered < 0.6 + 0.5  # answered at the deadline, not when the work stops
+        wait_for(lambda: app.state.queue.running is None, timeout=0.5)  # the worker is free within about one step
+        assert len(slow) < 12
+        assert metric(url, 'gen_generations_total{outcome="cancelled"}') == 1
+        assert httpx.post(f"{url}/v1/images/generations", json=SMALL, timeout=30).status_code == 200
+
+
+def test_disconnected_waiting_client_frees_its_slot(flux, tmp_path, slow):
+    app = create_app(flux, output_dir=tmp_path, max_queue=1, ui=False)
+    body = {**SMALL, "num_inference_steps": 15}
+    with serve_in_thread(app) as url, concurrent.futures.ThreadPoolExecutor(1) as pool:
+        running = pool.submit(httpx.post, f"{url}/v1/images/generations", json=body, timeout=60)
+        wait_for(lambda: app.state.queue.running is not None)
+        with pytest.raises(httpx.ReadTimeout):  # waits in the one slot, then gives up
+            httpx.post(f"{url}/v1/images/generations", json=body, timeout=0.5)
+        wait_for(lambda: app.state.queue.queue_depth == 0, timeout=1.0)  # the slot is free at once
+        assert app.state.queue.running is not None  # while the first still runs
+        r = httpx.post(f"{url}/v1/images/generations", json=SMALL, timeout=60)
+        assert r.status_code == 200 and running.result().status_code == 200
 
 
 def test_full_queue_is_429_with_retry_after(flux, tmp_path, slow):
@@ -103,10 +131,10 @@ def test_full_queue_is_429_with_retry_after(flux, tmp_path, slow):
     with serve_in_thread(app) as url, concurrent.futures.ThreadPoolExecutor(2) as pool:
         body = {**SMALL, "num_inference_steps": 5}
         running = pool.submit(httpx.post, f"{url}/v1/images/generations", json=body, timeout=60)
-        while app.state.engine.running is None:
+        while app.state.queue.running is None:
             time.sleep(0.01)
         waiting = pool.submit(httpx.post, f"{url}/v1/images/generations", json=body, timeout=60)
-        while app.state.engine.queue_depth == 0:
+        while app.state.queue.queue_depth == 0:
             time.sleep(0.01)
         r = httpx.post(f"{url}/v1/images/generations", json=body, timeout=60)
         assert r.status_code == 429 and r.json()["error"]["code"] == "queue_full"
@@ -115,23 +143,36 @@ def test_full_queue_is_429_with_retry_after(flux, tmp_path, slow):
 
 
 def test_shutdown_drains_running_and_refuses_new(flux, tmp_path, slow):
-    app = create_app(flux, output_dir=tmp_path, max_queue=2, ui=False)
-    with serve_in_thread(app) as url, concurrent.futures.ThreadPoolExecutor(2) as pool:
+    app = create_app(flux, output_dir=tmp_path, max_queue=2, shutdown_timeout=30, ui=False)
+    with serve_in_thread(app) as url, concurrent.futures.ThreadPoolExecutor(3) as pool:
         body = {**SMALL, "num_inference_steps": 10}
         running = pool.submit(httpx.post, f"{url}/v1/images/generations", json=body, timeout=60)
-        while app.state.engine.running is None:
-            time.sleep(0.01)
+        wait_for(lambda: app.state.queue.running is not None)
         queued = pool.submit(httpx.post, f"{url}/v1/images/generations", json=body, timeout=60)
-        while app.state.engine.queue_depth == 0:
-            time.sleep(0.01)
-        app.state.engine.close()  # what SIGTERM does first (see gen/server/cli.py)
-        assert httpx.get(f"{url}/ready").status_code == 503
+        wait_for(lambda: app.state.queue.queue_depth == 1)
+        draining = pool.submit(app.state.drain)  # what SIGTERM does first (see gen/server/cli.py)
+        r = queued.result(timeout=2)  # answered at once, not after the running one
+        assert r.status_code == 503 and r.json()["error"]["code"] == "shutting_down"
+        assert not running.done()
+        assert httpx.get(f"{url}/ready").status_code == 503  # still listening: the load balancer sees 503
         assert httpx.get(f"{url}/health").status_code == 200
         new = httpx.post(f"{url}/v1/images/generations", json=body, timeout=60)
         assert new.status_code == 503 and new.json()["error"]["code"] == "shutting_down"
-        assert queued.result().status_code == 503
         assert running.result().status_code == 200  # the running generation finishes
+        draining.result(timeout=10)
         assert len(slow) == 10
+
+
+def test_shutdown_timeout_cancels_the_running_generation_with_json(flux, tmp_path, slow):
+    app = create_app(flux, output_dir=tmp_path, shutdown_timeout=0.3, ui=False)
+    with serve_in_thread(app) as url, concurrent.futures.ThreadPoolExecutor(1) as pool:
+        running = pool.submit(httpx.post, f"{url}/v1/images/generations", json={**SMALL, "num_inference_steps": 40},
+                              timeout=60)
+        wait_for(lambda: app.state.queue.running is not None)
+        app.state.drain()
+        r = running.result(timeout=5)
+        assert r.status_code == 503 and r.json()["error"]["code"] == "shutting_down"
+        assert len(slow) < 40
 
 
 def test_load_many_clients_small_queue(flux, tmp_path):
@@ -154,14 +195,14 @@ def test_load_many_clients_small_queue(flux, tmp_path):
         assert threading.active_count() < 40  # no thread leak per request
 
 
-def test_engine_reports_progress_per_step(flux, slow):
-    from gen.server.engine import Engine
+def test_queue_reports_progress_per_step(flux, slow):
+    from gen.server.queue import RequestQueue
     from gen.types import GenerationRequest
 
-    engine = Engine(flux, max_queue=1)
+    queue = RequestQueue(flux, max_queue=1)
     seen = []
-    job = engine.submit(GenerationRequest(prompt="x", height=32, width=32, num_inference_steps=4),
-                        on_progress=lambda j: seen.append(j.progress))
+    job = queue.submit(GenerationRequest(prompt="x", height=32, width=32, num_inference_steps=4),
+                       on_progress=lambda j: seen.append(j.progress))
     assert job.done.wait(60) and job.error is None
     assert seen == [0, 25, 50, 75, 100]
-    engine.shutdown()
+    queue.shutdown()

@@ -1,9 +1,15 @@
-"""The web UI at /ui: through gradio_client, and in a real browser (Playwright driving Debian's chromium)."""
+"""The web UI at /ui: through gradio_client, and in a real browser (Playwright driving Debian's chromium). It is a
+door like REST: the same queue, limits, API key and cancellation; outputs by opaque URL, no server paths."""
 from __future__ import annotations
 
+import io
 import os
+import re
+import time
 from pathlib import Path
+from urllib.parse import urljoin
 
+import httpx
 import pytest
 from PIL import Image
 
@@ -24,23 +30,93 @@ CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-backg
 def server(tmp_path_factory):
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
     default = Generator.from_pretrained()  # the embedded default, gen-shapes: it draws the prompt
-    app = create_app(default, output_dir=tmp_path_factory.mktemp("out"), max_queue=4)
+    app = create_app(default, output_dir=tmp_path_factory.mktemp("out"), max_queue=1)
     with serve_in_thread(app) as url:
         yield url, app
 
 
+@pytest.fixture
+def slow(server, monkeypatch):
+    """Every denoising step of the served model takes at least 0.1 s; returns the list of steps run."""
+    transformer = server[1].state.service.generator.pipeline.transformer
+    forward = transformer.forward
+    calls = []
+
+    def slow_forward(*args, **kwargs):
+        calls.append(time.monotonic())
+        time.sleep(0.1)
+        return forward(*args, **kwargs)
+
+    monkeypatch.setattr(transformer, "forward", slow_forward)
+    return calls
+
+
+def outcomes(app) -> dict[str, float]:
+    text = app.state.metrics.render().decode()
+    return {m[1]: float(m[2]) for m in re.finditer(r'gen_generations_total\{outcome="(\w+)"\} ([\d.]+)', text)}
+
+
+def sources(html: str) -> list[str]:
+    return re.findall(r'(?:src|href)="([^"]+)"', html)
+
+
+def wait_for(predicate, timeout=30.0):
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.02)
+
+
+# prompt, negative, seed, randomize, width, height, steps, guidance, frames, fps, image, enhance
+def args(prompt="a red circle on the left on a blue background", width=64, height=48, steps=2, seed=42):
+    return (prompt, "", seed, False, width, height, steps, 3.5, 5, 16, None, False)
+
+
 def test_gradio_client_generates(server):
     url, app = server
+    before = outcomes(app).get("completed", 0)
     client = gradio_client.Client(f"{url}/ui/", verbose=False)
-    # prompt, negative, seed, randomize, width, height, steps, guidance, frames, fps, image, enhance
-    gallery, video, seed, revised = client.predict("a red circle on the left on a blue background", "", 42, False, 64, 48, 2, 3.5,
-                                                   5, 16, None, False, api_name="/generate")
-    assert video is None and seed == 42 and revised == "a red circle on the left on a blue background"
-    assert len(gallery) == 1
-    assert Image.open(gallery[0]["image"]["path"] if isinstance(gallery[0]["image"], dict)
-                      else gallery[0]["image"]).size == (64, 48)
-    metrics = app.state.metrics.render().decode()
-    assert 'gen_generations_total{outcome="completed"} 1.0' in metrics  # the UI runs on the REST API's engine
+    html, seed, revised = client.predict(*args(), api_name="/generate")
+    assert seed == 42 and revised == "a red circle on the left on a blue background"
+    links = sources(html)
+    assert len(links) == 2 and links[0] == links[1] and re.fullmatch(r"\.\./outputs/[0-9a-f]{32}\.png", links[0])
+    assert "/tmp" not in html and str(app.state.service.outputs.dir) not in html  # no server paths
+    image = httpx.get(urljoin(f"{url}/ui/", links[0]))
+    assert image.status_code == 200 and Image.open(io.BytesIO(image.content)).size == (64, 48)
+    assert outcomes(app)["completed"] == before + 1  # the UI runs on the REST API's queue
+
+
+def test_ui_is_held_to_the_server_limits(server):
+    url, _ = server
+    client = gradio_client.Client(f"{url}/ui/", verbose=False)
+    with pytest.raises(Exception, match="--max-pixels"):  # gen-shapes: at most 256 x 256
+        client.predict(*args(width=512, height=512), api_name="/generate")
+    with pytest.raises(Exception, match="--max-work"):  # 4 x the default pixels x 2.5 x the default steps
+        client.predict(*args(width=256, height=256, steps=50), api_name="/generate")
+
+
+def test_ui_shares_the_queue_and_its_cancel_stops_the_generation(server, slow):
+    url, app = server
+    queue = app.state.queue
+    client = gradio_client.Client(f"{url}/ui/", verbose=False)
+    before = outcomes(app).get("cancelled", 0)
+    job = client.submit(*args(steps=50), api_name="/generate")
+    wait_for(lambda: queue.running is not None)
+    # the one queue slot (max_queue=1) taken by a REST request: the UI and REST are refused alike
+    with httpx.Client(base_url=url, timeout=60) as http:
+        import concurrent.futures
+
+        with concurrent.futures.ThreadPoolExecutor(1) as pool:
+            waiting = pool.submit(http.post, "/v1/images/generations",
+                                  json={"prompt": "x", "size": "32x32", "num_inference_steps": 1})
+            wait_for(lambda: queue.queue_depth == 1)
+            with pytest.raises(Exception, match="queue is full"):
+                client.predict(*args(), api_name="/generate")
+            assert http.post("/v1/images/generations", json={"prompt": "x"}).status_code == 429
+            job.cancel()  # what the page does when the run is stopped or the tab closes
+            assert waiting.result(timeout=30).status_code == 200
+    wait_for(lambda: queue.running is None)
+    assert len(slow) < 50 and outcomes(app)["cancelled"] == before + 1
 
 
 @pytest.mark.skipif(not Path(CHROMIUM).exists(),
@@ -63,24 +139,47 @@ def test_browser_generates_and_screenshots(server, tmp_path):
             page.locator("#randomize input").uncheck()
             page.locator("#seed input").fill("1")
             page.locator("#generate").click()
-            page.locator("#gallery img").first.wait_for(state="visible", timeout=90_000)
-            assert page.locator("#gallery img").count() >= 1
+            page.locator("#result img").first.wait_for(state="visible", timeout=90_000)
+            assert page.locator("#result img").count() == 1
+            assert page.locator("#result img").first.evaluate("img => img.naturalWidth") == 128
             page.screenshot(path=str(shot), full_page=True)
         finally:
             browser.close()
 
 
+@pytest.mark.skipif(not Path(CHROMIUM).exists(),
+                    reason=f"{CHROMIUM} is absent (CI installs it: apt-get install chromium)")
+def test_closing_the_tab_cancels_the_generation(server, slow):
+    sync_api = pytest.importorskip("playwright.sync_api")
+    url, app = server
+    before = outcomes(app).get("cancelled", 0)
+    with sync_api.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        try:
+            page = browser.new_page()
+            page.goto(f"{url}/ui/", timeout=60_000)
+            page.locator("#prompt textarea").fill("a blue square")
+            box = page.locator("#steps input[type=number]")
+            box.fill("50")
+            box.press("Enter")
+            page.locator("#generate").click()
+            wait_for(lambda: len(slow) >= 2)
+            page.close()
+        finally:
+            browser.close()
+    wait_for(lambda: app.state.queue.running is None, timeout=15)
+    assert len(slow) < 50 and outcomes(app)["cancelled"] == before + 1
+
+
 def test_ui_asks_for_the_api_key_when_one_is_set(server, tmp_path):
     _, app = server
-    keyed = create_app(app.state.engine.generator, output_dir=tmp_path, api_key="s3cret")
+    keyed = create_app(app.state.service.generator, output_dir=tmp_path, api_key="s3cret")
     with serve_in_thread(keyed) as url:
-        import httpx
-
         assert httpx.get(f"{url}/ui/config").status_code == 401
         with pytest.raises(Exception):
             gradio_client.Client(f"{url}/ui/", auth=("anyone", "wrong"), verbose=False)
         client = gradio_client.Client(f"{url}/ui/", auth=("anyone", "s3cret"), verbose=False)
-        _, _, seed, _ = client.predict("x", "", 1, False, 32, 32, 1, 3.5, 5, 16, None, False, api_name="/generate")
+        _, seed, _ = client.predict(*args("x", 32, 32, 1, seed=1), api_name="/generate")
         assert seed == 1
 
 
@@ -89,7 +188,8 @@ def test_gradio_client_video(tmp_path):
     wan = Generator.from_pretrained(ROOT / "assets" / "wan-t2v-tiny")
     with serve_in_thread(create_app(wan, output_dir=tmp_path)) as url:
         client = gradio_client.Client(f"{url}/ui/", verbose=False)
-        gallery, video, seed, _ = client.predict("waves", "", 5, False, 64, 64, 2, 5.0, 5, 8, None, False,
-                                                 api_name="/generate")
-        path = video["video"] if isinstance(video, dict) else video
-        assert seed == 5 and Path(path).read_bytes()[4:8] == b"ftyp"
+        html, seed, _ = client.predict("waves", "", 5, False, 64, 64, 2, 5.0, 5, 8, None, False,
+                                       api_name="/generate")
+        link = sources(html)[0]
+        assert seed == 5 and "<video" in html and re.fullmatch(r"\.\./outputs/[0-9a-f]{32}\.mp4", link)
+        assert httpx.get(urljoin(f"{url}/ui/", link)).content[4:8] == b"ftyp"

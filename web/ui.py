@@ -1,66 +1,90 @@
 """The Gradio web UI (mounted at /ui by gen.server.app): one page that follows the model's modality.
 
-It queues on the same Engine as the REST API, so UI and API requests never run two generations at once.
-Not model code and not HTTP routing.
+It is a door like the REST API: requests are admitted by the same Service (validation and the server's limits) onto
+the same queue, outputs are served by opaque name under /outputs/ (no server paths reach the page), and a generation
+whose page goes away (tab closed, run cancelled) is cancelled. Not model code and not HTTP routing.
 """
 from __future__ import annotations
 
+import asyncio
+import html
 import random
-import uuid
+import time
 from pathlib import Path
 
 import gradio as gr
 
-from gen.server.engine import Engine, EngineClosed, QueueFull
-from gen.types import Cancelled, GenError, GenerationRequest
+from gen.server.service import Service, job_api_error
+from gen.server.queue import Job
+from gen.server.schemas import ApiError, decode_image, encode_image
+from gen.types import GenerationRequest
 
 MAX_SEED = 2**31 - 1
+PAGE_GONE = "the page was closed or the run cancelled"
+CSS = ".gen-results{display:flex;flex-wrap:wrap;gap:8px}.gen-results figure{margin:0}" \
+      ".gen-results img,.gen-results video{max-width:100%;display:block}"
 
 
-def build_ui(engine: Engine, model_id: str, output_dir: Path) -> gr.Blocks:
-    """The page for `engine`'s model; video files it shows are written under `output_dir`."""
-    gen = engine.generator
+def build_ui(service: Service, delete_cache: tuple[int, int] | None = None) -> gr.Blocks:
+    """The page for `service`'s model. `delete_cache`: Gradio's (every, older than) seconds for its upload cache."""
+    gen = service.generator
     d = gen.defaults
     video = gen.modality == "video"
     takes_images = getattr(gen.pipeline, "takes_images", "never")
-    output_dir.mkdir(parents=True, exist_ok=True)
+    limits = service.budget.limits
+    base = service.opts.public_url.rstrip("/") if service.opts.public_url else ".."  # the page is /ui/
 
-    def generate(prompt, negative_prompt, seed, randomize, width, height, steps, guidance, num_frames, fps, image,
-                 enhance, progress=gr.Progress()):
-        seed = random.randint(0, MAX_SEED) if randomize or seed is None else int(seed)
-        req = GenerationRequest(prompt=prompt, negative_prompt=negative_prompt or None, seed=seed,
-                                num_inference_steps=int(steps), guidance_scale=float(guidance), height=int(height),
-                                width=int(width), num_frames=int(num_frames) if video else None,
-                                fps=int(fps) if video else None, images=(image,) if image is not None else (),
-                                enhance_prompt=bool(enhance))
-        try:
-            job = engine.submit(req)
-        except (QueueFull, EngineClosed) as e:
-            raise gr.Error(str(e)) from None
-        progress(0, desc="queued")
-        while not job.done.wait(0.1):
-            if job.total:
-                progress((job.step, job.total), desc="denoising", unit="steps")
-        if isinstance(job.error, GenError):
-            raise gr.Error(str(job.error))
-        if isinstance(job.error, Cancelled):
-            raise gr.Error(f"cancelled ({job.cancel_reason})")
-        if job.error is not None:
-            raise gr.Error(f"the generation failed ({type(job.error).__name__}); see the server log")
+    def finish(job: Job) -> list[str]:  # in the worker, under the job's deadline
         result = job.result
-        revised = result.revised_prompt or prompt
         if video:
-            path = result.save(output_dir / f"{uuid.uuid4().hex}.mp4")
-            return None, str(path), result.seed, revised
-        return result.images, None, result.seed, revised
+            return [service.outputs.save_video(result.frames, result.fps or 16, job.check)]
+        names = []
+        for image in result.images:
+            job.check()
+            names.append(service.outputs.save(encode_image(image, "png", None), "png"))
+        return names
 
-    with gr.Blocks(title=f"gen: {model_id}") as ui:
-        gr.Markdown(f"## gen: `{model_id}` ({gen.family}, {gen.modality})")
+    async def generate(prompt, negative_prompt, seed, randomize, width, height, steps, guidance, num_frames, fps,
+                       image, enhance, progress=gr.Progress()):
+        seed = random.randint(0, MAX_SEED) if randomize or seed is None else int(seed)
+        try:
+            images = ()
+            if image:
+                data = await asyncio.to_thread(Path(image).read_bytes)
+                images = (await asyncio.to_thread(decode_image, data, "image"),)
+            req = GenerationRequest(prompt=prompt, negative_prompt=negative_prompt or None, seed=seed,
+                                    num_inference_steps=int(steps), guidance_scale=float(guidance),
+                                    height=int(height), width=int(width),
+                                    num_frames=int(num_frames) if video else None, fps=int(fps) if video else None,
+                                    images=images, enhance_prompt=bool(enhance))
+            job = service.submit(service.admit(req, gen.modality), finish)
+        except ApiError as e:
+            raise gr.Error(e.message) from None
+        try:
+            progress(0, desc="queued")
+            while not job.done.is_set():
+                if time.monotonic() > job.deadline:
+                    service.queue.cancel(job, "timeout")
+                    break
+                if job.total:
+                    progress((job.step, job.total), desc="denoising", unit="steps")
+                yield gr.skip(), gr.skip(), gr.skip()  # Gradio stops a run whose page has gone at a yield
+                await asyncio.sleep(0.25)
+        finally:
+            if not job.done.is_set():
+                service.queue.cancel(job, PAGE_GONE)
+        if job.error is not None or job.cancel_reason is not None:
+            raise gr.Error(job_api_error(job).message)
+        revised = job.result.revised_prompt or prompt
+        yield _results_html(base, job.output, video), job.result.seed, revised
+
+    with gr.Blocks(title=f"gen: {service.model_id}", delete_cache=delete_cache) as ui:
+        gr.Markdown(f"## gen: `{service.model_id}` ({gen.family}, {gen.modality})")
         with gr.Row():
             with gr.Column():
                 prompt = gr.Textbox(label="Prompt", lines=3, elem_id="prompt")
                 negative = gr.Textbox(label="Negative prompt", lines=1)
-                image = gr.Image(label="Input image", type="pil", visible=takes_images != "never")
+                image = gr.Image(label="Input image", type="filepath", visible=takes_images != "never")
                 with gr.Row():
                     seed = gr.Number(label="Seed", value=0, precision=0, minimum=0, maximum=MAX_SEED,
                                      elem_id="seed")
@@ -71,19 +95,32 @@ def build_ui(engine: Engine, model_id: str, output_dir: Path) -> gr.Blocks:
                     height = gr.Slider(d.size_multiple, 2048, value=d.height, step=d.size_multiple, label="Height",
                                        elem_id="height")
                 with gr.Row():
-                    steps = gr.Slider(1, 100, value=d.num_inference_steps, step=1, label="Steps", elem_id="steps")
+                    steps = gr.Slider(1, limits.max_steps, value=d.num_inference_steps, step=1, label="Steps",
+                                      elem_id="steps")
                     guidance = gr.Slider(0, 20, value=d.guidance_scale, step=0.1, label="Guidance scale")
                 with gr.Row(visible=video):
-                    num_frames = gr.Slider(1, 161, value=d.num_frames or 81, step=4, label="Frames (4k+1)")
+                    num_frames = gr.Slider(1, limits.max_frames or 161, value=d.num_frames or 81, step=4,
+                                           label="Frames (4k+1)")
                     fps = gr.Slider(1, 60, value=d.fps or 16, step=1, label="FPS")
                 enhance = gr.Checkbox(label="Enhance prompt", value=False)
                 run = gr.Button("Generate", variant="primary", elem_id="generate")
             with gr.Column():
-                gallery = gr.Gallery(label="Images", visible=not video, format="png", elem_id="gallery")
-                clip = gr.Video(label="Video", visible=video, elem_id="video")
+                result = gr.HTML(label="Video" if video else "Images", elem_id="result")
                 used_seed = gr.Number(label="Seed used", precision=0, interactive=False)
                 revised = gr.Textbox(label="Prompt used (revised when enhanced)", interactive=False)
+        # concurrency_limit=None: Gradio holds no queue of its own; the server's queue bounds (and refuses) runs
         run.click(generate, inputs=[prompt, negative, seed, randomize, width, height, steps, guidance, num_frames,
                                     fps, image, enhance],
-                  outputs=[gallery, clip, used_seed, revised], api_name="generate")
+                  outputs=[result, used_seed, revised], api_name="generate", concurrency_limit=None)
     return ui
+
+
+def _results_html(base: str, names: list[str], video: bool) -> str:
+    """The outputs, by their /outputs/ URLs, each with a download link."""
+    items = []
+    for i, name in enumerate(names):
+        src = html.escape(f"{base}/outputs/{name}", quote=True)
+        media = (f'<video src="{src}" controls loop></video>' if video
+                 else f'<img src="{src}" alt="output {i + 1}">')
+        items.append(f'<figure>{media}<a href="{src}" download="{html.escape(name)}">Download</a></figure>')
+    return f'<div class="gen-results">{"".join(items)}</div>'

@@ -1,6 +1,8 @@
-"""The FastAPI app: OpenAI-shaped image and video endpoints, health, metrics and the web UI, all on one Engine.
+"""The FastAPI app: OpenAI-shaped image and video endpoints, health, readiness, metrics and the web UI, every door
+admitted by one Service (validation and limits) onto one RequestQueue.
 
-Not the queue (engine.py), the job store (jobs.py) nor the process / signal handling (cli.py).
+Not the queue (queue.py), the job store (jobs.py), video jobs (videos.py), files and retention (outputs.py), the
+HTTP edge (http.py) nor the process and its signals (cli.py).
 """
 from __future__ import annotations
 
@@ -8,12 +10,10 @@ import asyncio
 import base64
 import contextlib
 import hmac
-import json
 import logging
-import re
 import threading
 import time
-import uuid
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from fastapi import APIRouter, Depends, FastAPI, Request
@@ -22,77 +22,186 @@ from fastapi.responses import FileResponse, JSONResponse, Response
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException
 
-from gen.server.engine import Engine, EngineClosed, Job, QueueFull
-from gen.server.jobs import JobStore
+from gen.server.http import BodyLimits, ShapeUiErrors, serve_in_thread  # noqa: F401 (serve_in_thread: re-exported)
+from gen.server.jobs import JobStore, SQLiteJobStore, StoreUnavailable
+from gen.server.limits import Budget, Limits, OverLimit
 from gen.server.metrics import CONTENT_TYPE, Metrics, MetricsMiddleware
-from gen.server.schemas import ApiError, ImageBody, VideoBody, decode_image, encode_image, validation_error
-from gen.types import Cancelled, GenError, GenerationRequest
+from gen.server.outputs import MEDIA, Outputs, Retention
+from gen.server.queue import SHUTDOWN, Job, QueueClosed, RequestQueue
+from gen.server.schemas import (ApiError, ImageBody, VideoBody, decode_image, encode_image, parse_json,
+                                validation_error)
+from gen.server.service import Service, job_api_error, queue_error
+from gen.server.videos import VideoJobs
+from gen.server.webhooks import WebhookPolicy, WebhookSender
+from gen.types import GenError, GenerationRequest
 
 log = logging.getLogger(__name__)
-_OUTPUT_NAME = re.compile(r"[0-9a-f]{32}\.(png|jpeg|webp)")
-_MEDIA = {"png": "image/png", "jpeg": "image/jpeg", "webp": "image/webp"}
+MAX_JSON_BYTES = 2**20  # a JSON body (prompts are limited far below this)
+CLIENT_GONE = "client disconnected"
 
 
-def create_app(generator, *, output_dir: str | Path, model_id: str | None = None, api_key: str | None = None,
-               max_queue: int = 8, timeout: float = 600.0, max_upload_mb: float = 20.0, shutdown_timeout: float = 30.0,
-               cors_origins: list[str] | None = None, ui: bool = True) -> FastAPI:
-    """An app serving `generator` (a loaded gen.Generator); outputs and the job database go under `output_dir`."""
-    output_dir = Path(output_dir)
-    (output_dir / "images").mkdir(parents=True, exist_ok=True)
-    model_id = model_id or Path(generator.model_path).name
+@dataclass
+class ServeOptions:
+    """Everything `gen serve`'s flags set (docs/SERVING.md); tests build it through create_app's keywords."""
+
+    output_dir: str | Path
+    model_id: str | None = None
+    api_key: str | None = None
+    max_queue: int = 8
+    timeout: float = 600.0
+    max_upload_mb: float = 20.0
+    shutdown_timeout: float = 30.0
+    read_timeout: float = 30.0
+    cors_origins: list[str] = field(default_factory=list)
+    ui: bool = True
+    limits: Limits | None = None  # None: Limits.for_model(generator)
+    public_url: str | None = None
+    output_ttl: float | None = 86400.0  # None: outputs and finished jobs are kept
+    max_output_gb: float | None = None
+    sweep_interval: float | None = None  # None: min(60, ttl / 4)
+    job_store: JobStore | None = None  # None: SQLite in output_dir
+    job_lease: float = 30.0
+    job_retries: int = 1
+    webhook_hosts: list[str] = field(default_factory=list)
+    webhook_secret: str | None = None
+    webhook_backoff: float = 1.0
+
+    def __post_init__(self):
+        checks = {"max_queue": self.max_queue >= 1, "timeout": self.timeout > 0,
+                  "max_upload_mb": self.max_upload_mb > 0,
+                  "shutdown_timeout": self.shutdown_timeout >= 0, "read_timeout": self.read_timeout > 0,
+                  "output_ttl": self.output_ttl is None or self.output_ttl > 0,
+                  "max_output_gb": self.max_output_gb is None or self.max_output_gb > 0,
+                  "job_lease": self.job_lease > 0, "job_retries": self.job_retries >= 0}
+        for name, ok in checks.items():
+            if not ok:
+                raise GenError(f"--{name.replace('_', '-')} got {getattr(self, name)!r}, which is out of range",
+                               param=name)
+        if self.public_url is not None and not self.public_url.startswith(("http://", "https://")):
+            raise GenError(f"--public-url must start with http:// or https://, got {self.public_url!r}",
+                           param="public_url")
+
+
+def create_app(generator, **options) -> FastAPI:
+    """An app serving `generator` (a loaded gen.Generator); `options` are ServeOptions' fields."""
+    opts = ServeOptions(**options)
+    output_dir = Path(opts.output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    model_id = opts.model_id or Path(generator.model_path).name
     metrics = Metrics()
-    engine = Engine(generator, max_queue=max_queue, timeout=timeout, metrics=metrics)
-    metrics.track_engine(engine)
-    store = JobStore(output_dir)
-    lost = store.fail_unfinished("the server stopped before this job finished; submit it again")
-    if lost:
-        log.warning("marked %d unfinished video jobs from a previous run as failed", lost)
+    limits = opts.limits or Limits.for_model(generator)
+    policy = WebhookPolicy(opts.webhook_hosts, opts.webhook_secret)
+    store = opts.job_store or SQLiteJobStore(output_dir / "jobs.sqlite3")
+    ttl = opts.output_ttl
+    videos = VideoJobs(store, output_dir, model_id, timeout=opts.timeout, lease=opts.job_lease,
+                       retries=opts.job_retries, ttl=ttl, metrics=metrics)
+    videos.recover()
+    videos.reconcile()
+    queue = RequestQueue(generator, max_queue=opts.max_queue, timeout=opts.timeout, metrics=metrics,
+                         claim=videos.claim if generator.modality == "video" else None)
+    outputs = Outputs(output_dir)
+    service = Service(generator, model_id, Budget(generator, limits), queue, outputs, videos, store, policy, opts)
+    retention = Retention(output_dir, ttl, int(opts.max_output_gb * 2**30) if opts.max_output_gb else None,
+                          videos.expire, videos.drop_file, metrics)
+    upkeep = Upkeep(service, retention, opts)
+    metrics.track_queue(queue, lambda: upkeep.cluster_depth)
+    sender = WebhookSender(store, policy, backoff=opts.webhook_backoff, metrics=metrics) if policy.hosts else None
+
+    def drain() -> None:
+        """What SIGTERM does first: refuse new work (503), end the waiting requests, let the running one finish
+        for --shutdown-timeout seconds, then cancel it (a running video job goes back to the queue)."""
+        queue.drain(opts.shutdown_timeout)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
         yield
-        await asyncio.to_thread(engine.shutdown, shutdown_timeout)
+        await asyncio.to_thread(queue.shutdown, opts.shutdown_timeout)
+        upkeep.close()
+        if sender is not None:
+            sender.close()
+        videos.close()
         store.close()
 
     app = FastAPI(title="gen", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
-    app.state.engine, app.state.store, app.state.metrics = engine, store, metrics
-    api = Api(generator, engine, store, output_dir, model_id, max_upload_mb * 2**20)
-    app.include_router(api.router(api_key))
+    app.state.queue, app.state.store, app.state.metrics, app.state.service = queue, store, metrics, service
+    app.state.retention, app.state.upkeep, app.state.drain = retention, upkeep, drain
+    app.state.read_timeout = opts.read_timeout
+    key_check = [Depends(_key_checker(opts.api_key))] if opts.api_key else []
+    app.include_router(Api(service).router(key_check))
     _add_error_handlers(app)
     app.add_middleware(MetricsMiddleware, metrics=metrics)
-    if cors_origins:
+    if opts.cors_origins:
         from fastapi.middleware.cors import CORSMiddleware
 
-        app.add_middleware(CORSMiddleware, allow_origins=cors_origins, allow_methods=["*"], allow_headers=["*"])
-    if ui:
+        app.add_middleware(CORSMiddleware, allow_origins=opts.cors_origins, allow_methods=["*"], allow_headers=["*"])
+    if opts.ui:
         import gradio as gr
 
-        from web.ui import build_ui
+        from web.ui import CSS, build_ui
 
-        ui_dir = output_dir / "ui"
-        blocks = build_ui(engine, model_id, ui_dir)
-        auth = (lambda user, password: hmac.compare_digest(password.encode(), api_key.encode())) if api_key else None
-        gr.mount_gradio_app(app, blocks, path="/ui", allowed_paths=[str(ui_dir)], auth=auth,
-                            auth_message="Password: the server's API key." if api_key else None)
+        blocks = build_ui(service, delete_cache=(max(60, int(ttl / 4)), int(ttl)) if ttl else None)
+        auth = None
+        if opts.api_key:
+            expected = opts.api_key.encode()
+            auth = lambda user, password: hmac.compare_digest(password.encode(), expected)  # noqa: E731
+        gr.mount_gradio_app(app, blocks, path="/ui", auth=auth, max_file_size=int(opts.max_upload_mb * 2**20),
+                            auth_message="Password: the server's API key." if opts.api_key else None, css=CSS)
+        app.add_middleware(ShapeUiErrors)
+    app.add_middleware(BodyLimits, max_json=MAX_JSON_BYTES, max_upload=int(opts.max_upload_mb * 2**20),
+                       read_timeout=opts.read_timeout)
     return app
 
 
-class Api:
-    """The route handlers, sharing one engine, job store and output folder."""
+class Upkeep:
+    """A thread: leases that ran out (every lease / 2 s), retention (every sweep interval), and the cluster queue
+    depth for /metrics (every second)."""
 
-    def __init__(self, generator, engine: Engine, store: JobStore, output_dir: Path, model_id: str, max_upload: float):
-        self.generator, self.engine, self.store = generator, engine, store
-        self.output_dir, self.model_id, self.max_upload = output_dir, model_id, max_upload
-        self.video_jobs: dict[str, Job] = {}  # video id -> its engine job, while queued or running
+    def __init__(self, service: Service, retention: Retention, opts: ServeOptions):
+        self.service, self.retention = service, retention
+        self.sweep_every = opts.sweep_interval or (min(60.0, opts.output_ttl / 4) if opts.output_ttl else 60.0)
+        self.recover_every = opts.job_lease / 2
+        self.cluster_depth = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="gen-upkeep", daemon=True)
+        self._thread.start()
+
+    def _loop(self) -> None:
+        due = {"recover": 0.0, "sweep": 0.0}
+        while not self._stop.wait(min(1.0, self.recover_every, self.sweep_every)):
+            now = time.monotonic()
+            for name, every, fn in (("recover", self.recover_every, self.service.videos.recover),
+                                    ("sweep", self.sweep_every, self.retention.sweep), ("depth", 0, self._depth)):
+                if now >= due.get(name, 0.0):
+                    due[name] = now + every
+                    try:
+                        fn()
+                    except Exception as e:  # the store may be down; the next pass tries again
+                        log.warning("upkeep step %s failed: %s", name, e)
+
+    def _depth(self) -> None:
+        s = self.service
+        videos = s.store.queued(s.model_id) if s.generator.modality == "video" else 0
+        self.cluster_depth = videos + s.queue.queue_depth
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(10)
+
+
+class Api:
+    """The route handlers."""
+
+    def __init__(self, service: Service):
+        self.s = service
         self.created = int(time.time())
 
-    def router(self, api_key: str | None) -> APIRouter:
+    def router(self, key_check: list) -> APIRouter:
         r = APIRouter()
         r.get("/health")(self.health)
         r.get("/ready")(self.ready)
-        r.get("/metrics")(self.metrics)
+        r.get("/metrics", dependencies=key_check)(self.metrics)
         r.get("/outputs/{name}")(self.output)
-        v1 = APIRouter(prefix="/v1", dependencies=[Depends(_key_checker(api_key))] if api_key else [])
+        v1 = APIRouter(prefix="/v1", dependencies=key_check)
         v1.get("/models")(self.models)
         v1.post("/images/generations")(self.images_generations)
         v1.post("/images/edits")(self.images_edits)
@@ -110,23 +219,30 @@ class Api:
         return {"status": "ok"}
 
     async def ready(self):
-        if not self.engine.ready:
-            reason = "shutting down" if not self.engine.accepting else "not ready (a rank or the worker has stopped)"
-            raise ApiError(503, f"the server is {reason}", code="not_ready", type="server_error")
-        return {"status": "ready", "model": self.model_id, "queue_depth": self.engine.queue_depth}
+        q = self.s.queue
+        if not q.ready:
+            reason = "shutting down" if not q.accepting else "not ready (a rank or the worker has stopped)"
+            raise ApiError(503, f"the server is {reason}", None, "not_ready", "server_error")
+        try:
+            await asyncio.to_thread(self.s.store.ping)
+        except StoreUnavailable as e:
+            raise ApiError(503, f"the job store is unreachable: {e}", None, "store_unavailable",
+                           "server_error") from None
+        return {"status": "ready", "model": self.s.model_id, "queue_depth": q.queue_depth}
 
     async def metrics(self, request: Request):
         return Response(request.app.state.metrics.render(), media_type=CONTENT_TYPE)
 
     async def models(self):
-        return {"object": "list", "data": [{"id": self.model_id, "object": "model", "created": self.created,
-                                            "owned_by": "gen", "family": self.generator.family,
-                                            "modality": self.generator.modality}]}
+        g = self.s.generator
+        return {"object": "list", "data": [{"id": self.s.model_id, "object": "model", "created": self.created,
+                                            "owned_by": "gen", "family": g.family, "modality": g.modality,
+                                            "limits": self.s.budget.limits.describe()}]}
 
     # --- images
 
     async def images_generations(self, request: Request):
-        body = ImageBody.parse(await _json_object(request))
+        body = ImageBody.parse(parse_json(await request.body()))
         return await self._images(request, body, body.to_request())
 
     async def images_edits(self, request: Request):
@@ -138,36 +254,46 @@ class Api:
         body = ImageBody.parse(fields)
         if not uploads:
             raise ApiError(400, "missing required parameter 'image'", "image", "missing_required_parameter")
-        images = tuple([await asyncio.to_thread(decode_image, data, "image") for data in uploads])
         if masks:
-            raise ApiError(400, f"model {self.model_id!r} does not support masks; send the image alone", "mask",
+            raise ApiError(400, f"model {self.s.model_id!r} does not support masks; send the image alone", "mask",
                            "unsupported_parameter")
+        images = tuple([await asyncio.to_thread(decode_image, data, "image") for data in uploads])
         return await self._images(request, body, body.to_request(images))
 
     async def _images(self, request: Request, body: ImageBody, req: GenerationRequest):
-        self._check(body.model, req, "image")
-        job = await self._run(request, req)
-        if job is None:  # the client went away; nobody reads this
-            return Response(status_code=499)
-        result = job.result
-        revised = result.revised_prompt or req.prompt
-        data = []
-        for image in result.images:
-            encoded = await asyncio.to_thread(encode_image, image, body.output_format, body.output_compression)
-            if body.response_format == "b64_json":
-                data.append({"b64_json": base64.b64encode(encoded).decode(), "revised_prompt": revised})
-            else:
-                name = f"{uuid.uuid4().hex}.{body.output_format}"
-                await asyncio.to_thread(_write_atomic, self.output_dir / "images" / name, encoded)
-                data.append({"url": str(request.url_for("output", name=name)), "revised_prompt": revised})
-        return {"created": int(time.time()), "data": data, "output_format": body.output_format,
-                "size": f"{result.images[0].width}x{result.images[0].height}"}
+        renames = {"height": "size", "width": "size"} if body.size not in (None, "auto") else {}
+        full = self.s.admit(req, "image", body.model, renames)
+        fmt, compression, as_url = body.output_format, body.output_compression, body.response_format == "url"
+        outputs = self.s.outputs
+
+        def finish(job: Job) -> list[tuple[str, str]]:  # in the worker, under the deadline
+            data = []
+            for image in job.result.images:
+                job.check()
+                encoded = encode_image(image, fmt, compression)
+                data.append(("url", outputs.save(encoded, fmt)) if as_url
+                            else ("b64_json", base64.b64encode(encoded).decode()))
+            return data
+
+        job = self.s.submit(full, finish)
+        if not await self._wait(request, job):
+            return Response(status_code=499)  # the client went away; nobody reads this
+        if job.error is not None:
+            raise job_api_error(job)
+        revised = job.result.revised_prompt or full.prompt
+        base = self._base_url(request)
+        data = [{kind: f"{base}/outputs/{value}" if kind == "url" else value, "revised_prompt": revised}
+                for kind, value in job.output]
+        image = job.result.images[0]
+        return {"created": int(time.time()), "data": data, "output_format": fmt,
+                "size": f"{image.width}x{image.height}"}
 
     async def output(self, name: str):
-        """A generated image, by the opaque name returned in its `url` (never a path from the request)."""
-        if not _OUTPUT_NAME.fullmatch(name) or not (self.output_dir / "images" / name).is_file():
+        """A generated file, by the opaque name it was returned under (never a path from the request)."""
+        path = self.s.outputs.path(name)
+        if path is None:
             raise ApiError(404, f"no output named {name!r}", "name", "not_found")
-        return FileResponse(self.output_dir / "images" / name, media_type=_MEDIA[name.rsplit(".", 1)[1]])
+        return FileResponse(path, media_type=MEDIA[name.rsplit(".", 1)[1]])
 
     # --- videos
 
@@ -179,31 +305,28 @@ class Api:
                 raise ApiError(400, f"unknown file field {next(iter(files))!r}", next(iter(files)), "unknown_parameter")
             images = tuple([await asyncio.to_thread(decode_image, data, "input_reference") for data in refs])
         else:
-            fields, images = await _json_object(request), ()
+            fields, images = parse_json(await request.body()), ()
         body = VideoBody.parse(fields)
-        req = body.to_request(self.generator.defaults.fps or 16, images)
-        full = self._check(body.model, req, "video")
+        req = body.to_request(self.s.generator.defaults.fps or 16, images)
+        renames = {"image": "input_reference"}
+        if body.size not in (None, "auto"):
+            renames.update(height="size", width="size")
+        if body.seconds is not None and body.num_frames is None:
+            renames["num_frames"] = "seconds"
+        full = self.s.admit(req, "video", body.model, renames)
+        webhook = None
+        if body.webhook_url is not None:
+            try:
+                webhook = self.s.webhooks.check(body.webhook_url)
+            except OverLimit as e:
+                raise ApiError(400, str(e), e.param, e.code) from None
+        if not self.s.queue.accepting:
+            raise queue_error(QueueClosed(SHUTDOWN))
+        await asyncio.to_thread(self.s.check_video_room)
         size = f"{full.width}x{full.height}"
         seconds = _fmt_seconds(body.seconds if body.seconds is not None else full.num_frames / full.fps)
-        video = self.store.create(self.model_id, req.prompt, size, seconds)
-        vid, store = video["id"], self.store
-
-        def on_progress(job: Job) -> None:  # 100 only once the MP4 is written
-            store.update(vid, status="in_progress", progress=min(job.progress, 99))
-
-        def on_done(job: Job) -> None:  # in the worker: write the MP4 atomically, then mark the job completed
-            self.video_jobs.pop(vid, None)
-            if job.result is not None and store.get(vid) is not None:
-                job.result.save(store.video_path(vid))
-                store.update(vid, status="completed", progress=100)
-            else:
-                store.update(vid, status="failed", error=_job_error(job).body()["error"])
-
-        try:
-            self.video_jobs[vid] = self.engine.submit(req, on_progress=on_progress, on_done=on_done)
-        except (QueueFull, EngineClosed) as e:
-            store.delete(vid)
-            raise _engine_error(e) from None
+        video = await asyncio.to_thread(self.s.videos.create, full, size=size, seconds=seconds, webhook_url=webhook)
+        self.s.queue.wake()
         return JSONResponse(video, headers={"openai-poll-after-ms": "250"})
 
     async def list_videos(self, limit: int = 20, after: str | None = None, order: str = "desc"):
@@ -211,85 +334,71 @@ class Api:
             raise ApiError(400, f"limit must be between 1 and 100, got {limit}", "limit", "invalid_value")
         if order not in ("asc", "desc"):
             raise ApiError(400, f"order must be 'asc' or 'desc', got {order!r}", "order", "invalid_value")
-        data, has_more = self.store.list(limit, after, order)
+        data, has_more = await asyncio.to_thread(self.s.store.list, limit, after, order)
         return {"object": "list", "data": data, "has_more": has_more,
                 "first_id": data[0]["id"] if data else None, "last_id": data[-1]["id"] if data else None}
 
     async def get_video(self, video_id: str):
-        return JSONResponse(self._video(video_id), headers={"openai-poll-after-ms": "250"})
+        return JSONResponse(await self._video(video_id), headers={"openai-poll-after-ms": "250"})
 
     async def video_content(self, video_id: str, variant: str = "video"):
-        video = self._video(video_id)
+        video = await self._video(video_id)
         if variant != "video":
             raise ApiError(400, f"variant {variant!r} is not available; only 'video'", "variant", "invalid_value")
         if video["status"] != "completed":
             raise ApiError(409, f"video {video_id!r} is {video['status']}, not completed", "video_id",
                            "video_not_ready")
-        return FileResponse(self.store.video_path(video_id), media_type="video/mp4", filename=f"{video_id}.mp4")
+        path = self.s.videos.content(video)
+        if not path.is_file():
+            raise ApiError(404, f"the content of video {video_id!r} has been removed", "video_id", "not_found")
+        return FileResponse(path, media_type="video/mp4", filename=f"{video_id}.mp4")
 
     async def delete_video(self, video_id: str):
-        self._video(video_id)
-        job = self.video_jobs.pop(video_id, None)
-        if job is not None:
-            job.cancel("deleted")
-        self.store.delete(video_id)
+        if not await asyncio.to_thread(self.s.videos.delete, video_id):
+            raise ApiError(404, f"no video with id {video_id!r}", "video_id", "not_found")
         return {"id": video_id, "object": "video.deleted", "deleted": True}
 
-    def _video(self, video_id: str) -> dict:
-        video = self.store.get(video_id)
+    async def _video(self, video_id: str) -> dict:
+        video = await asyncio.to_thread(self.s.store.get, video_id)
         if video is None:
             raise ApiError(404, f"no video with id {video_id!r}", "video_id", "not_found")
         return video
 
     # --- shared
 
-    def _check(self, model: str | None, req: GenerationRequest, modality: str) -> GenerationRequest:
-        """Reject before queueing: another model's name, the wrong endpoint, bad fields. Returns `req` filled in."""
-        if model is not None and model != self.model_id:
-            raise ApiError(400, f"model {model!r} is not served here; this server serves {self.model_id!r}",
-                           "model", "model_not_found")
-        if self.generator.modality != modality:
-            raise ApiError(400, f"model {self.model_id!r} makes {self.generator.modality}s, not {modality}s; "
-                                f"use the {self.generator.modality} endpoints", "model", "wrong_modality")
-        try:
-            full = self.generator.validate(req)
-        except GenError as e:
-            param = e.param
-            if param in ("height", "width") and req.height is not None:
-                param = "size"  # the client sent `size`, not height / width
-            if param == "image" and modality == "video":
-                param = "input_reference"
-            raise ApiError(400, str(e), param, "invalid_value") from None
-        return full
-
-    async def _run(self, request: Request, req: GenerationRequest) -> Job | None:
-        """Queue `req`, wait for it, and cancel it if the client disconnects. None: the client is gone."""
-        try:
-            job = self.engine.submit(req)
-        except (QueueFull, EngineClosed) as e:
-            raise _engine_error(e) from None
+    async def _wait(self, request: Request, job: Job) -> bool:
+        """Wait for `job`; False if the client disconnected (the job is cancelled: a waiting one frees its queue slot
+        at once). Past the deadline, answer 504 at once; the worker stops the job at its next check."""
         while not job.done.is_set():
             if await request.is_disconnected():
-                job.cancel("client disconnected")
-                return None
+                self.s.queue.cancel(job, CLIENT_GONE)
+                return False
+            if time.monotonic() > job.deadline:
+                self.s.queue.cancel(job, "timeout")
+                raise job_api_error(job)
             await asyncio.sleep(0.02)
-        if job.error is not None:
-            raise _job_error(job)
-        return job
+        return True
+
+    def _base_url(self, request: Request) -> str:
+        """--public-url, else the address this server was reached on (never the client's Host header)."""
+        if self.s.opts.public_url:
+            return self.s.opts.public_url.rstrip("/")
+        host, port = request.scope["server"]
+        host = f"[{host}]" if ":" in host else host
+        return f"{request.scope.get('scheme', 'http')}://{host}:{port}"
 
     async def _form(self, request: Request) -> tuple[dict[str, str], dict[str, list[bytes]]]:
         """Multipart form -> (text fields, file fields -> contents), uploads limited in size (413)."""
         if not request.headers.get("content-type", "").startswith("multipart/form-data"):
             raise ApiError(400, "expected a multipart/form-data body", None, "invalid_content_type")
-        if int(request.headers.get("content-length") or 0) > self.max_upload * 1.01 + 65536:
-            raise ApiError(413, f"the upload is larger than {self.max_upload / 2**20:g} MiB", None, "too_large")
+        max_upload = self.s.opts.max_upload_mb * 2**20
         form = await request.form(max_files=16, max_fields=64)
         fields: dict[str, str] = {}
         files: dict[str, list[bytes]] = {}
         for key, value in form.multi_items():
             if isinstance(value, UploadFile):
-                if value.size is not None and value.size > self.max_upload:
-                    raise ApiError(413, f"{key} is larger than {self.max_upload / 2**20:g} MiB", key, "too_large")
+                if value.size is not None and value.size > max_upload:
+                    raise ApiError(413, f"{key} is larger than {max_upload / 2**20:g} MiB", key, "too_large")
                 files.setdefault(key, []).append(await value.read())
             elif key in fields:
                 raise ApiError(400, f"parameter {key!r} given twice", key, "invalid_value")
@@ -309,46 +418,12 @@ def _key_checker(api_key: str):
     return check
 
 
-async def _json_object(request: Request) -> dict:
-    try:
-        data = json.loads(await request.body())
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        raise ApiError(400, "the body is not valid JSON", None, "invalid_json") from None
-    if not isinstance(data, dict):
-        raise ApiError(400, "the body must be a JSON object", None, "invalid_json")
-    return data
-
-
-def _engine_error(e: Exception) -> ApiError:
-    if isinstance(e, QueueFull):
-        return ApiError(429, str(e), None, "queue_full", "rate_limit_error", {"Retry-After": str(e.retry_after)})
-    return ApiError(503, str(e), None, "shutting_down", "server_error")
-
-
-def _job_error(job: Job) -> ApiError:
-    """Why a job has no result, as the ApiError its request answers with."""
-    e = job.error
-    if isinstance(e, GenError):
-        return ApiError(400, str(e), e.param, "invalid_value")
-    if isinstance(e, Cancelled) or job.cancel_reason:
-        if job.cancel_reason == "timeout":
-            return ApiError(504, "the generation took longer than the server's request timeout", None, "timeout",
-                            "server_error")
-        if job.cancel_reason == "the server is shutting down":
-            return ApiError(503, job.cancel_reason, None, "shutting_down", "server_error")
-        return ApiError(499, f"cancelled: {job.cancel_reason}", None, "cancelled", "server_error")
-    return ApiError(500, f"the generation failed ({type(e).__name__}); see the server log", None, "generation_failed",
-                    "server_error")
-
-
 def _fmt_seconds(seconds: float) -> str:
     return f"{seconds:g}" if seconds == int(seconds) else f"{seconds:.2f}".rstrip("0")
 
 
-def _write_atomic(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.{threading.get_ident()}.tmp")
-    tmp.write_bytes(data)
-    tmp.replace(path)
+_HTTP_CODES = {400: "invalid_request", 401: "invalid_api_key", 403: "forbidden", 404: "not_found",
+               405: "method_not_allowed", 408: "request_timeout", 413: "too_large", 415: "unsupported_media_type"}
 
 
 def _add_error_handlers(app: FastAPI) -> None:
@@ -363,7 +438,12 @@ def _add_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(GenError)
     async def gen_error(request, e: GenError):
-        return answer(ApiError(400, str(e), e.param, "invalid_value"))
+        return answer(ApiError(400, str(e), e.param, getattr(e, "code", "invalid_value")))
+
+    @app.exception_handler(StoreUnavailable)
+    async def store_down(request, e: StoreUnavailable):
+        return answer(ApiError(503, f"the job store is unreachable ({e}); try again shortly", None,
+                               "store_unavailable", "server_error", {"Retry-After": "5"}))
 
     @app.exception_handler(RequestValidationError)
     async def request_validation(request, e: RequestValidationError):
@@ -372,7 +452,7 @@ def _add_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(HTTPException)
     async def http_error(request, e: HTTPException):
         kind = "invalid_request_error" if e.status_code < 500 else "server_error"
-        code = {404: "not_found", 405: "method_not_allowed"}.get(e.status_code)
+        code = _HTTP_CODES.get(e.status_code, f"http_{e.status_code}")
         return answer(ApiError(e.status_code, str(e.detail), None, code, kind))
 
     @app.exception_handler(Exception)
@@ -381,23 +461,3 @@ def _add_error_handlers(app: FastAPI) -> None:
         return answer(ApiError(500, f"internal server error ({type(e).__name__})", None, "internal_error",
                                "server_error"))
 
-
-@contextlib.contextmanager
-def serve_in_thread(app: FastAPI, host: str = "127.0.0.1", port: int = 0):
-    """Run `app` with uvicorn in a background thread (tests, notebooks); yields the base URL. Port 0: a free one."""
-    import uvicorn
-
-    server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, name="uvicorn", daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 60
-    while not server.started:
-        if not thread.is_alive() or time.monotonic() > deadline:
-            raise RuntimeError("the server did not start")
-        time.sleep(0.02)
-    bound = server.servers[0].sockets[0].getsockname()[1]
-    try:
-        yield f"http://{host}:{bound}"
-    finally:
-        server.should_exit = True
-        thread.join(60)

@@ -1,6 +1,12 @@
-"""The video job store: one SQLite table under --output-dir, plus the MP4 files it points at (by opaque id only)."""
+"""The video job store: rows of video jobs (a durable queue that workers claim with leases), their input images, and
+the webhook deliveries they owe. One interface, `JobStore`; SQLite (`<output-dir>/jobs.sqlite3`, the default) here.
+
+Not the files (gen/server/videos.py writes and removes them; a row only names its file, relative to --output-dir) and
+not HTTP. Times are Unix seconds from the store's clock.
+"""
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 import sqlite3
@@ -8,9 +14,264 @@ import threading
 import time
 import uuid
 from pathlib import Path
+from typing import Any, Iterator
 
-_ID = re.compile(r"video_[0-9a-f]{32}")
+VIDEO_ID = re.compile(r"video_[0-9a-f]{32}")
 STATUSES = ("queued", "in_progress", "completed", "failed")
+LEGACY_ERROR = {"code": "server_restarted",
+                "message": "the server stopped before this job finished; submit it again"}
+
+
+class StoreUnavailable(RuntimeError):
+    """The job store cannot be reached (HTTP 503 until it is back)."""
+
+
+class JobStore:
+    """Video jobs in SQL. Subclasses give the connection, the dialect and `_now`; everything else is shared SQL with
+    `?` placeholders (the subclass's `_sql` rewrites them if its driver wants another style)."""
+
+    order_column = "rowid"  # creation order
+
+    # --- the dialect: a subclass fills these in
+
+    def _tx(self) -> contextlib.AbstractContextManager:
+        """A transaction yielding a cursor-like object with execute / fetchone / fetchall."""
+        raise NotImplementedError
+
+    def _now(self) -> float:
+        raise NotImplementedError
+
+    def _claim_sql(self) -> str:
+        """SELECT the id of the oldest queued job of model ? (and nothing else a concurrent claimer holds)."""
+        raise NotImplementedError
+
+    def _sql(self, sql: str) -> str:
+        return sql
+
+    def close(self) -> None:
+        raise NotImplementedError
+
+    def ping(self) -> None:
+        """Raise StoreUnavailable if the store cannot be reached."""
+        with self._tx() as c:
+            c.execute("SELECT 1")
+
+    def _run(self, c, sql: str, args: tuple = ()):
+        c.execute(self._sql(sql), args)
+        return c
+
+    # --- jobs
+
+    def create(self, *, model: str, prompt: str, params: dict, inputs: list[bytes], size: str, seconds: str,
+               webhook_url: str | None = None) -> dict:
+        """A new queued job with a fresh opaque id; `params` is the validated request a worker will run."""
+        job_id = f"video_{uuid.uuid4().hex}"
+        with self._tx() as c:
+            self._run(c, "INSERT INTO videos (id, model, prompt, status, progress, created_at, size, seconds, params, "
+                         "webhook_url, attempts) VALUES (?, ?, ?, 'queued', 0, ?, ?, ?, ?, ?, 0)",
+                      (job_id, model, prompt, int(self._now()), size, seconds, json.dumps(params), webhook_url))
+            for i, data in enumerate(inputs):
+                self._run(c, "INSERT INTO video_inputs (video_id, position, data) VALUES (?, ?, ?)", (job_id, i, data))
+            row = self._run(c, "SELECT * FROM videos WHERE id = ?", (job_id,)).fetchone()
+        return as_video(row)
+
+    def get(self, job_id: str) -> dict | None:
+        with self._tx() as c:
+            row = self._run(c, "SELECT * FROM videos WHERE id = ?", (job_id,)).fetchone()
+        return as_video(row) if row is not None else None
+
+    def row(self, job_id: str) -> dict | None:
+        """The raw row (worker, lease, file, ...), for the worker and tests."""
+        with self._tx() as c:
+            row = self._run(c, "SELECT * FROM videos WHERE id = ?", (job_id,)).fetchone()
+        return dict(row) if row is not None else None
+
+    def list(self, limit: int = 20, after: str | None = None, order: str = "desc") -> tuple[list[dict], bool]:
+        """One page of jobs in creation order, and whether more follow."""
+        assert order in ("asc", "desc"), order
+        op, direction = (">", "ASC") if order == "asc" else ("<", "DESC")
+        col = self.order_column
+        where, args = "", []
+        if after is not None:
+            where = f"WHERE {col} {op} (SELECT {col} FROM videos WHERE id = ?)"
+            args.append(after)
+        with self._tx() as c:
+            rows = self._run(c, f"SELECT * FROM videos {where} ORDER BY {col} {direction} LIMIT ?",
+                             (*args, limit + 1)).fetchall()
+        return [as_video(r) for r in rows[:limit]], len(rows) > limit
+
+    def delete(self, job_id: str) -> tuple[bool, str | None]:
+        """Remove the job, its inputs and undelivered webhooks: (whether it existed, its file relative to the output
+        directory or None)."""
+        with self._tx() as c:
+            row = self._run(c, "SELECT file FROM videos WHERE id = ?", (job_id,)).fetchone()
+            if row is None:
+                return False, None
+            self._run(c, "DELETE FROM video_inputs WHERE video_id = ?", (job_id,))
+            self._run(c, "DELETE FROM webhooks WHERE video_id = ?", (job_id,))
+            self._run(c, "DELETE FROM videos WHERE id = ?", (job_id,))
+        return True, row["file"]
+
+    def queued(self, model: str) -> int:
+        with self._tx() as c:
+            row = self._run(c, "SELECT COUNT(*) AS n FROM videos WHERE model = ? AND status = 'queued'",
+                            (model,)).fetchone()
+        return int(row["n"])
+
+    # --- the worker's side: claim, renew, finish
+
+    def claim(self, model: str, worker: str, lease: float) -> dict | None:
+        """Take the oldest queued job of `model` for `worker` until now + `lease` (renewed by `renew`): its row with
+        `inputs` (bytes of each input image), or None."""
+        with self._tx() as c:
+            row = self._run(c, self._claim_sql(), (model,)).fetchone()
+            if row is None:
+                return None
+            job_id = row["id"]
+            now = self._now()
+            self._run(c, "UPDATE videos SET status = 'in_progress', worker = ?, lease_until = ?, progress = 0, "
+                         "attempts = attempts + 1 WHERE id = ?", (worker, now + lease, job_id))
+            job = dict(self._run(c, "SELECT * FROM videos WHERE id = ?", (job_id,)).fetchone())
+            job["inputs"] = [bytes(r["data"]) for r in self._run(
+                c, "SELECT data FROM video_inputs WHERE video_id = ? ORDER BY position", (job_id,)).fetchall()]
+        return job
+
+    def renew(self, job_id: str, worker: str, lease: float, progress: int | None = None) -> bool:
+        """Extend `worker`'s lease (and set progress); False when the job is gone or no longer `worker`'s."""
+        sets, args = "lease_until = ?", [self._now() + lease]
+        if progress is not None:
+            sets += ", progress = ?"
+            args.append(progress)
+        with self._tx() as c:
+            n = self._run(c, f"UPDATE videos SET {sets} WHERE id = ? AND worker = ? AND status = 'in_progress'",
+                          (*args, job_id, worker)).rowcount
+        return n > 0
+
+    def complete(self, job_id: str, worker: str, file: str, ttl: float | None) -> bool:
+        """Mark `worker`'s job completed with its file written; False when it was deleted or taken (then the caller
+        removes the file)."""
+        return self._finish(job_id, worker, "completed", ttl, file=file)
+
+    def fail(self, job_id: str, worker: str, error: dict, ttl: float | None) -> bool:
+        return self._finish(job_id, worker, "failed", ttl, error=error)
+
+    def release(self, job_id: str, worker: str) -> bool:
+        """Put `worker`'s job back in the queue (shutdown): not counted as an attempt."""
+        with self._tx() as c:
+            n = self._run(c, "UPDATE videos SET status = 'queued', worker = NULL, lease_until = NULL, progress = 0, "
+                             "attempts = attempts - 1 WHERE id = ? AND worker = ? AND status = 'in_progress'",
+                          (job_id, worker)).rowcount
+        return n > 0
+
+    def _finish(self, job_id: str, worker: str | None, status: str, ttl: float | None, *, file: str | None = None,
+                error: dict | None = None, c=None) -> bool:
+        if c is None:
+            with self._tx() as c:
+                return self._finish(job_id, worker, status, ttl, file=file, error=error, c=c)
+        now = int(self._now())
+        expires = now + int(ttl) if ttl else None
+        owner = " AND worker = ?" if worker is not None else ""
+        n = self._run(c, "UPDATE videos SET status = ?, progress = ?, completed_at = ?, expires_at = ?, file = ?, "
+                         f"error = ?, worker = NULL, lease_until = NULL WHERE id = ? "
+                         f"AND status IN ('queued', 'in_progress'){owner}",
+                      (status, 100 if status == "completed" else self._progress_of(c, job_id), now, expires, file,
+                       json.dumps(error) if error else None, job_id, *((worker,) if worker is not None else ()))
+                      ).rowcount
+        if n and (url := self._run(c, "SELECT webhook_url FROM videos WHERE id = ?",
+                                   (job_id,)).fetchone()["webhook_url"]):
+            event = {"id": f"evt_{uuid.uuid4().hex}", "object": "event", "type": f"video.{status}",
+                     "created_at": now, "data": {"id": job_id}}
+            self._run(c, "INSERT INTO webhooks (id, video_id, url, body, attempts, next_at) VALUES (?, ?, ?, ?, 0, ?)",
+                      (event["id"], job_id, url, json.dumps(event), self._now()))
+        return n > 0
+
+    def _progress_of(self, c, job_id: str) -> int:
+        row = self._run(c, "SELECT progress FROM videos WHERE id = ?", (job_id,)).fetchone()
+        return row["progress"] if row is not None else 0
+
+    def recover(self, retries: int, ttl: float | None) -> tuple[list[str], list[str]]:
+        """Jobs whose worker's lease ran out: back to the queue while they have run at most `retries` + 1 times, else
+        failed (`worker_lost`); jobs of an older version of the store that cannot be re-run fail as
+        `server_restarted`. Returns (requeued ids, failed ids)."""
+        now = self._now()
+        with self._tx() as c:
+            legacy = [r["id"] for r in self._run(
+                c, "SELECT id FROM videos WHERE status IN ('queued', 'in_progress') AND params IS NULL").fetchall()]
+            for job_id in legacy:
+                self._finish(job_id, None, "failed", ttl, error=LEGACY_ERROR, c=c)
+            lost = self._run(c, "SELECT id, attempts FROM videos WHERE status = 'in_progress' AND "
+                                "(lease_until IS NULL OR lease_until < ?)", (now,)).fetchall()
+            requeued, failed = [], list(legacy)
+            for r in lost:
+                if r["attempts"] <= retries:
+                    self._run(c, "UPDATE videos SET status = 'queued', worker = NULL, lease_until = NULL, "
+                                 "progress = 0 WHERE id = ?", (r["id"],))
+                    requeued.append(r["id"])
+                else:
+                    error = {"code": "worker_lost", "message": f"the server running this job stopped {r['attempts']} "
+                                                               "time(s) before it finished"}
+                    self._finish(r["id"], None, "failed", ttl, error=error, c=c)
+                    failed.append(r["id"])
+        return requeued, failed
+
+    # --- retention and reconciliation
+
+    def take_expired(self, limit: int = 100) -> list[tuple[str, str | None]]:
+        """Delete up to `limit` finished jobs whose expires_at has passed; their (id, file)."""
+        with self._tx() as c:
+            rows = self._run(c, "SELECT id, file FROM videos WHERE expires_at IS NOT NULL AND expires_at < ? "
+                                "ORDER BY expires_at LIMIT ?", (self._now(), limit)).fetchall()
+            for r in rows:
+                for table, col in (("video_inputs", "video_id"), ("webhooks", "video_id"), ("videos", "id")):
+                    self._run(c, f"DELETE FROM {table} WHERE {col} = ?", (r["id"],))
+        return [(r["id"], r["file"]) for r in rows]
+
+    def statuses(self, ids: list[str]) -> dict[str, str]:
+        """id -> status of those of `ids` that exist."""
+        out: dict[str, str] = {}
+        with self._tx() as c:
+            for i in range(0, len(ids), 500):
+                chunk = ids[i:i + 500]
+                marks = ", ".join("?" * len(chunk))
+                for r in self._run(c, f"SELECT id, status FROM videos WHERE id IN ({marks})", tuple(chunk)).fetchall():
+                    out[r["id"]] = r["status"]
+        return out
+
+    def completed_files(self) -> list[tuple[str, str | None]]:
+        """(id, file) of every completed job."""
+        with self._tx() as c:
+            rows = self._run(c, "SELECT id, file FROM videos WHERE status = 'completed'").fetchall()
+        return [(r["id"], r["file"]) for r in rows]
+
+    def mark_lost(self, job_id: str, error: dict) -> None:
+        """A completed job whose file is gone becomes failed with `error`."""
+        with self._tx() as c:
+            self._run(c, "UPDATE videos SET status = 'failed', progress = 0, file = NULL, error = ? "
+                         "WHERE id = ? AND status = 'completed'", (json.dumps(error), job_id))
+
+    # --- webhooks owed
+
+    def claim_webhook(self, hold: float) -> dict | None:
+        """A webhook due now (hidden from other senders for `hold` seconds), or None."""
+        with self._tx() as c:
+            row = self._run(c, self._webhook_claim_sql(), (self._now(),)).fetchone()
+            if row is None:
+                return None
+            self._run(c, "UPDATE webhooks SET next_at = ?, attempts = attempts + 1 WHERE id = ?",
+                      (self._now() + hold, row["id"]))
+            return {**dict(row), "attempts": row["attempts"] + 1}
+
+    def _webhook_claim_sql(self) -> str:
+        return "SELECT * FROM webhooks WHERE next_at <= ? ORDER BY next_at LIMIT 1"
+
+    def webhook_done(self, webhook_id: str) -> None:
+        with self._tx() as c:
+            self._run(c, "DELETE FROM webhooks WHERE id = ?", (webhook_id,))
+
+    def webhook_retry(self, webhook_id: str, delay: float) -> None:
+        with self._tx() as c:
+            self._run(c, "UPDATE webhooks SET next_at = ? WHERE id = ?", (self._now() + delay, webhook_id))
+
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS videos (
@@ -24,98 +285,72 @@ CREATE TABLE IF NOT EXISTS videos (
     size TEXT NOT NULL,
     seconds TEXT NOT NULL,
     error TEXT
-)
+);
+CREATE TABLE IF NOT EXISTS video_inputs (
+    video_id TEXT NOT NULL,
+    position INTEGER NOT NULL,
+    data BLOB NOT NULL,
+    PRIMARY KEY (video_id, position)
+);
+CREATE TABLE IF NOT EXISTS webhooks (
+    id TEXT PRIMARY KEY,
+    video_id TEXT NOT NULL,
+    url TEXT NOT NULL,
+    body TEXT NOT NULL,
+    attempts INTEGER NOT NULL DEFAULT 0,
+    next_at REAL NOT NULL
+);
 """
+# columns added since the first version of the table (an existing jobs.sqlite3 gains them on open)
+_ADDED = {"params": "TEXT", "webhook_url": "TEXT", "worker": "TEXT", "lease_until": "REAL",
+          "attempts": "INTEGER NOT NULL DEFAULT 0", "expires_at": "INTEGER", "file": "TEXT"}
 
 
-class JobStore:
-    """Video jobs in `<dir>/jobs.sqlite3`; content in `<dir>/videos/<id>.mp4`, written before the row says completed."""
+class SQLiteJobStore(JobStore):
+    """`<dir>/jobs.sqlite3` (WAL): one process, or several on one machine sharing the file."""
 
-    def __init__(self, directory: str | Path):
-        self.dir = Path(directory)
-        self.video_dir = self.dir / "videos"
-        self.video_dir.mkdir(parents=True, exist_ok=True)
-        self._lock = threading.Lock()
-        self._db = sqlite3.connect(self.dir / "jobs.sqlite3", check_same_thread=False, isolation_level=None)
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self._lock = threading.RLock()
+        self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None, timeout=30)
         self._db.row_factory = sqlite3.Row
         self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute(_SCHEMA)
+        self._db.executescript(_SCHEMA)
+        have = {r["name"] for r in self._db.execute("PRAGMA table_info(videos)")}
+        for name, decl in _ADDED.items():
+            if name not in have:
+                self._db.execute(f"ALTER TABLE videos ADD COLUMN {name} {decl}")
+        self._db.execute("CREATE INDEX IF NOT EXISTS videos_status ON videos (model, status)")
+        self._db.execute("CREATE INDEX IF NOT EXISTS videos_expires ON videos (expires_at)")
 
-    def video_path(self, job_id: str) -> Path:
-        assert _ID.fullmatch(job_id), job_id  # ids are ours (video_<uuid hex>), never a user path
-        return self.video_dir / f"{job_id}.mp4"
-
-    def fail_unfinished(self, reason: str) -> int:
-        """Mark jobs left queued or in progress by a previous process as failed; returns how many."""
-        error = json.dumps({"code": "server_restarted", "message": reason})
+    @contextlib.contextmanager
+    def _tx(self) -> Iterator[Any]:
         with self._lock:
-            ids = [r[0] for r in self._db.execute("SELECT id FROM videos WHERE status IN ('queued', 'in_progress')")]
-            self._db.execute("UPDATE videos SET status = 'failed', error = ?, completed_at = ? "
-                             "WHERE status IN ('queued', 'in_progress')", (error, int(time.time())))
-        for job_id in ids:  # a file written just before a crash, with its row not yet completed
-            self.video_path(job_id).unlink(missing_ok=True)
-        return len(ids)
+            c = self._db.cursor()
+            c.execute("BEGIN IMMEDIATE")
+            try:
+                yield c
+            except BaseException:
+                c.execute("ROLLBACK")
+                raise
+            c.execute("COMMIT")
 
-    def create(self, model: str, prompt: str, size: str, seconds: str) -> dict:
-        """A new queued job with a fresh opaque id."""
-        job_id = f"video_{uuid.uuid4().hex}"
-        with self._lock:
-            self._db.execute("INSERT INTO videos (id, model, prompt, status, created_at, size, seconds) "
-                             "VALUES (?, ?, ?, 'queued', ?, ?, ?)", (job_id, model, prompt, int(time.time()), size,
-                                                                      seconds))
-        return self.get(job_id)
+    def _now(self) -> float:
+        return time.time()
 
-    def update(self, job_id: str, *, status: str | None = None, progress: int | None = None,
-               error: dict | None = None) -> None:
-        assert status is None or status in STATUSES, status
-        fields: dict[str, object] = {}
-        if status is not None:
-            fields["status"] = status
-            if status in ("completed", "failed"):
-                fields["completed_at"] = int(time.time())
-        if progress is not None:
-            fields["progress"] = progress
-        if error is not None:
-            fields["error"] = json.dumps(error)
-        if not fields:
-            return
-        sets = ", ".join(f"{name} = ?" for name in fields)
-        with self._lock:
-            self._db.execute(f"UPDATE videos SET {sets} WHERE id = ?", (*fields.values(), job_id))
-
-    def get(self, job_id: str) -> dict | None:
-        with self._lock:
-            row = self._db.execute("SELECT * FROM videos WHERE id = ?", (job_id,)).fetchone()
-        return _as_video(row) if row is not None else None
-
-    def list(self, limit: int = 20, after: str | None = None, order: str = "desc") -> tuple[list[dict], bool]:
-        """One page of jobs by creation time (rowid breaks ties), and whether more follow."""
-        assert order in ("asc", "desc"), order
-        op, direction = (">", "ASC") if order == "asc" else ("<", "DESC")
-        where, args = "", []
-        if after is not None:
-            where = f"WHERE rowid {op} (SELECT rowid FROM videos WHERE id = ?)"
-            args.append(after)
-        with self._lock:
-            rows = self._db.execute(f"SELECT * FROM videos {where} ORDER BY rowid {direction} LIMIT ?",
-                                    (*args, limit + 1)).fetchall()
-        return [_as_video(r) for r in rows[:limit]], len(rows) > limit
-
-    def delete(self, job_id: str) -> bool:
-        with self._lock:
-            deleted = self._db.execute("DELETE FROM videos WHERE id = ?", (job_id,)).rowcount > 0
-        if deleted:
-            self.video_path(job_id).unlink(missing_ok=True)
-        return deleted
+    def _claim_sql(self) -> str:
+        return ("SELECT id FROM videos WHERE model = ? AND status = 'queued' AND params IS NOT NULL "
+                "ORDER BY rowid LIMIT 1")
 
     def close(self) -> None:
         with self._lock:
             self._db.close()
 
 
-def _as_video(row: sqlite3.Row) -> dict:
+def as_video(row) -> dict:
     """A row as OpenAI's Video object."""
     return {"id": row["id"], "object": "video", "model": row["model"], "prompt": row["prompt"],
             "status": row["status"], "progress": row["progress"], "created_at": row["created_at"],
-            "completed_at": row["completed_at"], "expires_at": None, "size": row["size"], "seconds": row["seconds"],
-            "remixed_from_video_id": None, "error": json.loads(row["error"]) if row["error"] else None}
+            "completed_at": row["completed_at"], "expires_at": row["expires_at"], "size": row["size"],
+            "seconds": row["seconds"], "remixed_from_video_id": None,
+            "error": json.loads(row["error"]) if row["error"] else None}

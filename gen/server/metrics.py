@@ -20,20 +20,28 @@ class Metrics:
                                 ["endpoint", "method", "status"], registry=r)
         self.latency = Histogram("gen_http_request_seconds", "HTTP request latency", ["endpoint", "method"],
                                  buckets=_SLOW, registry=r)
-        self.queue_depth = Gauge("gen_queue_depth", "generations waiting in the queue", registry=r)
+        self.queue_depth = Gauge("gen_queue_depth", "generations waiting in this server's queue", registry=r)
+        self.cluster_depth = Gauge("gen_cluster_queue_depth", "video jobs of this model queued in the job store (all "
+                                   "replicas) plus the generations waiting in the replicas' queues", registry=r)
         self.running = Gauge("gen_running", "generations running (0 or 1)", registry=r)
         self.jobs = Counter("gen_generations", "finished generations by outcome", ["outcome"], registry=r)
         self.step = Histogram("gen_denoise_step_seconds", "mean denoising step time of a generation",
                               buckets=_FAST, registry=r)
         self.stage = Histogram("gen_stage_seconds", "pipeline stage time", ["stage"], buckets=_SLOW, registry=r)
+        self.webhooks = Counter("gen_webhook_deliveries", "webhook calls by outcome: delivered, retried, dropped",
+                                ["outcome"], registry=r)
+        self.removed = Counter("gen_outputs_removed", "output files removed by retention, by reason: expired, "
+                               "disk_cap, stale_temp", ["reason"], registry=r)
 
-    def track_engine(self, engine) -> None:
-        self.queue_depth.set_function(lambda: engine.queue_depth)
-        self.running.set_function(lambda: 1 if engine.running is not None else 0)
+    def track_queue(self, queue, cluster_depth=None) -> None:
+        """Gauges read from `queue` (and `cluster_depth()`, the store's view, when given) at each scrape."""
+        self.queue_depth.set_function(lambda: queue.queue_depth)
+        self.running.set_function(lambda: 1 if queue.running is not None else 0)
+        self.cluster_depth.set_function(cluster_depth or (lambda: queue.queue_depth))
 
     def observe_job(self, job) -> None:
-        """Called by the engine's worker when a generation ends."""
-        if job.result is None:
+        """Called by the queue's worker when a job ends, its outputs written (or not)."""
+        if job.error is not None:
             outcome = "cancelled" if job.cancel_reason else "failed"
             self.jobs.labels(outcome).inc()
             return

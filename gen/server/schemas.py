@@ -5,6 +5,8 @@ Not the HTTP handling (app.py); bad values raise ApiError naming the field in `p
 from __future__ import annotations
 
 import io
+import json
+import math
 import re
 from typing import Literal
 
@@ -15,6 +17,9 @@ from gen.types import GenerationRequest
 
 _SIZE = re.compile(r"(\d{1,5})x(\d{1,5})")
 MAX_INPUT_PIXELS = 4096 * 4096  # an uploaded image may not decode to more (decompression bombs)
+MAX_JSON_DEPTH = 16  # our bodies are flat; deeper nesting is refused before parsing
+MAX_NUMBER_DIGITS = 40  # longer number literals are refused (Python's int() would take quadratic time past 4300)
+_JSON_TOKENS = re.compile(r'"(?:[^"\\]|\\.)*"|[\[\]{}]')
 
 
 class ApiError(Exception):
@@ -28,6 +33,47 @@ class ApiError(Exception):
 
     def body(self) -> dict:
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+
+def parse_json(data: bytes) -> dict:
+    """A JSON object body, or a 400 naming what is wrong: not UTF-8 / not JSON, nested deeper than MAX_JSON_DEPTH,
+    number literals longer than MAX_NUMBER_DIGITS, NaN / Infinity (not JSON), not an object."""
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ApiError(400, f"the body is not UTF-8 (byte {e.start})", None, "invalid_json") from None
+    depth = 0
+    for m in _JSON_TOKENS.finditer(text):
+        c = m.group()
+        if c in "[{":
+            depth += 1
+            if depth > MAX_JSON_DEPTH:
+                raise ApiError(400, f"the body is nested deeper than {MAX_JSON_DEPTH} levels", None, "invalid_json")
+        elif c in "]}":
+            depth -= 1
+
+    def number(kind):
+        def parse(literal: str):
+            if len(literal) > MAX_NUMBER_DIGITS:
+                raise ApiError(400, f"a number in the body has {len(literal)} characters; at most "
+                                    f"{MAX_NUMBER_DIGITS} are accepted", None, "invalid_json")
+            value = kind(literal)
+            if isinstance(value, float) and not math.isfinite(value):
+                raise ApiError(400, f"the number {literal} is out of range", None, "invalid_json")
+            return value
+        return parse
+
+    def constant(name: str):
+        raise ApiError(400, f"{name} is not valid JSON", None, "invalid_json")
+
+    try:
+        value = json.loads(text, parse_int=number(int), parse_float=number(float), parse_constant=constant)
+    except json.JSONDecodeError as e:
+        raise ApiError(400, f"the body is not valid JSON ({e.msg} at line {e.lineno} column {e.colno})", None,
+                       "invalid_json") from None
+    if not isinstance(value, dict):
+        raise ApiError(400, f"the body must be a JSON object, got {type(value).__name__}", None, "invalid_json")
+    return value
 
 
 class _Body(BaseModel):
@@ -93,6 +139,7 @@ class VideoBody(_Common):
     size: str | None = None
     fps: int | None = None
     num_frames: int | None = None
+    webhook_url: str | None = None  # called when the job completes or fails (gen/server/webhooks.py)
 
     def to_request(self, fps_default: int, images: tuple[Image.Image, ...] = ()) -> GenerationRequest:
         width, height = parse_size(self.size)
