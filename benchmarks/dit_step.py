@@ -7,6 +7,7 @@ compiled (regional: each block) with the start-up-selected attention backend. Re
 TFLOP/s, peak memory and cold-start (compile) time, as JSON and a markdown table.
 
   python benchmarks/dit_step.py --models flux,wan,qwen --out dit.json        # on the GPU machine
+  python benchmarks/dit_step.py --models zimage --out zimage.json            # Z-Image-Turbo-sized (1024^2)
   python benchmarks/dit_step.py --tiny --models flux,wan,qwen                 # CPU smoke check
   python benchmarks/dit_step.py --fp8 --models flux,wan,qwen --out fp8.json  # ours bf16 vs FP8 linears (GPU sm89+)
 """
@@ -35,6 +36,8 @@ REAL = {
                 qk_norm="rms_norm_across_heads", eps=1e-6, rope_max_seq_len=1024),
     "qwen": dict(patch_size=2, in_channels=64, out_channels=16, num_layers=60, attention_head_dim=128,
                  num_attention_heads=24, joint_attention_dim=3584, guidance_embeds=False, axes_dims_rope=(16, 56, 56)),
+    # Z-Image-Turbo (diffusers' defaults but axes_lens, as its config.json)
+    "zimage": dict(axes_lens=(1536, 512, 512)),
     # the default gen-shapes model (assets/gen-shapes/transformer/config.json): a small input, launch-bound
     "shapes": dict(patch_size=2, in_channels=32, out_channels=8, num_layers=8, attention_head_dim=64,
                    num_attention_heads=3, joint_attention_dim=576, guidance_embeds=False, axes_dims_rope=(16, 24, 24)),
@@ -49,8 +52,10 @@ TINY = {
                  num_attention_heads=2, joint_attention_dim=32, axes_dims_rope=(4, 6, 6)),
 }
 TINY["shapes"] = TINY["qwen"]
+TINY["zimage"] = dict(in_channels=4, dim=64, n_layers=1, n_refiner_layers=1, n_heads=2, n_kv_heads=2, cap_feat_dim=32,
+                      axes_dims=(8, 12, 12), axes_lens=(256, 64, 64))
 CLASS_NAMES = {"flux": "FluxTransformer2DModel", "wan": "WanTransformer3DModel", "qwen": "QwenImageTransformer2DModel",
-               "shapes": "QwenImageTransformer2DModel"}
+               "shapes": "QwenImageTransformer2DModel", "zimage": "ZImageTransformer2DModel"}
 
 
 def declared(name: str):
@@ -123,6 +128,12 @@ def make_inputs(name: str, tiny: bool, c, device, dtype) -> tuple[dict, int]:
         inputs = dict(hidden_states=rnd(1, c.in_channels, f, h, w), timestep=torch.full((1,), 500.0, device=device),
                       encoder_hidden_states=rnd(1, txt, c.text_dim))
         tokens = f * (h // 2) * (w // 2)
+    elif name == "zimage":  # 1024^2 -> 128x128 latents -> 64x64 tokens; a ~70-word prompt in the chat template
+        h = w = 8 if tiny else 128
+        txt = 20 if tiny else 100  # the caption's real tokens (padded to 32 inside both models)
+        inputs = dict(hidden_states=rnd(1, c.in_channels, h, w), timestep=torch.full((1,), 500.0, device=device),
+                      encoder_hidden_states=rnd(1, txt, c.cap_feat_dim))
+        tokens = (h // 2) * (w // 2) + txt
     else:  # Qwen-Image 1328^2 -> 166x166 latents -> 83x83 tokens; gen-shapes 128^2 -> 16x16 latents -> 8x8
         h = w = 8 if tiny or name == "shapes" else 83
         txt = 16 if tiny else 12 if name == "shapes" else 256
@@ -134,6 +145,16 @@ def make_inputs(name: str, tiny: bool, c, device, dtype) -> tuple[dict, int]:
     return inputs, tokens
 
 
+def call_reference(name: str, ref, inputs: dict) -> torch.Tensor:
+    """diffusers' forward on the benchmark inputs, as a tensor shaped like ours (Z-Image's takes lists of latents and
+    captions and the clean-is-1 time its pipeline computes from the scheduler's timestep)."""
+    if name == "zimage":
+        x, t, cap = inputs["hidden_states"], inputs["timestep"], inputs["encoder_hidden_states"]
+        out = ref(list(x[:, :, None].unbind(0)), (1000 - t) / 1000, list(cap.unbind(0)), return_dict=False)[0]
+        return torch.stack(out)[:, :, 0]
+    return ref(**inputs, return_dict=False)[0]
+
+
 def bench_model(name: str, args, device, dtype) -> dict:
     ref, ours, inputs, tokens = build(name, args.tiny, device, dtype)
     row = {"model": name, "tokens": tokens}
@@ -141,7 +162,7 @@ def bench_model(name: str, args, device, dtype) -> dict:
 
     def run_ref():
         with torch.no_grad():
-            return ref(**inputs, return_dict=False)[0]
+            return call_reference(name, ref, inputs)
 
     def run_ours():
         with torch.no_grad():
@@ -161,7 +182,7 @@ def bench_model(name: str, args, device, dtype) -> dict:
 
         def run_ref_c():
             with torch.no_grad():
-                return compiled_ref(**inputs, return_dict=False)[0]
+                return call_reference(name, compiled_ref, inputs)
 
         row["diffusers_compile_cold_s"] = cold_start_s(run_ref_c)
         row["diffusers_compiled_ms"] = time_ms(run_ref_c, warm, iters)

@@ -267,8 +267,11 @@ class ZImageTransformer(nn.Module):
         index = torch.arange(n, device=device)
         rows = F.pad(index // w, (0, padded_length(n) - n))
         cols = F.pad(index % w, (0, padded_length(n) - n))
-        frame = torch.as_tensor(caption_len, device=device).reshape(-1, 1) + 1  # (1 or B, 1)
-        return rope_table((frame * real, rows, cols), c)
+        if isinstance(caption_len, int):  # no host-to-device copy (CUDA-graph capture forbids it)
+            frame = (real * (caption_len + 1))[None]  # (1, N')
+        else:
+            frame = real * (caption_len[:, None] + 1)  # (B, N')
+        return rope_table((frame, rows, cols), c)
 
     def caption_rope(self, t: int) -> Rope:
         """(cos, sin) of a caption run of `t` tokens, each (1, T, D/2): token k at (1 + k, 0, 0)."""
