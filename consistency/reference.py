@@ -56,6 +56,13 @@ def _qwen_image_edit(pipe, case: Case) -> tuple[list[Image.Image], None]:
     return pipe(image=load_image(case.images[0]), **kw).images, None
 
 
+def _qwen_image21(pipe, case: Case) -> tuple[list[Image.Image], None]:
+    kw = _common(case, "prompt", "negative_prompt", "true_cfg_scale", "height", "width", "num_inference_steps")
+    if case.images:  # condition images are optional
+        kw["image"] = [load_image(p) for p in case.images]
+    return pipe(**kw).images, None
+
+
 def _wan_t2v(pipe, case: Case) -> tuple[list[Image.Image], int | None]:
     kw = _common(case, "prompt", "negative_prompt", "height", "width", "num_frames", "num_inference_steps",
                  "guidance_scale")
@@ -90,6 +97,13 @@ def _qwen_vl_processor(model) -> dict:
                                                    video_processor=None)}
 
 
+def _qwen3_vl_processor(model) -> dict:
+    """transformers' Qwen3VLProcessor without its video processor, as gen loads it."""
+    from component_loaders.qwen import load_qwen3_vl_processor
+
+    return {"processor": load_qwen3_vl_processor(model / "processor", "Qwen3VLProcessor")}
+
+
 # model_index.json `_class_name` -> (diffusers pipeline class, runner, components to pass in instead of loading)
 RUNNERS = {
     "FluxPipeline": ("FluxPipeline", _flux, None),
@@ -97,6 +111,7 @@ RUNNERS = {
     "ZImagePipeline": ("ZImagePipeline", _z_image, None),
     "QwenImagePipeline": ("QwenImagePipeline", _qwen_image, None),
     "QwenImageEditPipeline": ("QwenImageEditPipeline", _qwen_image_edit, _qwen_vl_processor),
+    "QwenImage21Pipeline": ("QwenImage21Pipeline", _qwen_image21, _qwen3_vl_processor),
     "WanPipeline": ("WanPipeline", _wan_t2v, None),
     "WanImageToVideoPipeline": ("WanImageToVideoPipeline", _wan_i2v, None),
 }
@@ -111,7 +126,7 @@ def run_reference(case: Case, class_name: str, device: torch.device, dtype: torc
         raise GenError(f"case {case.id!r}: no reference runner for pipeline {class_name!r}; "
                        f"known: {sorted(RUNNERS)} (use --source gen)")
     takes_image = class_name in ("QwenImageEditPipeline", "WanImageToVideoPipeline", "FluxKontextPipeline")
-    if takes_image != bool(case.images):
+    if takes_image != bool(case.images) and class_name != "QwenImage21Pipeline":  # 2.1: images optional
         need = "needs an input image" if takes_image else "takes no input images"
         raise GenError(f"case {case.id!r}: {class_name} {need} (case field 'images')")
     cls_name, runner, given = RUNNERS[class_name]
