@@ -100,3 +100,36 @@ def test_validation(gen):
     with pytest.raises(GenError, match="smaller than 16 x 16"):
         gen.generate("x", images=[picture(8, 64, 0)], **kw)
     assert gen.pipeline.defaults.guidance_scale == 3.5 and gen.pipeline.defaults.num_inference_steps == 28
+
+
+# ---------------------------------------------------------------- 2 CPU ranks
+
+
+LAYOUTS = [(2, 1, 1), (1, 2, 1)]  # (ulysses, ring, cfg): the noise and reference tokens are sharded together
+
+
+def _two_rank_layouts(rank: int, device: torch.device) -> dict | None:
+    from gen.distributed.apply import parallelize
+    from gen.distributed.groups import ParallelConfig, ParallelContext
+    from gen.generator import Generator as Gen
+
+    torch.set_num_threads(1)
+    gen = Gen.from_pretrained(ASSET, device="cpu")
+    kw = dict(prompt="make it red", images=[picture(64, 48, 0)], num_inference_steps=2, height=48, width=32, seed=3)
+    ref = np.asarray(gen.generate(**kw).images[0])
+    report = {}
+    for layout in LAYOUTS:
+        ctx = ParallelContext.build(ParallelConfig(*layout), device, timeout_s=120)
+        parallel = parallelize(gen.pipeline, ctx)
+        try:
+            report[layout] = psnr(np.asarray(gen.generate(**kw).images[0]), ref)
+        finally:
+            parallel.remove()
+    return report if rank == 0 else None
+
+
+def test_two_ranks_equal_one():
+    from gen.distributed.ranks import run_on_ranks
+
+    report = run_on_ranks(_two_rank_layouts, 2, timeout_s=300)[0]
+    assert all(v >= 50.0 for v in report.values()), report
