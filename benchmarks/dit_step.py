@@ -8,6 +8,7 @@ TFLOP/s, peak memory and cold-start (compile) time, as JSON and a markdown table
 
   python benchmarks/dit_step.py --models flux,wan,qwen --out dit.json        # on the GPU machine
   python benchmarks/dit_step.py --models zimage --out zimage.json            # Z-Image-Turbo-sized (1024^2)
+  python benchmarks/dit_step.py --models qwen21 --out qwen21.json            # Qwen-Image 2.1-sized (1024^2)
   python benchmarks/dit_step.py --tiny --models flux,wan,qwen                 # CPU smoke check
   python benchmarks/dit_step.py --fp8 --models flux,wan,qwen --out fp8.json  # ours bf16 vs FP8 linears (GPU sm89+)
 """
@@ -38,6 +39,7 @@ REAL = {
                  num_attention_heads=24, joint_attention_dim=3584, guidance_embeds=False, axes_dims_rope=(16, 56, 56)),
     # Z-Image-Turbo (diffusers' defaults but axes_lens, as its config.json)
     "zimage": dict(axes_lens=(1536, 512, 512)),
+    "qwen21": dict(),  # QwenImage21Transformer2DModel's defaults are Qwen-Image 2.1's (32 blocks, width 4096)
     # the default gen-shapes model (assets/gen-shapes/transformer/config.json): a small input, launch-bound
     "shapes": dict(patch_size=2, in_channels=32, out_channels=8, num_layers=8, attention_head_dim=64,
                    num_attention_heads=3, joint_attention_dim=576, guidance_embeds=False, axes_dims_rope=(16, 24, 24)),
@@ -52,10 +54,13 @@ TINY = {
                  num_attention_heads=2, joint_attention_dim=32, axes_dims_rope=(4, 6, 6)),
 }
 TINY["shapes"] = TINY["qwen"]
+TINY["qwen21"] = dict(in_channels=8, out_channels=8, num_layers=1, attention_head_dim=16, num_attention_heads=2,
+                      context_in_dim=32, axes_dims_rope=(4, 6, 6))
 TINY["zimage"] = dict(in_channels=4, dim=64, n_layers=1, n_refiner_layers=1, n_heads=2, n_kv_heads=2, cap_feat_dim=32,
                       axes_dims=(8, 12, 12), axes_lens=(256, 64, 64))
 CLASS_NAMES = {"flux": "FluxTransformer2DModel", "wan": "WanTransformer3DModel", "qwen": "QwenImageTransformer2DModel",
-               "shapes": "QwenImageTransformer2DModel", "zimage": "ZImageTransformer2DModel"}
+               "shapes": "QwenImageTransformer2DModel", "zimage": "ZImageTransformer2DModel",
+               "qwen21": "QwenImage21Transformer2DModel"}
 
 
 def declared(name: str):
@@ -84,7 +89,7 @@ def build(name: str, tiny: bool, device, dtype):
     ours.load_state_dict(ref.state_dict(), assign=True)
     ours.eval()
     inputs, tokens = make_inputs(name, tiny, ref.config, device, dtype)
-    return ref, ours, inputs, tokens
+    return ref, ours, prefill(name, inputs, ours, ref), tokens
 
 
 def build_ours(name: str, tiny: bool, device, dtype):
@@ -101,7 +106,7 @@ def build_ours(name: str, tiny: bool, device, dtype):
     finally:
         torch.set_default_dtype(prev)
     inputs, tokens = make_inputs(name, tiny, config, device, dtype)
-    return ours, inputs, tokens
+    return ours, prefill(name, inputs, ours), tokens
 
 
 def make_inputs(name: str, tiny: bool, c, device, dtype) -> tuple[dict, int]:
@@ -134,6 +139,14 @@ def make_inputs(name: str, tiny: bool, c, device, dtype) -> tuple[dict, int]:
         inputs = dict(hidden_states=rnd(1, c.in_channels, h, w), timestep=torch.full((1,), 500.0, device=device),
                       encoder_hidden_states=rnd(1, txt, c.cap_feat_dim))
         tokens = (h // 2) * (w // 2) + txt
+    elif name == "qwen21":  # 1024^2 -> 64x64 latents (16x, unpatched) = 4096 target tokens; a 256-token prompt
+        h = w = 4 if tiny else 64
+        txt = 16 if tiny else 256
+        slots = torch.cat([torch.zeros(1, txt, dtype=torch.bool), torch.ones(1, h * w // 4, dtype=torch.bool)], 1)
+        inputs = dict(hidden_states=rnd(1, h * w, c.in_channels), encoder_hidden_states=rnd(1, txt, c.context_in_dim),
+                      timestep=torch.full((1,), 0.5, device=device, dtype=dtype), img_shapes=[[(1, h, w)]],
+                      img_mask=slots.to(device))
+        tokens = h * w + txt
     else:  # Qwen-Image 1328^2 -> 166x166 latents -> 83x83 tokens; gen-shapes 128^2 -> 16x16 latents -> 8x8
         h = w = 8 if tiny or name == "shapes" else 83
         txt = 16 if tiny else 12 if name == "shapes" else 256
@@ -145,6 +158,30 @@ def make_inputs(name: str, tiny: bool, c, device, dtype) -> tuple[dict, int]:
     return inputs, tokens
 
 
+def prefill(name: str, inputs: dict, ours, ref=None) -> dict:
+    """A Qwen-Image 2.1 step reads the prompt's keys and values, computed once per generation: ours from encode_prefix
+    (as its pipeline does), diffusers' from the KV cache its first call fills (its pipeline's default). Done here,
+    outside the timed step, which is then a steady-state step of either pipeline."""
+    if name != "qwen21":
+        return inputs
+    with torch.no_grad():
+        prefix = ours.encode_prefix(inputs["encoder_hidden_states"], inputs["img_mask"], inputs["img_shapes"])
+        cache = None
+        if ref is not None:
+            from diffusers.models.transformers.transformer_qwenimage21 import QwenImage21KVCache
+
+            cache = QwenImage21KVCache(ref.config.num_layers)
+            ref(**inputs, kv_cache=cache, kv_cache_mode="extract")
+    return dict(inputs, prefix=prefix, kv_cache=cache)
+
+
+def call_ours(name: str, ours, inputs: dict) -> torch.Tensor:
+    """Our forward on the benchmark inputs (Qwen-Image 2.1: the target tokens against the encoded prefix)."""
+    if name == "qwen21":
+        return ours(inputs["hidden_states"], inputs["prefix"], inputs["timestep"], inputs["img_shapes"])
+    return ours(**inputs)
+
+
 def call_reference(name: str, ref, inputs: dict) -> torch.Tensor:
     """diffusers' forward on the benchmark inputs, as a tensor shaped like ours (Z-Image's takes lists of latents and
     captions and the clean-is-1 time its pipeline computes from the scheduler's timestep)."""
@@ -152,6 +189,9 @@ def call_reference(name: str, ref, inputs: dict) -> torch.Tensor:
         x, t, cap = inputs["hidden_states"], inputs["timestep"], inputs["encoder_hidden_states"]
         out = ref(list(x[:, :, None].unbind(0)), (1000 - t) / 1000, list(cap.unbind(0)), return_dict=False)[0]
         return torch.stack(out)[:, :, 0]
+    if name == "qwen21":  # a cached step: the target tokens' prediction
+        kw = {k: v for k, v in inputs.items() if k != "prefix"}
+        return ref(**kw, kv_cache_mode="cached", return_dict=False)[0]
     return ref(**inputs, return_dict=False)[0]
 
 
@@ -166,7 +206,7 @@ def bench_model(name: str, args, device, dtype) -> dict:
 
     def run_ours():
         with torch.no_grad():
-            return ours(**inputs)
+            return call_ours(name, ours, inputs)
 
     row["flop"] = count_flops(run_ours)
     with torch.no_grad():
@@ -245,7 +285,7 @@ def bench_fp8(name: str, args, device, dtype) -> dict:
 
     def run_ours():
         with torch.no_grad():
-            return ours(**inputs)
+            return call_ours(name, ours, inputs)
 
     row["flop"] = count_flops(run_ours)
     exact = run_ours().float()

@@ -195,3 +195,24 @@ def test_bad_inputs():
         ours(x[:, 32:], prefix, kw["timestep"], [[*COND, (2, 6, 2)]])
     with pytest.raises(ValueError, match="patch_size must be 1"):
         QwenImage21Config(patch_size=2)
+
+
+def test_graphed_call_reads_a_new_prefix_into_the_same_graph():
+    """The Prefix is a pytree: a CUDA-graph wrapper (run eagerly here) copies a later generation's prefix into the
+    buffers captured with the first, instead of capturing again, and gives that prefix's result."""
+    from gen.transforms.cuda_graph import GraphedCall, eager_capture
+
+    _, ours = make_pair()
+    call = GraphedCall(ours.forward, capture=eager_capture)
+    outs = []
+    with torch.no_grad():
+        for seed in (1, 2):
+            kw = inputs(1, SLOTS, COND, seed=seed)
+            x = kw["hidden_states"]
+            prefix = ours.encode_prefix(kw["encoder_hidden_states"], kw["img_mask"], kw["img_shapes"],
+                                        condition=x[:, :32])
+            outs.append((call(x[:, 32:], prefix, kw["timestep"], kw["img_shapes"]),
+                         ours(x[:, 32:], prefix, kw["timestep"], kw["img_shapes"])))
+    assert call.captures == 1
+    assert all(torch.equal(graphed, plain) for graphed, plain in outs)
+    assert rel_err(outs[0][0], outs[1][0]) > 0.1
