@@ -15,6 +15,7 @@ import torch
 from PIL import Image
 
 from gen.distributed.plans import ShardPlan, each
+from gen.llm import LLM
 from gen.models.qwen_image21 import Prefix, QwenImage21Config, QwenImage21Transformer
 from gen.transforms.step_cache import CacheLayout
 from gen.types import GenError, GenerationRequest, GenerationResult
@@ -106,6 +107,9 @@ class QwenImage21Pipeline(Pipeline):
         super().__init__(components, device, dtype)
         c = components
         self.transformer, self.vae, self.processor = c["transformer"], c["vae"], c["processor"]
+        if not isinstance(c["text_encoder"], LLM):
+            raise GenError(f"{c.index.path}: the text encoder must be loaded on gen's LLM runtime (gen.llm.LLM), got "
+                           f"{type(c['text_encoder']).__name__}", param="model_path")
         self.encoder = RuntimeQwen3VL(c["text_encoder"], self.processor)
         self.drop = system_tokens(self.processor)
         t, v = self.transformer.config, self.vae.config
