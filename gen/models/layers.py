@@ -62,17 +62,18 @@ class RMSNorm(nn.Module):
 
 
 class AdaNormOut(nn.Module):
-    """Final LayerNorm (no affine, eps 1e-6) with scale and shift (in that order: diffusers' AdaLayerNormContinuous)
-    projected from the time embedding: `linear`."""
+    """Final LayerNorm (no affine, eps 1e-6 unless given) with scale and shift (in that order: diffusers'
+    AdaLayerNormContinuous) projected from the time embedding: `linear` (`bias=False`: without bias, FLUX.2)."""
 
-    def __init__(self, dim: int):
+    def __init__(self, dim: int, bias: bool = True, eps: float = 1e-6):
         super().__init__()
-        self.linear = nn.Linear(dim, 2 * dim)
+        self.linear = nn.Linear(dim, 2 * dim, bias=bias)
+        self.eps = eps
 
     def forward(self, x: torch.Tensor, temb: torch.Tensor) -> torch.Tensor:
         """x (B, L, dim), temb (B, dim) -> (B, L, dim)."""
         scale, shift = self.linear(F.silu(temb).to(x.dtype)).chunk(2, dim=1)  # (B, dim) each
-        return F.layer_norm(x, x.shape[-1:], eps=1e-6) * (1 + scale[:, None]) + shift[:, None]
+        return F.layer_norm(x, x.shape[-1:], eps=self.eps) * (1 + scale[:, None]) + shift[:, None]
 
 
 def timestep_embedding(t: torch.Tensor, dim: int = 256, scale: float = 1.0, max_period: float = 10000.0,
