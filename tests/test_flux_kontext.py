@@ -105,7 +105,7 @@ def test_validation(gen):
 # ---------------------------------------------------------------- 2 CPU ranks
 
 
-LAYOUTS = [(2, 1, 1), (1, 2, 1)]  # (ulysses, ring, cfg): the noise and reference tokens are sharded together
+LAYOUTS = [(2, 1, 1)]  # (ulysses, ring, cfg): the noise and reference tokens are sharded together
 
 
 def _two_rank_layouts(rank: int, device: torch.device) -> dict | None:

@@ -301,8 +301,8 @@ class ZImageTransformer(nn.Module):
             raise ValueError(f"encoder_hidden_states {tuple(encoder_hidden_states.shape)}: expected ({b}, L, "
                              f"{c.cap_feat_dim})")
         gh, gw = h // PATCH, w // PATCH
-        t = (1000 - timestep) / 1000  # (B,) 1 = clean
-        temb = self.t_embedder(t * c.t_scale).to(hidden_states.dtype)  # (B, min(dim, 256))
+        clean = (1000 - timestep) / 1000  # (B,) 1 = clean
+        temb = self.t_embedder(clean * c.t_scale).to(hidden_states.dtype)  # (B, min(dim, 256))
         txt, keep, caption_len = self.embed_caption(encoder_hidden_states, encoder_hidden_states_mask)
         img = self.embed_image(hidden_states)  # (B, N', dim)
         img_rope = self.image_rope(caption_len, gh, gw)
@@ -313,7 +313,7 @@ class ZImageTransformer(nn.Module):
         for block in self.context_refiner:
             txt = block(txt, txt_rope, None, keep)
 
-        rope = tuple(torch.cat([t.expand(i.shape[0], -1, -1), i], dim=1) for t, i in zip(txt_rope, img_rope))
+        rope = tuple(torch.cat([tr.expand(ir.shape[0], -1, -1), ir], dim=1) for tr, ir in zip(txt_rope, img_rope))
         mask = None if keep is None else torch.cat([keep, keep.new_ones(b, img.shape[1])], dim=1)  # (B, T+N')
         for block in self.layers:
             img, txt = block(img, txt, rope, temb, mask)
