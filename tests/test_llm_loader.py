@@ -97,3 +97,27 @@ def test_no_weights(tmp_path):
     (tmp_path / "model.safetensors").unlink()
     with pytest.raises(FileNotFoundError, match="model.safetensors"):
         load_model(tmp_path, torch.device("cpu"), torch.float32)
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_bare_decoder_checkpoint_encodes(tmp_path, tied):
+    """A Qwen3Model saved without a head (keys without `model.`, no lm_head; how a re-saved text encoder looks)
+    loads as an encoder with the same hidden states as transformers; generating needs a tied head."""
+    from gen.llm import LLM
+
+    torch.manual_seed(0)
+    ref = transformers.Qwen3Model(transformers.Qwen3Config(**TINY, tie_word_embeddings=tied)).eval()
+    ref.save_pretrained(tmp_path)
+    tiny_tokenizer().save_pretrained(tmp_path)
+    assert json.loads((tmp_path / "config.json").read_text())["architectures"] == ["Qwen3Model"]
+    llm = LLM(tmp_path, device="cpu", dtype="fp32")
+    ids = [3, 9, 12, 7, 20]
+    with torch.no_grad():
+        want = ref(torch.tensor([ids]), output_hidden_states=True).hidden_states
+    enc = llm.encode([ids], hidden_layer=-2)
+    assert rel_err(enc.hidden[0], want[-2][0]) <= 1e-5
+    if tied:
+        assert len(llm.generate([ids], max_new_tokens=2)) == 1
+    else:
+        with pytest.raises(ValueError, match="bare decoder without an LM head"):
+            llm.generate([ids], max_new_tokens=2)

@@ -161,4 +161,4 @@ def load_model(folder: str | Path, device, dtype: torch.dtype) -> tuple[nn.Modul
     state = read_state_dict(folder, device, dtype, getattr(model, "checkpoint_key_map", {}),
                             getattr(model, "ignored_checkpoint_keys", ()), getattr(model, "keep_fp32_checkpoint_keys", ()),
                             Fp8Blocks.from_hf(hf_config, folder))
-    return load_state(model, state, bool(tie)), hf_config
+    return load_state(model, state, bool(tie) or getattr(model, "headless", False)), hf_config

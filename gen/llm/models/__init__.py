@@ -8,6 +8,11 @@ ARCHITECTURES = {
     "Qwen2ForCausalLM": "gen.llm.models.llama:LlamaForCausalLM",
     "Qwen3ForCausalLM": "gen.llm.models.llama:LlamaForCausalLM",
     "MistralForCausalLM": "gen.llm.models.llama:LlamaForCausalLM",
+    # bare decoders saved without a head (re-saved text encoders): encoding only
+    "LlamaModel": "gen.llm.models.llama:LlamaModelOnly",
+    "Qwen2Model": "gen.llm.models.llama:LlamaModelOnly",
+    "Qwen3Model": "gen.llm.models.llama:LlamaModelOnly",
+    "MistralModel": "gen.llm.models.llama:LlamaModelOnly",
     "Mistral3ForConditionalGeneration": "gen.llm.models.mistral3:Mistral3ForConditionalGeneration",
     "Qwen2_5_VLForConditionalGeneration": "gen.llm.models.qwen2_5_vl:Qwen2_5_VLForConditionalGeneration",
     "Qwen3VLForConditionalGeneration": "gen.llm.models.qwen3_vl:Qwen3VLForConditionalGeneration",

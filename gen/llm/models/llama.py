@@ -405,3 +405,18 @@ class LlamaForCausalLM(nn.Module):
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.lm_head(hidden).float()
+
+
+class LlamaModelOnly(LlamaForCausalLM):
+    """A bare decoder checkpoint (transformers' Qwen3Model / Qwen2Model / LlamaModel / MistralModel saved without a
+    head: keys without the `model.` prefix, no lm_head), as re-saved text encoders are. It encodes; its head is the
+    input embedding (what tied checkpoints use), so generating is refused unless the config ties them."""
+
+    checkpoint_key_map = {r"^(?!model\.)": "model."}
+    headless = True
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        if not self.config.tie_word_embeddings:
+            raise ValueError("this checkpoint is a bare decoder without an LM head (tie_word_embeddings is false): "
+                             "it can encode prompts, not generate")
+        return super().compute_logits(hidden)
