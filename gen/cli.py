@@ -54,6 +54,14 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
                         "pays on small images, where the GPU waits for kernel launches")
     p.add_argument("--vae-tiling", action="store_true",
                    help="decode in tiles: less GPU memory for large images and long videos, about 2x slower decode")
+    p.add_argument("--offload", choices=("none", "model", "layer"),
+                   help="keep weights in pinned host memory: 'model' moves each component to the GPU for its own "
+                        "stage, 'layer' also streams the transformer blocks (docs/MEMORY.md)")
+    p.add_argument("--max-gpu-memory", type=float, metavar="GIB",
+                   help="GPU memory for the weights plus working memory: picks the lightest offload that fits")
+    p.add_argument("--transformer", metavar="PATH",
+                   help="one checkpoint file replacing the transformer of --model-path (diffusers, original BFL / "
+                        "Wan or ComfyUI keys; .safetensors incl. FP8, or .gguf)")
     add_parallel_arguments(p)
 
 
@@ -61,7 +69,8 @@ def model_kwargs(args: argparse.Namespace) -> dict:
     """The Generator.from_pretrained keywords of add_model_arguments' flags."""
     return dict(device=args.device, dtype=args.dtype, prompt_enhancer=args.prompt_enhancer, compile=args.compile,
                 attention=args.attention, fp8=args.fp8, step_cache=args.step_cache,
-                cuda_graphs=args.cuda_graphs, vae_tiling=args.vae_tiling, **parallel_kwargs(args))
+                cuda_graphs=args.cuda_graphs, vae_tiling=args.vae_tiling, offload=args.offload,
+                max_gpu_memory=args.max_gpu_memory, transformer=args.transformer, **parallel_kwargs(args))
 
 
 def add_parallel_arguments(p: argparse.ArgumentParser) -> None:
@@ -88,6 +97,9 @@ def run(args: argparse.Namespace) -> int:
     if args.output:
         check_writable(args.output)
     gen = Generator.from_pretrained(args.model_path, **model_kwargs(args))
+    offload = gen.pipeline.transforms.get("offload") if getattr(gen.pipeline, "transforms", None) else None
+    if offload is not None:
+        print(f"offload: {offload.detail}", file=sys.stderr)
     output = args.output or ("out.mp4" if gen.modality == "video" else "out.png")
     check_writable(output)
     bar = _ProgressBar()

@@ -58,7 +58,8 @@ class Generator:
                         max_batch: int = 1,
                         batch_wait_ms: float = 5.0, num_gpus: int = 1, ulysses_degree: int | None = None,
                         ring_degree: int | None = None,
-                        cfg_parallel: bool = False) -> "Generator":
+                        cfg_parallel: bool = False, offload: str | None = None,
+                        max_gpu_memory: float | None = None, transformer: str | os.PathLike | None = None) -> "Generator":
         """Load a diffusers-layout folder (`None`: the embedded default) on `device` in `dtype`.
 
         `num_gpus` > 1: one generation runs on that many ranks (Ulysses x Ring sequence parallel, `cfg_parallel`
@@ -76,6 +77,12 @@ class Generator:
         `cfg_batch`: a CFG step's two branches as one batched forward (None: on accelerators in one process).
         `max_batch` > 1: `run` may be called from several threads at once and their generations' DiT calls are
         batched (up to max_batch together, a call waiting up to `batch_wait_ms` for others; gen/transforms/batch.py).
+
+        Memory (docs/MEMORY.md): `offload` "model" keeps each component in pinned host memory and moves it to the
+        device for its own stage; "layer" also streams the DiT's blocks (the next ones copied while the current one
+        runs); `max_gpu_memory` (GiB) picks the lightest mode that fits, or says the least any mode needs.
+        `transformer`: one checkpoint file (diffusers, original BFL / Wan, ComfyUI keys; safetensors, FP8 or GGUF)
+        replacing the folder's transformer weights (component_loaders/single_file.py).
         """
         from gen.transforms import TransformOptions, check_options
 
@@ -85,18 +92,22 @@ class Generator:
         options = TransformOptions(compile=compile, attention=attention, fp8=fp8, step_cache=step_cache,
                                    cuda_graphs=cuda_graphs, vae_tiling=vae_tiling, cfg_batch=cfg_batch,
                                    max_batch=max_batch,
-                                   batch_wait_ms=batch_wait_ms)
+                                   batch_wait_ms=batch_wait_ms, offload=offload, max_gpu_memory=max_gpu_memory)
         parallel = num_gpus != 1 or ulysses_degree not in (None, 1) or ring_degree not in (None, 1) or cfg_parallel
         check_options(options, device, dtype, parallel)  # before any weight is loaded
         if parallel:
             from gen.distributed.groups import ParallelConfig
             from gen.distributed.ranks import start_ranks
 
+            if transformer is not None:
+                raise GenError("transformer (a single-file checkpoint) is not passed to parallel ranks yet; load it "
+                               "in one process, or convert it to a model folder", param="transformer")
             config = ParallelConfig.from_flags(num_gpus, ulysses_degree, ring_degree, cfg_parallel)
             return cls(start_ranks(path, device, dtype, variant, config, options=options), path, prompt_enhancer)
         from gen.loading import load_pipeline
 
-        return cls(load_pipeline(path, device, dtype, variant, options), path, prompt_enhancer)
+        return cls(load_pipeline(path, device, dtype, variant, options, transformer=transformer), path,
+                   prompt_enhancer)
 
     @property
     def ready(self) -> bool:

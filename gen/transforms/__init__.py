@@ -8,6 +8,7 @@ and returns an `Applied` record whose `undo()` takes them off in the reverse ord
 | # | transform          | module                      | what it changes                                         |
 |---|--------------------|-----------------------------|---------------------------------------------------------|
 | 1 | attention backend  | gen/models/attention.py     | the process's attention function (chosen once)          |
+| 1b| offload            | gen/transforms/offload.py   | components in host memory, moved in per call / per block|
 | 2 | fp8 (lossy)        | gen/transforms/fp8.py       | block nn.Linear -> Fp8Linear                            |
 | 3 | join (exact)       | gen/transforms/join.py      | q/k/v (+MLP) weights become views of one joined weight  |
 | 4 | compile            | gen/transforms/compile.py   | each block torch.compile'd (regional)                   |
@@ -21,7 +22,9 @@ Forward wrappers (5-8) stack through gen/transforms/forward.py, removed in the r
 cannot work are refused by `check_options` before any weight is loaded: the step cache decides on the host per
 step, so neither CUDA graphs (no host decisions inside a graph) nor parallel ranks (each would decide on its own
 shard) go with it; CUDA graphs do not capture the ranks' collectives; FP8 needs a CUDA GPU of compute capability
-8.9+ in bf16. FP8 goes before join (joining needs plain nn.Linear layers; FP8 layers stay unjoined) and compile
+8.9+ in bf16; offload goes with neither CUDA graphs (they replay fixed weight addresses) nor batching (concurrent
+generations would move each other's weights), and settles its plan last, once FP8 and join changed the tensors.
+FP8 goes before join (joining needs plain nn.Linear layers; FP8 layers stay unjoined) and compile
 after both (it traces the final layers).
 """
 from __future__ import annotations
@@ -51,6 +54,8 @@ class TransformOptions:
     cfg_batch: bool | None = None  # CFG branches in one batched forward; None: on accelerators, one process
     max_batch: int = 1  # > 1: batch the DiT calls of up to this many concurrent generations
     batch_wait_ms: float = 5.0  # how long a call waits for others to join its batch
+    offload: str | None = None  # "none", "model", "layer"; None: "none", or what fits max_gpu_memory
+    max_gpu_memory: float | None = None  # GiB the weights (plus working memory) may take on the device
 
 
 def check_options(options: TransformOptions, device: torch.device, dtype: torch.dtype, parallel: bool = False) -> None:
@@ -83,6 +88,16 @@ def check_options(options: TransformOptions, device: torch.device, dtype: torch.
                        "two rank halves instead)", param="cfg_batch")
     if options.fp8:
         check_fp8(device, dtype)
+    if options.offload not in (None, "none") or options.max_gpu_memory is not None:
+        from gen.transforms.offload import check_offload
+
+        check_offload(options.offload, options.max_gpu_memory)
+        if options.cuda_graphs:
+            raise GenError("cuda_graphs and offload cannot be combined: a graph replays the weight addresses it was "
+                           "captured with, and offloaded weights move", param="cuda_graphs")
+        if options.max_batch > 1:
+            raise GenError(f"max_batch={options.max_batch} and offload cannot be combined: concurrent generations in "
+                           "different stages would move each other's weights", param="max_batch")
     if options.cuda_graphs:
         check_cuda_graphs(device, options.step_cache)
         if parallel:
@@ -132,6 +147,12 @@ def apply_transforms(pipeline, options: TransformOptions = TransformOptions(), p
         previous = get_attention_backend()
         backend = select_attention_backend(pipeline.device, pipeline.dtype, options.attention)
         applied.append(Step("attention", backend, lambda: set_attention_backend(previous)))
+        offload = None
+        if options.offload not in (None, "none") or options.max_gpu_memory is not None:
+            from gen.transforms.offload import Offload
+
+            offload = Offload(pipeline, options.offload, options.max_gpu_memory)
+            applied.append(Step("offload", offload, offload.remove))
         if options.fp8:
             from gen.transforms.fp8 import dequantize_transformer, quantize_transformer
 
@@ -178,6 +199,8 @@ def apply_transforms(pipeline, options: TransformOptions = TransformOptions(), p
             settings = dict(channels_last=accel and video, compile=options.compile and accel and not is_3d(vae),
                             tiling=options.vae_tiling)
             applied.append(Step("vae", [k for k, on in settings.items() if on], tune_vae(vae, **settings)))
+        if offload is not None:  # sizes, plan and host copies once FP8 / join changed the tensors
+            offload.settle()
     except BaseException:  # leave the pipeline as it was, then let the error go on
         applied.undo()
         raise
