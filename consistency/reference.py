@@ -63,6 +63,30 @@ def _qwen_image21(pipe, case: Case) -> tuple[list[Image.Image], None]:
     return pipe(**kw).images, None
 
 
+def _flux2(pipe, case: Case) -> tuple[list[Image.Image], None]:
+    """FLUX.2 [dev] / [klein], reference images optional; a [klein] negative prompt goes in as embeds (the reference's
+    own negative prompt is always "")."""
+    kw = _common(case, "prompt", "height", "width", "num_inference_steps", "guidance_scale")
+    if case.images:
+        kw["image"] = [load_image(p) for p in case.images]
+    if case.negative_prompt is not None:
+        kw["negative_prompt_embeds"] = pipe.encode_prompt(case.negative_prompt, device=pipe.device)[0]
+    return pipe(**kw).images, None
+
+
+def _flux2_dev(pipe, case: Case) -> tuple[list[Image.Image], None]:
+    from component_loaders.mistral import load_pixtral_text
+
+    pipe.tokenizer = load_pixtral_text(case.model / "tokenizer", "PixtralProcessor")  # its text half, as gen loads it
+    return _flux2(pipe, case)
+
+
+def _no_tokenizer(model) -> dict:
+    """transformers' PixtralProcessor needs torchvision: FLUX.2 [dev] is loaded without it, _flux2_dev sets the
+    tokenizer."""
+    return {"tokenizer": None}
+
+
 def _wan_t2v(pipe, case: Case) -> tuple[list[Image.Image], int | None]:
     kw = _common(case, "prompt", "negative_prompt", "height", "width", "num_frames", "num_inference_steps",
                  "guidance_scale")
@@ -112,6 +136,8 @@ RUNNERS = {
     "QwenImagePipeline": ("QwenImagePipeline", _qwen_image, None),
     "QwenImageEditPipeline": ("QwenImageEditPipeline", _qwen_image_edit, _qwen_vl_processor),
     "QwenImage21Pipeline": ("QwenImage21Pipeline", _qwen_image21, _qwen3_vl_processor),
+    "Flux2Pipeline": ("Flux2Pipeline", _flux2_dev, _no_tokenizer),
+    "Flux2KleinPipeline": ("Flux2KleinPipeline", _flux2, None),
     "WanPipeline": ("WanPipeline", _wan_t2v, None),
     "WanImageToVideoPipeline": ("WanImageToVideoPipeline", _wan_i2v, None),
 }
@@ -126,7 +152,8 @@ def run_reference(case: Case, class_name: str, device: torch.device, dtype: torc
         raise GenError(f"case {case.id!r}: no reference runner for pipeline {class_name!r}; "
                        f"known: {sorted(RUNNERS)} (use --source gen)")
     takes_image = class_name in ("QwenImageEditPipeline", "WanImageToVideoPipeline", "FluxKontextPipeline")
-    if takes_image != bool(case.images) and class_name != "QwenImage21Pipeline":  # 2.1: images optional
+    optional = ("QwenImage21Pipeline", "Flux2Pipeline", "Flux2KleinPipeline")  # images optional
+    if takes_image != bool(case.images) and class_name not in optional:
         need = "needs an input image" if takes_image else "takes no input images"
         raise GenError(f"case {case.id!r}: {class_name} {need} (case field 'images')")
     cls_name, runner, given = RUNNERS[class_name]
