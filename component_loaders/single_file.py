@@ -15,9 +15,10 @@ BFL's final modulation has its (shift, scale) halves swapped into ours (scale, s
 Values may stay quantized: float8 weights (with a `.scale_weight` / `.weight_scale` per tensor or per output channel,
 ComfyUI's `fp8_scaled` files included; none: scale 1) and GGUF blocks (the layout of city96's FLUX / Wan / Qwen-Image
 files: the original keys, `general.architecture` flux / wan / qwen_image). Row splits and swaps work on them
-without decoding (each row is whole blocks). A quantized Linear weight becomes a quantized layer
-(gen/models/quantized.py, or gen/transforms/fp8.py's Fp8Linear where FP8 tensor cores run it); any other quantized
-tensor is dequantized at load. A file of another family, of another layout, with missing, unexpected or mis-shaped
+without decoding (each row is whole blocks). A quantized Linear weight inside the repeated blocks (the family's
+`DiT.blocks`, nearly all the bytes) becomes a quantized layer (gen/models/quantized.py, or gen/transforms/fp8.py's
+Fp8Linear where FP8 tensor cores run it); every other quantized tensor (embedders, final layers) is dequantized at
+load, so the model files see plain layers there. A file of another family, of another layout, with missing, unexpected or mis-shaped
 tensors, or truncated is refused by a GenError naming the file and the first such keys.
 """
 from __future__ import annotations
@@ -502,6 +503,7 @@ def load_single_file(file: str | Path, config_folder: str | Path, dit, device: t
     plan = map_keys(ckpt, fmt, expected)
     state: dict[str, torch.Tensor] = {}
     quantized: dict[str, Value] = {}  # Linear module path -> its quantized weight
+    in_blocks = tuple(f"{attr}." for attr in dit.blocks)  # the repeated blocks: where almost all weights are
     bad_shapes, kinds = [], {}
     for key, rule, targets in plan:
         for target, value in convert(ckpt.get(key), rule, targets, expected, key, file):
@@ -512,7 +514,8 @@ def load_single_file(file: str | Path, config_folder: str | Path, dit, device: t
             if not isinstance(value, torch.Tensor):
                 kind = value.qtype if isinstance(value, QTensor) else str(value.data.dtype).removeprefix("torch.")
                 kinds[kind] = kinds.get(kind, 0) + 1
-                if leaf == "weight" and type(model.get_submodule(module_path)) is nn.Linear:
+                if leaf == "weight" and module_path.startswith(in_blocks) and \
+                        type(model.get_submodule(module_path)) is nn.Linear:
                     quantized[module_path] = value
                     continue
                 value = value.dequantize(dtype)

@@ -24,10 +24,12 @@ def load_pipeline(path: str | Path, device: torch.device, dtype: torch.dtype, va
     # offloaded components are loaded in host memory; the offload transform moves them to `device` as they run
     offloaded = options.offload not in (None, "none") or options.max_gpu_memory is not None
     load_device = torch.device("cpu") if offloaded else device
+    # the single file first: a bad one is refused before the other components are read
+    dit = load_transformer_file(transformer, index, load_device, device, dtype) if transformer is not None else None
     skip = ("transformer",) if transformer is not None else ()
     components = load_components(path, load_device, dtype, variant=variant, own_models=DITS, skip=skip)
-    if transformer is not None:
-        components.modules["transformer"] = load_transformer_file(transformer, index, load_device, device, dtype)
+    if dit is not None:
+        components.modules["transformer"] = dit
     log.info("loaded %s (%s) on %s in %s", path, pipe_cls.__name__, load_device, dtype)
     pipeline = pipe_cls(components, device, dtype)
     apply_transforms(pipeline, options, parallel)
