@@ -9,6 +9,7 @@ TFLOP/s, peak memory and cold-start (compile) time, as JSON and a markdown table
   python benchmarks/dit_step.py --models flux,wan,qwen --out dit.json        # on the GPU machine
   python benchmarks/dit_step.py --models zimage --out zimage.json            # Z-Image-Turbo-sized (1024^2)
   python benchmarks/dit_step.py --models qwen21 --out qwen21.json            # Qwen-Image 2.1-sized (1024^2)
+  python benchmarks/dit_step.py --models flux2 --iters 5 --out flux2.json   # FLUX.2 [dev]-sized (1024^2, 32B)
   python benchmarks/dit_step.py --tiny --models flux,wan,qwen                 # CPU smoke check
   python benchmarks/dit_step.py --fp8 --models flux,wan,qwen --out fp8.json  # ours bf16 vs FP8 linears (GPU sm89+)
 """
@@ -32,6 +33,7 @@ from gen.transforms.compile import compile_blocks  # noqa: E402
 
 REAL = {
     "flux": dict(),  # FluxTransformer2DModel's defaults are FLUX.1-dev
+    "flux2": dict(),  # Flux2Transformer2DModel's defaults are FLUX.2 [dev] (8 + 48 blocks, width 6144, 32B)
     "wan": dict(patch_size=(1, 2, 2), num_attention_heads=12, attention_head_dim=128, in_channels=16, out_channels=16,
                 text_dim=4096, freq_dim=256, ffn_dim=8960, num_layers=30, cross_attn_norm=True,
                 qk_norm="rms_norm_across_heads", eps=1e-6, rope_max_seq_len=1024),
@@ -54,13 +56,15 @@ TINY = {
                  num_attention_heads=2, joint_attention_dim=32, axes_dims_rope=(4, 6, 6)),
 }
 TINY["shapes"] = TINY["qwen"]
+TINY["flux2"] = dict(in_channels=16, num_layers=1, num_single_layers=1, attention_head_dim=16, num_attention_heads=2,
+                     joint_attention_dim=48, timestep_guidance_channels=32, axes_dims_rope=(4, 4, 4, 4))
 TINY["qwen21"] = dict(in_channels=8, out_channels=8, num_layers=1, attention_head_dim=16, num_attention_heads=2,
                       context_in_dim=32, axes_dims_rope=(4, 6, 6))
 TINY["zimage"] = dict(in_channels=4, dim=64, n_layers=1, n_refiner_layers=1, n_heads=2, n_kv_heads=2, cap_feat_dim=32,
                       axes_dims=(8, 12, 12), axes_lens=(256, 64, 64))
 CLASS_NAMES = {"flux": "FluxTransformer2DModel", "wan": "WanTransformer3DModel", "qwen": "QwenImageTransformer2DModel",
                "shapes": "QwenImageTransformer2DModel", "zimage": "ZImageTransformer2DModel",
-               "qwen21": "QwenImage21Transformer2DModel"}
+               "qwen21": "QwenImage21Transformer2DModel", "flux2": "Flux2Transformer2DModel"}
 
 
 def declared(name: str):
@@ -126,6 +130,16 @@ def make_inputs(name: str, tiny: bool, c, device, dtype) -> tuple[dict, int]:
                       pooled_projections=rnd(1, c.pooled_projection_dim), timestep=torch.full((1,), 0.5, device=device, dtype=dtype),
                       img_ids=ids.reshape(-1, 3), txt_ids=torch.zeros(txt, 3, device=device),
                       guidance=torch.full((1,), 3.5, device=device) if c.guidance_embeds else None)
+        tokens = h * w + txt
+    elif name == "flux2":  # 1024^2 -> 128x128 latents -> 64x64 patchified tokens; the 512-token padded prompt
+        h = w = 4 if tiny else 64
+        txt = 16 if tiny else 512
+        img_ids = torch.cartesian_prod(torch.arange(1), torch.arange(h), torch.arange(w), torch.arange(1))
+        txt_ids = torch.cartesian_prod(torch.arange(1), torch.arange(1), torch.arange(1), torch.arange(txt))
+        inputs = dict(hidden_states=rnd(1, h * w, c.in_channels), encoder_hidden_states=rnd(1, txt, c.joint_attention_dim),
+                      timestep=torch.full((1,), 0.5, device=device, dtype=dtype), img_ids=img_ids.to(device),
+                      txt_ids=txt_ids.to(device),
+                      guidance=torch.full((1,), 4.0, device=device) if c.guidance_embeds else None)
         tokens = h * w + txt
     elif name == "wan":
         f, h, w = (3, 8, 8) if tiny else (21, 60, 104)  # 480x832, 81 frames -> 21 latent frames
