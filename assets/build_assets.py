@@ -17,6 +17,7 @@ BUILDERS = {
     "qwen_image": "assets.builders.qwen_image",
     "qwen_image21": "assets.builders.qwen_image21",
     "z_image": "assets.builders.z_image",
+    "lora": "assets.builders.lora",  # tiny LoRAs of the FLUX / Wan / Qwen-Image checkpoints above (after them)
 }
 
 

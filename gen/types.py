@@ -25,6 +25,17 @@ class Cancelled(RuntimeError):
 
 
 @dataclass(frozen=True)
+class LoraSpec:
+    """One LoRA of a request: a .safetensors file (or a folder holding one; it must exist on every rank), its scale,
+    and the transformer it targets (`None`: every transformer of the model; Wan2.2: "transformer" is the high-noise
+    expert, "transformer_2" the low-noise one). Checked and applied by gen/lora and gen/transforms/lora.py."""
+
+    path: str
+    scale: float = 1.0
+    target: str | None = None
+
+
+@dataclass(frozen=True)
 class GenerationRequest:
     """One generation. `None` fields take the model family's defaults."""
 
@@ -41,6 +52,7 @@ class GenerationRequest:
     images: tuple[Image.Image, ...] = ()  # edit / image-to-video inputs
     num_outputs: int = 1  # images per prompt (OpenAI `n`)
     enhance_prompt: bool = False
+    loras: tuple[LoraSpec, ...] | None = None  # None: the set the model was loaded with; (): none
 
     def replace(self, **changes) -> "GenerationRequest":
         return dataclasses.replace(self, **changes)

@@ -61,6 +61,7 @@ class Pipeline:
         self.request_hooks: list[Callable[[], None]] = []  # called before each request (transforms' per-request state)
         self.stage_locks: dict[str, threading.Lock] = {}  # stages one generation at a time when several run at once
         self.transforms = None  # gen.transforms.Applied once gen.transforms.apply_transforms ran
+        self.loras = None  # gen.transforms.lora.LoraAdapters: the LoRA set of each request (apply_transforms)
 
     # ---- the DiTs, for the transforms applied from outside
 
@@ -94,15 +95,26 @@ class Pipeline:
         """`req` checked against this model and filled with its defaults; GenError naming the first bad field.
         The one validation of a request: the pipeline runs it first, the server before queueing (same result)."""
         self.check_images(req)
+        if req.loras:
+            req = req.replace(loras=self._lora_adapters().check(req.loras))
         return validate_request(req, self.size_defaults(req), video=self.modality == "video")
+
+    def _lora_adapters(self):
+        if self.loras is None:
+            raise GenError(f"{type(self).__name__} was built without the LoRA transform (gen.transforms."
+                           "apply_transforms), so it takes no LoRAs", param="loras")
+        return self.loras
 
     def __call__(self, req: GenerationRequest, progress: ProgressFn | None = None,
                  cancel: CancelFn | None = None) -> GenerationResult:
         for hook in self.request_hooks:
             hook()
+        loras = self._lora_adapters().use(req.loras) if self.loras is not None or req.loras else \
+            contextlib.nullcontext()
         token = _STAGE_LOCKS.set(self.stage_locks)
         try:
-            return self.run(req, progress, cancel)
+            with loras:  # this request's LoRA set swapped in and held for its run
+                return self.run(req, progress, cancel)
         finally:
             _STAGE_LOCKS.reset(token)
 

@@ -32,7 +32,7 @@ def test_apply_then_undo_gives_back_the_plain_model():
     pipeline.transforms.undo()  # whatever from_pretrained applied: the plain model
     plain, state = image(gen), {k: v.clone() for k, v in model.state_dict().items()}
     applied = apply_transforms(pipeline, TransformOptions(join=True, step_cache=0.05, cfg_batch=False))
-    assert [s.name for s in applied] == ["cfg_batch", "attention", "joined_projections", "step_cache", "vae"]
+    assert [s.name for s in applied] == ["cfg_batch", "attention", "joined_projections", "lora", "step_cache", "vae"]
     assert wrapper_names(model) == ["step_cache"] and hasattr(model.transformer_blocks[0].attn.to_q, "joined_sizes")
     image(gen)  # runs with them
     applied.undo()

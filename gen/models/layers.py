@@ -97,10 +97,18 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
 def project(x: torch.Tensor, *layers: nn.Module) -> tuple[torch.Tensor, ...]:
     """`x` through several Linear layers that all read it: one matmul when gen/transforms/join.py joined exactly this
-    group (the first layer then holds the joined weight), else one call per layer."""
-    sizes = getattr(layers[0], "joined_sizes", None)
+    group (the first layer then holds the joined weight), else one call per layer. LoRA adapters on a joined group
+    (gen/transforms/lora.py: the members' down matrices stacked on the first layer) add one down matmul for the
+    group and each member's up matmul on its own rows."""
+    first = layers[0]
+    sizes = getattr(first, "joined_sizes", None)
     if sizes is None:
         return tuple(layer(x) for layer in layers)
     if len(sizes) != len(layers):
         raise RuntimeError(f"layer joined as a group of {len(sizes)} called as a group of {len(layers)}")
-    return F.linear(x, layers[0].joined_weight, layers[0].joined_bias).split(sizes, dim=-1)
+    out = F.linear(x, first.joined_weight, first.joined_bias).split(sizes, dim=-1)
+    down = getattr(first, "joined_lora_down", None)
+    if down is None:
+        return out
+    h = (F.linear(x, down) * first.joined_lora_scale).split(first.joined_lora_ranks, dim=-1)  # (..., R) each
+    return tuple(o + F.linear(hi, layer.lora_up) for o, hi, layer in zip(out, h, layers))

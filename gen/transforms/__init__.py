@@ -11,6 +11,7 @@ and returns an `Applied` record whose `undo()` takes them off in the reverse ord
 | 1b| offload            | gen/transforms/offload.py   | components in host memory, moved in per call / per block|
 | 2 | fp8 (lossy)        | gen/transforms/fp8.py       | block nn.Linear -> Fp8Linear                            |
 | 3 | join (exact)       | gen/transforms/join.py      | q/k/v (+MLP) weights become views of one joined weight  |
+| 3b| LoRA               | gen/transforms/lora.py      | adapter banks on the linears, or sets merged; per request |
 | 4 | compile            | gen/transforms/compile.py   | each block torch.compile'd (regional)                   |
 | 5 | step cache (lossy) | gen/transforms/step_cache.py| forward wrapper skipping later blocks on quiet steps     |
 | 6 | sequence parallel  | gen/distributed/apply.py    | forward wrapper + hooks sharding tokens over ranks      |
@@ -25,7 +26,8 @@ shard) go with it; CUDA graphs do not capture the ranks' collectives; FP8 needs 
 8.9+ in bf16; offload goes with neither CUDA graphs (they replay fixed weight addresses) nor batching (concurrent
 generations would move each other's weights), and settles its plan last, once FP8 and join changed the tensors.
 FP8 goes before join (joining needs plain nn.Linear layers; FP8 layers stay unjoined) and compile
-after both (it traces the final layers).
+after both (it traces the final layers). LoRA goes after join (a joined group's adapters run as one down matmul) and
+before compile (switching sets copies into fixed-size banks: no recompile); fusing LoRAs into FP8 weights is refused.
 """
 from __future__ import annotations
 
@@ -56,6 +58,10 @@ class TransformOptions:
     batch_wait_ms: float = 5.0  # how long a call waits for others to join its batch
     offload: str | None = None  # "none", "model", "layer"; None: "none", or what fits max_gpu_memory
     max_gpu_memory: float | None = None  # GiB the weights (plus working memory) may take on the device
+    loras: tuple = ()  # the default LoRA set (LoraSpecs / paths / (path, scale) tuples): requests with loras=None
+    fuse_lora: bool = False  # merge LoRA sets into the weights (no per-step cost; a switch rewrites the weights)
+    max_loras: int = 4  # LoRAs per request
+    max_lora_cache_mb: float = 2048  # loaded LoRA tensors kept (LRU), on the device
 
 
 def check_options(options: TransformOptions, device: torch.device, dtype: torch.dtype, parallel: bool = False) -> None:
@@ -88,6 +94,10 @@ def check_options(options: TransformOptions, device: torch.device, dtype: torch.
                        "two rank halves instead)", param="cfg_batch")
     if options.fp8:
         check_fp8(device, dtype)
+    from gen.transforms.lora import check_lora_options
+
+    offloaded = options.offload not in (None, "none") or options.max_gpu_memory is not None
+    check_lora_options(options.fuse_lora, options.fp8, offloaded, bool(options.loras))
     if options.offload not in (None, "none") or options.max_gpu_memory is not None:
         from gen.transforms.offload import check_offload
 
@@ -164,6 +174,14 @@ def apply_transforms(pipeline, options: TransformOptions = TransformOptions(), p
 
             n = sum(join_projections(m) for _, m, _ in dits)
             applied.append(Step("joined_projections", n, lambda: [unjoin_projections(m) for _, m, _ in dits]))
+        from gen.transforms.lora import LoraAdapters
+
+        loras = LoraAdapters(pipeline, options.fuse_lora, options.max_loras, options.max_lora_cache_mb, options.loras,
+                             offloaded=offload is not None)
+        pipeline.loras = loras
+        applied.append(Step("lora", loras, lambda: (loras.remove(), setattr(pipeline, "loras", None))))
+        if loras.default:
+            loras.set(None)
         if options.compile:
             from gen.transforms.compile import compile_blocks, uncompile_blocks
 

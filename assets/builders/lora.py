@@ -1,0 +1,231 @@
+"""Tiny LoRA files for the tiny FLUX, Wan and Qwen-Image checkpoints (assets/loras/<model>/), one per format people
+download: the diffusers / PEFT ones from adapters PEFT puts on diffusers' own transformer, written by the pipeline's
+`save_lora_weights` (and PEFT's `save_pretrained` for a PEFT folder); the others by small writers of each format's
+keys (kohya / sd-scripts, ComfyUI, BFL, XLabs, Wan official / lightx2v, musubi-tuner, Qwen-Image-Lightning), from
+seeded random matrices shaped after the checkpoint's layers. Names of theirs come from gen/lora/formats.py's tables.
+"""
+from __future__ import annotations
+
+import zlib
+from pathlib import Path
+
+import torch
+from diffusers import (FluxPipeline, FluxTransformer2DModel, QwenImagePipeline, QwenImageTransformer2DModel,
+                       WanPipeline, WanTransformer3DModel)
+from safetensors.torch import save_file
+
+from gen.lora.formats import FLUX_BFL, FLUX_XLABS, WAN_ORIGINAL, Naming
+
+RANK = 4
+FLUX_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out",
+                "ff.net.0.proj", "ff.net.2", "ff_context.net.0.proj", "ff_context.net.2", "proj_mlp", "proj_out",
+                "norm1.linear", "norm1_context.linear", "norm.linear", "x_embedder", "norm_out.linear"]
+WAN_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "ffn.net.0.proj", "ffn.net.2", "proj_out", "time_proj"]
+QWEN_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out",
+                "img_mlp.net.0.proj", "img_mlp.net.2", "txt_mlp.net.0.proj", "txt_mlp.net.2", "img_mod.1", "txt_mod.1",
+                "img_in", "proj_out"]
+
+
+def _randn(shape, g: torch.Generator, std: float = 0.4) -> torch.Tensor:
+    return (torch.randn(shape, generator=g) * std).contiguous()
+
+
+# ---------------------------------------------------------------- diffusers / PEFT
+
+
+def peft_adapter(transformer, targets: list[str], seed: int, r: int = RANK, alpha: float = 8, **config):
+    """PEFT LoRA layers on `transformer` (seeded random A and B, so the LoRA does something); (state dict, config)."""
+    from peft import LoraConfig, get_peft_model_state_dict
+
+    cfg = LoraConfig(r=r, lora_alpha=alpha, target_modules=targets, init_lora_weights=False, **config)
+    transformer.add_adapter(cfg)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in sorted(transformer.named_parameters()):
+            if ".lora_" in name:
+                p.copy_(_randn(p.shape, g))
+    return get_peft_model_state_dict(transformer), cfg
+
+
+def write_diffusers(out: Path, name: str, pipeline_cls, transformer, targets, seed, **kw) -> Path:
+    """A LoRA in diffusers' format, written by the pipeline's own save_lora_weights (with its PEFT config)."""
+    layers, cfg = peft_adapter(transformer, targets, seed, **kw)
+    metadata = {k: (list(v) if isinstance(v, set) else v) for k, v in cfg.to_dict().items()}
+    pipeline_cls.save_lora_weights(out, transformer_lora_layers=layers, transformer_lora_adapter_metadata=metadata,
+                                   weight_name=f"{name}.safetensors")
+    return out / f"{name}.safetensors"
+
+
+def write_peft_folder(out: Path, transformer, targets, seed, **kw) -> Path:
+    """The same LoRA as PEFT's own save_pretrained writes it: adapter_model.safetensors + adapter_config.json."""
+    from peft import LoraConfig, get_peft_model
+
+    model = get_peft_model(transformer, LoraConfig(r=kw.pop("r", RANK), lora_alpha=kw.pop("alpha", 8),
+                                                   target_modules=targets, init_lora_weights=False, **kw))
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in sorted(transformer.named_parameters(), key=lambda x: x[0].replace("base_model.model.", "")):
+            if ".lora_" in name:
+                p.copy_(_randn(p.shape, g))
+    model.save_pretrained(out)
+    (out / "README.md").unlink(missing_ok=True)  # PEFT's model card template, not the adapter
+    return out
+
+
+# ---------------------------------------------------------------- the other formats
+
+
+def linear_shapes(model) -> dict[str, tuple[int, int]]:
+    """Our (= diffusers') path of every linear layer -> (in, out)."""
+    return {n: (m.in_features, m.out_features) for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
+
+
+def their_modules(naming: Naming, shapes: dict, keep=lambda name: True) -> list[tuple[str, int, int]]:
+    """(their module name, in, out) for every module of theirs whose targets this model has (block indices
+    expanded)."""
+    found = []
+    for template, target in naming.modules.items():
+        for i in (range(64) if "{i}" in template else [None]):
+            ours = [o.format(i=i) if i is not None else o for o in target.ours]
+            if not all(o in shapes for o in ours):
+                if i is not None and i > 0:
+                    break
+                continue
+            name = template.format(i=i) if i is not None else template
+            if keep(name):
+                found.append((name, shapes[ours[0]][0], sum(shapes[o][1] for o in ours)))
+    return found
+
+
+def write_native(path: Path, modules, seed: int, prefix: str, flat: bool = False, down: str = "lora_down.weight",
+                 up: str = "lora_up.weight", alpha=None, extra: dict | None = None) -> Path:
+    """A LoRA file in a format of their own names: `prefix` + module (dots -> underscores when `flat`) + suffix;
+    `alpha(module, rank)` -> alpha or None (no key)."""
+    tensors = {}
+    for name, d_in, d_out in modules:  # each module's matrices from its own seed: a subset of modules, same values
+        g = torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(name.encode()))
+        key = prefix + (name.replace(".", "_") if flat else name)
+        tensors[f"{key}.{down}"] = _randn((RANK, d_in), g)
+        tensors[f"{key}.{up}"] = _randn((d_out, RANK), g)
+        a = alpha(name, RANK) if alpha else None
+        if a is not None:
+            tensors[f"{key}.alpha"] = torch.tensor(float(a))
+    tensors.update(extra or {})
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, path)
+    return path
+
+
+# ---------------------------------------------------------------- per family
+
+
+def build_flux(root: Path) -> list[Path]:
+    model_dir, out = root / "flux-tiny", root / "loras" / "flux-tiny"
+    out.mkdir(parents=True, exist_ok=True)
+    load = lambda: FluxTransformer2DModel.from_pretrained(model_dir / "transformer")
+    write_diffusers(out, "diffusers", FluxPipeline, load(), FLUX_TARGETS, seed=1)
+    write_diffusers(out, "diffusers_patterns", FluxPipeline, load(), ["to_q", "to_k", "to_v", "proj_mlp", "to_out.0"],
+                    seed=2, r=2, alpha=2, rank_pattern={"proj_mlp": 4}, alpha_pattern={"proj_mlp": 6})
+    write_peft_folder(out / "peft_folder", load(), FLUX_TARGETS, seed=1)
+    shapes = linear_shapes(load())
+    bfl = their_modules(FLUX_BFL, shapes)
+    kohya_alpha = lambda name, r: None if name.startswith("final_layer") else 4.0  # diffusers drops final_layer alphas
+    # diffusers' kohya reader splits single blocks' linear1 by FLUX.1's real sizes, and leaves the layers outside the
+    # blocks (img_in, final_layer, ...) out of the transformer: those go in bfl.safetensors only
+    no_linear1 = [m for m in bfl if m[0].startswith(("double_blocks", "single_blocks")) and not m[0].endswith("linear1")]
+    write_native(out / "kohya.safetensors", no_linear1, seed=3, prefix="lora_unet_", flat=True, alpha=kohya_alpha)
+    write_native(out / "comfyui.safetensors", no_linear1, seed=4, prefix="diffusion_model.", alpha=kohya_alpha)
+    # the ComfyUI file's matrices again (and linear1's), with BFL's own PEFT-style names (lora_A / lora_B, no prefix)
+    write_native(out / "bfl.safetensors", bfl, seed=4, prefix="", down="lora_A.weight", up="lora_B.weight",
+                 alpha=kohya_alpha)
+    write_native(out / "xlabs.safetensors", their_modules(FLUX_XLABS, shapes, lambda n: "double" in n), seed=5,
+                 prefix="", down="down.weight", up="up.weight")
+    return [out]
+
+
+def block_alpha(alpha: float):
+    """Alphas on the blocks' layers only (diffusers' Wan reader refuses alphas on the others)."""
+    return lambda name, rank: alpha if name.startswith("blocks.") else None
+
+
+def build_wan(root: Path) -> list[Path]:
+    outs = []
+    for model_name in ("wan-t2v-tiny", "wan22-a14b-tiny"):
+        model_dir, out = root / model_name, root / "loras" / model_name
+        out.mkdir(parents=True, exist_ok=True)
+        load = lambda: WanTransformer3DModel.from_pretrained(model_dir / "transformer")
+        shapes = linear_shapes(load())
+        linears = their_modules(WAN_ORIGINAL, shapes)
+        params = dict(load().named_parameters())
+        if model_name == "wan-t2v-tiny":
+            write_diffusers(out, "diffusers", WanPipeline, load(), WAN_TARGETS, seed=11, alpha=4)
+            write_native(out / "lightx2v.safetensors", linears, seed=12, prefix="diffusion_model.",
+                         alpha=block_alpha(8.0), extra=_wan_deltas(linears, params, 12, zero_norms=True))
+            write_native(out / "comfyui.safetensors", linears, seed=13, prefix="diffusion_model.", down="lora_A.weight",
+                         up="lora_B.weight")
+            blocks = [m for m in linears if m[0].startswith("blocks.")]
+            write_native(out / "musubi.safetensors", blocks, seed=14, prefix="lora_unet_", flat=True,
+                         alpha=lambda n, r: 2.0)
+            # lightx2v's full deltas too: norm scales, modulation tables (diff_m), a full weight delta (diff)
+            write_native(out / "lightx2v_full.safetensors", linears, seed=15, prefix="diffusion_model.",
+                         alpha=block_alpha(4.0), extra=_wan_deltas(linears, params, 15, zero_norms=False, full=True))
+        else:  # Wan2.2 A14B: a high-noise / low-noise pair, as lightx2v publishes them
+            for name, seed in (("high_noise", 16), ("low_noise", 17)):
+                write_native(out / f"{name}.safetensors", linears, seed=seed, prefix="diffusion_model.",
+                             alpha=block_alpha(4.0), extra=_wan_deltas(linears, params, seed, zero_norms=True))
+        outs.append(out)
+    return outs
+
+
+def _wan_deltas(linears, params: dict, seed: int, zero_norms: bool, full: bool = False) -> dict:
+    """lightx2v's extra keys: diff_b of each linear's bias, diff of the norm scales (zeros in their releases),
+    and with `full` diff_m of the modulation tables and a diff of one whole weight."""
+    from gen.lora.formats import WAN_ORIGINAL as naming
+
+    g = torch.Generator().manual_seed(seed + 1000)
+    extra = {}
+    for name, _, d_out in linears:
+        extra[f"diffusion_model.{name}.diff_b"] = _randn((d_out,), g, 0.05)
+    for template in ("blocks.{i}.self_attn.norm_q", "blocks.{i}.self_attn.norm_k", "blocks.{i}.cross_attn.norm_q",
+                     "blocks.{i}.cross_attn.norm_k", "blocks.{i}.norm3"):
+        for i in range(64):
+            ours = naming.module(template.format(i=i), False).ours[0] + ".weight"
+            if ours not in params:
+                break
+            shape = params[ours].shape
+            extra[f"diffusion_model.{template.format(i=i)}.diff"] = torch.zeros(shape) if zero_norms \
+                else _randn(shape, g, 0.05)
+    if full:
+        for i in range(64):
+            if f"blocks.{i}.scale_shift_table" not in params:
+                break
+            extra[f"diffusion_model.blocks.{i}.diff_m"] = _randn(params[f"blocks.{i}.scale_shift_table"].shape, g, 0.05)
+        extra["diffusion_model.head.diff_m"] = _randn(params["scale_shift_table"].shape, g, 0.05)
+        extra["diffusion_model.patch_embedding.diff"] = _randn(params["patch_embedding.weight"].shape, g, 0.01)
+    return extra
+
+
+def build_qwen(root: Path) -> list[Path]:
+    model_dir, out = root / "qwen-image-tiny", root / "loras" / "qwen-image-tiny"
+    out.mkdir(parents=True, exist_ok=True)
+    load = lambda: QwenImageTransformer2DModel.from_pretrained(model_dir / "transformer")
+    write_diffusers(out, "diffusers", QwenImagePipeline, load(), QWEN_TARGETS, seed=21, alpha=4)
+    from gen.lora.formats import QWEN_OURS
+
+    ours = their_modules(QWEN_OURS, linear_shapes(load()))
+    write_native(out / "lightning.safetensors", ours, seed=22, prefix="", alpha=lambda n, r: 8.0)  # Lightning's keys
+    write_native(out / "comfyui.safetensors", ours, seed=23, prefix="diffusion_model.", down="lora_A.weight",
+                 up="lora_B.weight")
+    write_native(out / "kohya.safetensors", ours, seed=24, prefix="lora_unet_", flat=True, alpha=lambda n, r: 2.0)
+    return [out]
+
+
+def build(root: Path) -> list[Path]:
+    return build_flux(root) + build_wan(root) + build_qwen(root)
+
+
+if __name__ == "__main__":
+    import sys
+
+    for p in build(Path(__file__).resolve().parents[1]):
+        print(p, sum(f.stat().st_size for f in p.rglob("*") if f.is_file()) / 1e6, "MB", file=sys.stderr)

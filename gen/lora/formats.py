@@ -1,0 +1,485 @@
+"""LoRA file layouts: one declared key map per format and model family, recognised from the keys.
+
+Not the application (gen/transforms/lora.py) nor the file reading and caching (gen/lora/files.py). A LoRA file is a
+flat dict `<prefix><module><suffix> -> tensor`. The suffix says what a tensor is (the same in every format):
+
+| suffix                                    | kind    | meaning                                                   |
+|-------------------------------------------|---------|-----------------------------------------------------------|
+| `.lora_A.weight`, `.lora_down.weight`, `.down.weight` | down | A (rank, in)                                   |
+| `.lora_B.weight`, `.lora_up.weight`, `.up.weight`     | up   | B (out, rank); delta W = scale * B @ A          |
+| `.alpha`                                  | alpha   | the module's scale is alpha / rank (absent: 1, or the PEFT config's) |
+| `.diff`, `.diff_b`, `.diff_m`             | delta   | a full delta of the module's weight, bias, modulation     |
+| `.lora_B.bias`                            | delta   | PEFT's lora_bias: a delta of the bias                     |
+
+PEFT's adapter-name infix (`.lora_A.default.weight`) is dropped. The prefix and the module names depend on the
+format and the family: each `Format` pairs the prefixes it writes with a `Naming`, a table from its module names
+(`{i}` a block index) to ours (= diffusers' = our checkpoints' parameter names). kohya / sd-scripts names are the
+same tables flattened with underscores. A fused module of theirs (BFL's qkv, linear1) maps to several of ours: its
+up rows and deltas are split in declared ratios (its down is shared), and BFL's final modulation comes as
+(shift, scale), swapped into our (scale, shift).
+
+| family      | diffusers / PEFT          | original names (ComfyUI, lightx2v, Lightning, BFL)      | kohya / musubi          | other       |
+|-------------|---------------------------|---------------------------------------------------------|-------------------------|-------------|
+| FLUX.1      | `transformer.` + ours     | BFL names, `diffusion_model.` / `base_model.model.`     | `lora_unet_` + BFL flat, `lora_transformer_` + ours flat | XLabs `processor.qkv_lora1` |
+| Wan2.1/2.2  | `transformer.` + ours     | Wan names, `diffusion_model.` (incl. `diff`/`diff_b`/`diff_m`) | `lora_unet_` + Wan flat |       |
+| Qwen-Image  | ours, with or without `transformer.` | ours under `diffusion_model.`                | `lora_unet_` + ours flat |            |
+
+`parse(tensors, family, ...)` finds the format whose prefixes and names explain every key; a file explained by no
+format of the family is refused naming the first keys none explains, and one that another family's formats explain
+is refused naming that family. DoRA and LyCORIS (LoHa, LoKr) adapters are refused by name.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import re
+from dataclasses import dataclass, field
+
+import torch
+
+from gen.types import GenError
+
+log = logging.getLogger(__name__)
+
+SHOW = 5  # keys named in an error
+
+FLUX, WAN, QWEN = "FluxTransformer2DModel", "WanTransformer3DModel", "QwenImageTransformer2DModel"
+FAMILY_NAMES = {FLUX: "FLUX.1", WAN: "Wan2.1 / Wan2.2", QWEN: "Qwen-Image"}
+
+# ---------------------------------------------------------------- suffixes (the same in every format)
+
+_ADAPTER_NAME = re.compile(r"\.lora_([AB])\.[A-Za-z0-9_\-]+\.(weight|bias)$")  # PEFT: .lora_A.<adapter>.weight
+SUFFIXES = (  # (ending, kind, parameter a delta changes); longest endings first where one ends another
+    (".lora_A.weight", "down", None), (".lora_B.weight", "up", None), (".lora_B.bias", "delta", "bias"),
+    (".lora_down.weight", "down", None), (".lora_up.weight", "up", None),
+    (".down.weight", "down", None), (".up.weight", "up", None),
+    (".alpha", "alpha", None), (".diff", "delta", "weight"), (".diff_b", "delta", "bias"),
+    (".diff_m", "delta", "modulation"),
+)
+UNSUPPORTED = {  # key fragment -> what it is
+    "dora_scale": "DoRA", "lora_magnitude_vector": "DoRA", "hada_": "LyCORIS LoHa", "lokr_": "LyCORIS LoKr",
+    "lora_mid": "LyCORIS LoCon (conv)", "oft_": "OFT",
+}
+TEXT_ENCODER_PREFIXES = ("lora_te_", "lora_te1_", "lora_te2_", "text_encoder.", "text_encoder_2.", "text_encoders.",
+                         "lora_te1.", "te1.", "text_model.")
+
+
+def split_key(key: str) -> tuple[str, str, str | None] | None:
+    """(module, kind, changed parameter) of a key, or None when its suffix is none of SUFFIXES."""
+    key = _ADAPTER_NAME.sub(r".lora_\1.\2", key)
+    for ending, kind, param in SUFFIXES:
+        if key.endswith(ending):
+            return key[: -len(ending)], kind, param
+    return None
+
+
+# ---------------------------------------------------------------- namings: their module names -> ours
+
+
+@dataclass(frozen=True)
+class Target:
+    """Where one of their modules goes: our module(s); several = their fused module split by rows in `ratios`;
+    `swap`: their rows come as (shift, scale), ours as (scale, shift)."""
+
+    ours: tuple[str, ...]
+    ratios: tuple[int, ...] = ()
+    swap: bool = False
+
+
+@dataclass
+class Naming:
+    """One naming scheme of one family's modules: their template (`{i}` = block index) -> Target. `params`: their
+    names of single parameters (a full `diff` of a norm scale, a modulation table) -> ours."""
+
+    name: str
+    modules: dict[str, Target]
+    params: dict[str, str] = field(default_factory=dict)
+
+    def __post_init__(self):
+        self._dotted = [(_regex(t, "."), target) for t, target in self.modules.items()]
+        self._flat = [(_regex(t, "_"), target) for t, target in self.modules.items()]
+        self._params = [(_regex(t, "."), ours) for t, ours in self.params.items()]
+        self._params_flat = [(_regex(t, "_"), ours) for t, ours in self.params.items()]
+
+    def module(self, name: str, flat: bool) -> Target | None:
+        """Our target for their module `name` (flattened with underscores when `flat`), or None."""
+        for regex, target in self._flat if flat else self._dotted:
+            m = regex.match(name)
+            if m:
+                return Target(tuple(o.format(i=m.group("i")) if "{i}" in o else o for o in target.ours), target.ratios,
+                              target.swap)
+        return None
+
+    def param(self, name: str, flat: bool) -> str | None:
+        for regex, ours in self._params_flat if flat else self._params:
+            m = regex.match(name)
+            if m:
+                return ours.format(i=m.group("i")) if "{i}" in ours else ours
+        return None
+
+
+def _regex(template: str, sep: str) -> re.Pattern:
+    text = re.escape(template.replace(".", sep)).replace(r"\{i\}", r"(?P<i>\d+)")
+    return re.compile("^" + text + "$")
+
+
+def _identity(templates: list[str], params: list[str] = ()) -> dict:
+    return {t: Target((t,)) for t in templates}, {p: p for p in params}
+
+
+def T(*ours: str, ratios: tuple[int, ...] = (), swap: bool = False) -> Target:
+    return Target(ours, ratios, swap)
+
+
+# FLUX.1: ours (diffusers) and BFL's original names
+_FLUX_OURS, _ = _identity([
+    "x_embedder", "context_embedder", "proj_out", "norm_out.linear",
+    *(f"time_text_embed.{e}.linear_{n}" for e in ("timestep_embedder", "guidance_embedder", "text_embedder")
+      for n in (1, 2)),
+    *(f"transformer_blocks.{{i}}.{m}" for m in (
+        "norm1.linear", "norm1_context.linear", "attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0",
+        "attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj", "attn.to_add_out", "ff.net.0.proj", "ff.net.2",
+        "ff_context.net.0.proj", "ff_context.net.2")),
+    *(f"single_transformer_blocks.{{i}}.{m}" for m in (
+        "norm.linear", "attn.to_q", "attn.to_k", "attn.to_v", "proj_mlp", "proj_out")),
+])
+_FLUX_NORMS = {f"{b}.{{i}}.{n}.weight" for b, ns in (
+    ("transformer_blocks", ("attn.norm_q", "attn.norm_k", "attn.norm_added_q", "attn.norm_added_k")),
+    ("single_transformer_blocks", ("attn.norm_q", "attn.norm_k"))) for n in ns}
+_d, _t, _s, _u = "double_blocks.{i}.", "transformer_blocks.{i}.", "single_blocks.{i}.", "single_transformer_blocks.{i}."
+_BFL = {
+    "img_in": T("x_embedder"), "txt_in": T("context_embedder"),
+    "time_in.in_layer": T("time_text_embed.timestep_embedder.linear_1"),
+    "time_in.out_layer": T("time_text_embed.timestep_embedder.linear_2"),
+    "vector_in.in_layer": T("time_text_embed.text_embedder.linear_1"),
+    "vector_in.out_layer": T("time_text_embed.text_embedder.linear_2"),
+    "guidance_in.in_layer": T("time_text_embed.guidance_embedder.linear_1"),
+    "guidance_in.out_layer": T("time_text_embed.guidance_embedder.linear_2"),
+    _d + "img_mod.lin": T(_t + "norm1.linear"), _d + "txt_mod.lin": T(_t + "norm1_context.linear"),
+    _d + "img_attn.qkv": T(_t + "attn.to_q", _t + "attn.to_k", _t + "attn.to_v", ratios=(1, 1, 1)),
+    _d + "txt_attn.qkv": T(_t + "attn.add_q_proj", _t + "attn.add_k_proj", _t + "attn.add_v_proj", ratios=(1, 1, 1)),
+    _d + "img_attn.proj": T(_t + "attn.to_out.0"), _d + "txt_attn.proj": T(_t + "attn.to_add_out"),
+    _d + "img_mlp.0": T(_t + "ff.net.0.proj"), _d + "img_mlp.2": T(_t + "ff.net.2"),
+    _d + "txt_mlp.0": T(_t + "ff_context.net.0.proj"), _d + "txt_mlp.2": T(_t + "ff_context.net.2"),
+    _s + "modulation.lin": T(_u + "norm.linear"),
+    _s + "linear1": T(_u + "attn.to_q", _u + "attn.to_k", _u + "attn.to_v", _u + "proj_mlp", ratios=(1, 1, 1, 4)),
+    _s + "linear2": T(_u + "proj_out"),
+    "final_layer.linear": T("proj_out"),
+    "final_layer.adaLN_modulation.1": T("norm_out.linear", swap=True),
+}
+_BFL_PARAMS = {
+    _d + "img_attn.norm.query_norm.scale": _t + "attn.norm_q.weight",
+    _d + "img_attn.norm.key_norm.scale": _t + "attn.norm_k.weight",
+    _d + "txt_attn.norm.query_norm.scale": _t + "attn.norm_added_q.weight",
+    _d + "txt_attn.norm.key_norm.scale": _t + "attn.norm_added_k.weight",
+    _s + "norm.query_norm.scale": _u + "attn.norm_q.weight", _s + "norm.key_norm.scale": _u + "attn.norm_k.weight",
+}
+_XLABS = {  # XLabs' attention-processor LoRAs: q/k/v of each stream and the attention output projections
+    _d + "processor.qkv_lora1": T(_t + "attn.to_q", _t + "attn.to_k", _t + "attn.to_v", ratios=(1, 1, 1)),
+    _d + "processor.qkv_lora2": T(_t + "attn.add_q_proj", _t + "attn.add_k_proj", _t + "attn.add_v_proj",
+                                  ratios=(1, 1, 1)),
+    _d + "processor.proj_lora1": T(_t + "attn.to_out.0"), _d + "processor.proj_lora2": T(_t + "attn.to_add_out"),
+    _s + "processor.qkv_lora": T(_u + "attn.to_q", _u + "attn.to_k", _u + "attn.to_v", ratios=(1, 1, 1)),
+}
+
+# Wan2.1 / 2.2: ours (diffusers) and Wan's original names (Wan-AI, lightx2v, ComfyUI, musubi-tuner)
+_WAN_OURS, _ = _identity([
+    "condition_embedder.time_embedder.linear_1", "condition_embedder.time_embedder.linear_2",
+    "condition_embedder.time_proj", "condition_embedder.text_embedder.linear_1",
+    "condition_embedder.text_embedder.linear_2", "condition_embedder.image_embedder.ff.net.0.proj",
+    "condition_embedder.image_embedder.ff.net.2", "proj_out",
+    *(f"blocks.{{i}}.{m}" for m in (
+        "attn1.to_q", "attn1.to_k", "attn1.to_v", "attn1.to_out.0", "attn2.to_q", "attn2.to_k", "attn2.to_v",
+        "attn2.to_out.0", "attn2.add_k_proj", "attn2.add_v_proj", "ffn.net.0.proj", "ffn.net.2")),
+])
+_b = "blocks.{i}."
+_WAN = {
+    "patch_embedding": T("patch_embedding"),
+    "text_embedding.0": T("condition_embedder.text_embedder.linear_1"),
+    "text_embedding.2": T("condition_embedder.text_embedder.linear_2"),
+    "time_embedding.0": T("condition_embedder.time_embedder.linear_1"),
+    "time_embedding.2": T("condition_embedder.time_embedder.linear_2"),
+    "time_projection.1": T("condition_embedder.time_proj"),
+    "img_emb.proj.0": T("condition_embedder.image_embedder.norm1"),
+    "img_emb.proj.1": T("condition_embedder.image_embedder.ff.net.0.proj"),
+    "img_emb.proj.3": T("condition_embedder.image_embedder.ff.net.2"),
+    "img_emb.proj.4": T("condition_embedder.image_embedder.norm2"),
+    **{f"{_b}{theirs}.{p}": T(f"{_b}{ours}.{q}")
+       for theirs, ours in (("self_attn", "attn1"), ("cross_attn", "attn2"))
+       for p, q in (("q", "to_q"), ("k", "to_k"), ("v", "to_v"), ("o", "to_out.0"), ("k_img", "add_k_proj"),
+                    ("v_img", "add_v_proj"), ("norm_q", "norm_q"), ("norm_k", "norm_k"),
+                    ("norm_k_img", "norm_added_k"))},
+    _b + "norm3": T(_b + "norm2"),  # Wan's cross-attention norm is its norm3 (ours: norm2)
+    _b + "ffn.0": T(_b + "ffn.net.0.proj"), _b + "ffn.2": T(_b + "ffn.net.2"),
+    "head.head": T("proj_out"),
+}
+_WAN_PARAMS = {_b + "modulation": _b + "scale_shift_table", "head.modulation": "scale_shift_table",
+               "img_emb.emb_pos": "condition_embedder.image_embedder.pos_embed"}
+
+# Qwen-Image: released with diffusers names, so ours are also the original ones
+_QWEN_OURS, _QWEN_PARAMS = _identity([
+    "img_in", "txt_in", "proj_out", "norm_out.linear", "time_text_embed.timestep_embedder.linear_1",
+    "time_text_embed.timestep_embedder.linear_2",
+    *(f"transformer_blocks.{{i}}.{m}" for m in (
+        "img_mod.1", "txt_mod.1", "attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0", "attn.add_q_proj",
+        "attn.add_k_proj", "attn.add_v_proj", "attn.to_add_out", "img_mlp.net.0.proj", "img_mlp.net.2",
+        "txt_mlp.net.0.proj", "txt_mlp.net.2")),
+], ["txt_norm.weight", *(f"transformer_blocks.{{i}}.attn.{n}.weight"
+                         for n in ("norm_q", "norm_k", "norm_added_q", "norm_added_k"))])
+
+FLUX_OURS = Naming("diffusers", _FLUX_OURS, {p: p for p in _FLUX_NORMS})
+FLUX_BFL = Naming("BFL", _BFL, _BFL_PARAMS)
+FLUX_XLABS = Naming("XLabs", _XLABS)
+WAN_OURS = Naming("diffusers", _WAN_OURS)
+WAN_ORIGINAL = Naming("Wan", _WAN, _WAN_PARAMS)
+QWEN_OURS = Naming("diffusers", _QWEN_OURS, _QWEN_PARAMS)
+
+
+@dataclass(frozen=True)
+class Format:
+    """A LoRA layout of one family: the key prefixes it writes (one per file) and its module naming."""
+
+    name: str
+    prefixes: tuple[str, ...]
+    naming: Naming
+    flat: bool = False  # module names flattened with underscores (kohya / sd-scripts)
+
+
+PEFT_PREFIXES = ("transformer.", "base_model.model.", "")
+COMFY_PREFIXES = ("diffusion_model.", "model.diffusion_model.")
+FORMATS: dict[str, tuple[Format, ...]] = {
+    FLUX: (
+        Format("diffusers / PEFT", PEFT_PREFIXES, FLUX_OURS),
+        Format("kohya (diffusers names)", ("lora_transformer_",), FLUX_OURS, flat=True),
+        Format("kohya / sd-scripts", ("lora_unet_",), FLUX_BFL, flat=True),
+        Format("BFL / ComfyUI", COMFY_PREFIXES + ("base_model.model.", ""), FLUX_BFL),
+        Format("XLabs", ("diffusion_model.", ""), FLUX_XLABS),
+    ),
+    WAN: (
+        Format("diffusers / PEFT", PEFT_PREFIXES, WAN_OURS),
+        Format("Wan official / lightx2v / ComfyUI", COMFY_PREFIXES + ("",), WAN_ORIGINAL),
+        Format("musubi-tuner / kohya", ("lora_unet_",), WAN_ORIGINAL, flat=True),
+    ),
+    QWEN: (
+        Format("diffusers / PEFT / Qwen-Image-Lightning", PEFT_PREFIXES, QWEN_OURS),
+        Format("ComfyUI", COMFY_PREFIXES, QWEN_OURS),
+        Format("kohya / sd-scripts", ("lora_unet_",), QWEN_OURS, flat=True),
+    ),
+}
+
+
+# ---------------------------------------------------------------- parsing
+
+
+@dataclass
+class Pair:
+    """One low-rank update of one of our modules: delta W = up @ down, alpha / rank already folded into `down`."""
+
+    down: torch.Tensor  # (rank, in)
+    up: torch.Tensor  # (out, rank)
+
+
+@dataclass
+class LoraWeights:
+    """A LoRA file read for one family: low-rank pairs by our module path, full deltas by our parameter path."""
+
+    source: str  # the file
+    format: str
+    family: str  # the DiT checkpoint class
+    pairs: dict[str, Pair]
+    deltas: dict[str, torch.Tensor]
+    skipped: tuple[str, ...] = ()  # text-encoder keys left out
+
+    @property
+    def nbytes(self) -> int:
+        tensors = [t for p in self.pairs.values() for t in (p.down, p.up)] + list(self.deltas.values())
+        return sum(t.numel() * t.element_size() for t in {id(t): t for t in tensors}.values())
+
+    @property
+    def rank(self) -> int:
+        return max((p.down.shape[0] for p in self.pairs.values()), default=0)
+
+    def to(self, device: torch.device, dtype: torch.dtype) -> "LoraWeights":
+        cast = {}  # a down shared by split targets stays shared
+
+        def c(t):
+            return cast.setdefault(id(t), t.to(device, dtype))
+
+        return LoraWeights(self.source, self.format, self.family, {k: Pair(c(p.down), c(p.up)) for k, p in self.pairs.items()},
+                           {k: c(v) for k, v in self.deltas.items()}, self.skipped)
+
+
+@dataclass
+class _Entry:
+    down: torch.Tensor | None = None
+    up: torch.Tensor | None = None
+    alpha: float | None = None
+    deltas: dict[str, torch.Tensor] = field(default_factory=dict)  # their parameter name -> delta
+    keys: list[str] = field(default_factory=list)
+
+
+def _explain(keys: list[str], fmt: Format) -> tuple[str | None, list[str]]:
+    """(the prefix this format reads the file with, keys it does not explain) — the best prefix of the format's."""
+    best = (None, keys)
+    for prefix in fmt.prefixes:
+        missed = []
+        for key in keys:
+            parts = split_key(key) if key.startswith(prefix) else None
+            if parts is None:
+                missed.append(key)
+                continue
+            module, kind, param = parts
+            module = module[len(prefix):]
+            if fmt.naming.module(module, fmt.flat) is None and not (
+                    kind == "delta" and fmt.naming.param(f"{module}{'_' if fmt.flat else '.'}{param}", fmt.flat)):
+                missed.append(key)
+        if len(missed) < len(best[1]):
+            best = (prefix, missed)
+        if not missed:
+            break
+    return best
+
+
+def detect(keys: list[str], family: str) -> tuple[Format, str] | None:
+    """(format, prefix) of `family` that explains every key, or None."""
+    for fmt in FORMATS.get(family, ()):
+        prefix, missed = _explain(keys, fmt)
+        if not missed:
+            return fmt, prefix
+    return None
+
+
+def _names(keys) -> str:
+    keys = list(keys)
+    more = f" ... and {len(keys) - SHOW} more" if len(keys) > SHOW else ""
+    return ", ".join(keys[:SHOW]) + more
+
+
+def _refuse(keys: list[str], family: str, source: str) -> GenError:
+    for what_key, what in UNSUPPORTED.items():
+        bad = [k for k in keys if what_key in k]
+        if bad:
+            return GenError(f"LoRA {source}: {what} adapters are not supported (keys {_names(bad)})", param="loras")
+    for other in FORMATS:
+        if other != family and detect(keys, other) is not None:
+            fmt, _ = detect(keys, other)
+            return GenError(f"LoRA {source} is a {FAMILY_NAMES[other]} LoRA ({fmt.name} format); this model is "
+                            f"{FAMILY_NAMES[family]}", param="loras")
+    best = min(((fmt, *_explain(keys, fmt)) for fmt in FORMATS[family]), key=lambda x: len(x[2]))
+    fmt, _, missed = best
+    return GenError(f"LoRA {source}: its keys match no {FAMILY_NAMES[family]} LoRA format we know (closest: {fmt.name}, "
+                    f"which does not explain {len(missed)} of {len(keys)} keys: {_names(sorted(missed))})",
+                    param="loras")
+
+
+def parse(tensors: dict[str, torch.Tensor], family: str, source: str, peft_alpha=None) -> LoraWeights:
+    """Read a LoRA file's tensors as `family`'s pairs and deltas (fp32), or raise a GenError naming the file.
+
+    `peft_alpha(module, rank) -> alpha | None`: the PEFT config's alpha for one of our modules (diffusers' metadata,
+    adapter_config.json) where the file has no `.alpha` keys."""
+    if family not in FORMATS:
+        raise GenError(f"LoRAs are not supported for {family} models yet (supported: "
+                       f"{', '.join(FAMILY_NAMES.values())})", param="loras")
+    skipped = tuple(k for k in tensors if k.startswith(TEXT_ENCODER_PREFIXES))
+    keys = [k for k in tensors if k not in set(skipped)]
+    if not keys:
+        raise GenError(f"LoRA {source} has no transformer weights" + (
+            f" (only text-encoder keys, which are not supported: {_names(skipped)})" if skipped else ""), param="loras")
+    found = detect(keys, family)
+    if found is None:
+        raise _refuse(keys, family, source)
+    fmt, prefix = found
+    if skipped:
+        log.warning("LoRA %s: %d text-encoder keys left out (LoRAs on text encoders are not supported): %s", source,
+                    len(skipped), _names(skipped))
+    entries: dict[str, _Entry] = {}
+    for key in keys:
+        module, kind, param = split_key(key)
+        module = module[len(prefix):]
+        e = entries.setdefault(module, _Entry())
+        e.keys.append(key)
+        value = tensors[key]
+        if kind == "alpha":
+            e.alpha = float(value.float().reshape(-1)[0])
+        elif kind == "down":
+            e.down = value.float()
+        elif kind == "up":
+            e.up = value.float()
+        else:
+            e.deltas[param] = value.float()
+    pairs, deltas = {}, {}
+    sep = "_" if fmt.flat else "."
+    for module, e in entries.items():
+        target = fmt.naming.module(module, fmt.flat)
+        if (e.down is None) != (e.up is None):
+            raise GenError(f"LoRA {source}: {module} has a {'down' if e.up is None else 'up'} matrix but no "
+                           f"{'up' if e.up is None else 'down'} one (keys {_names(e.keys)})", param="loras")
+        if e.alpha is not None and e.down is None:
+            raise GenError(f"LoRA {source}: {module} has an alpha but no matrices (keys {_names(e.keys)})",
+                           param="loras")
+        if e.down is not None:
+            if e.down.ndim != 2 or e.up.ndim != 2 or e.up.shape[1] != e.down.shape[0]:
+                raise GenError(f"LoRA {source}: {module} has down {tuple(e.down.shape)} and up {tuple(e.up.shape)}, "
+                               "not (rank, in) and (out, rank) (conv LoRAs are not supported)", param="loras")
+            rank = e.down.shape[0]
+            alpha = e.alpha if e.alpha is not None else None
+            if alpha is None and peft_alpha is not None and target is not None:
+                alpha = peft_alpha(target.ours[0], rank)
+            down = e.down * (alpha / rank) if alpha is not None else e.down
+            for ours, up in zip(target.ours, _rows(e.up, target, module, source)):
+                pairs[ours] = Pair(down, up)
+        for param, delta in e.deltas.items():
+            if target is not None and param in ("weight", "bias"):
+                names = [f"{o}.{param}" for o in target.ours]
+                values = _rows(delta, target, module, source)
+            else:
+                name = fmt.naming.param(f"{module}{sep}{param}", fmt.flat)
+                if name is None:
+                    raise GenError(f"LoRA {source}: no parameter of ours for {module}{sep}{param} "
+                                   f"(keys {_names(e.keys)})", param="loras")
+                names, values = [name], [delta]
+            for name, value in zip(names, values):
+                deltas[name] = value
+    for t in list(tensors.values()):
+        if t.is_floating_point() and not torch.isfinite(t).all():
+            bad = next(k for k, v in tensors.items() if v.is_floating_point() and not torch.isfinite(v).all())
+            raise GenError(f"LoRA {source}: tensor {bad} holds NaN or infinite values", param="loras")
+    return LoraWeights(source, fmt.name, family, pairs, deltas, skipped)
+
+
+def _rows(t: torch.Tensor, target: Target, module: str, source: str) -> list[torch.Tensor]:
+    """Their up matrix / delta split into our targets' rows (and (shift, scale) halves swapped)."""
+    if target.swap:
+        if t.shape[0] % 2:
+            raise GenError(f"LoRA {source}: {module} has {t.shape[0]} rows, expected (shift, scale) halves",
+                           param="loras")
+        shift, scale = t.chunk(2, dim=0)
+        t = torch.cat([scale, shift])
+    if len(target.ours) == 1:
+        return [t]
+    total = sum(target.ratios)
+    if t.shape[0] % total:
+        raise GenError(f"LoRA {source}: {module} has {t.shape[0]} rows, not divisible into {target.ours} in the "
+                       f"ratios {target.ratios}", param="loras")
+    unit = t.shape[0] // total
+    return list(t.split([r * unit for r in target.ratios], dim=0))
+
+
+def peft_alphas(config: dict) -> "callable":
+    """The alpha of each module under a PEFT LoraConfig dict (`lora_alpha`, `r`, `alpha_pattern`, `use_rslora`):
+    PEFT scales by alpha / r, or alpha / sqrt(r) with rsLoRA (returned as the alpha that gives that over r)."""
+    alpha = config.get("lora_alpha")
+    patterns = config.get("alpha_pattern") or {}
+    rslora = bool(config.get("use_rslora"))
+
+    def alpha_of(module: str, rank: int) -> float | None:
+        a = alpha
+        for pattern, value in patterns.items():
+            if re.match(rf"(.*\.)?({pattern})$", module):
+                a = value
+                break
+        if a is None:
+            return None
+        return a * math.sqrt(rank) if rslora else float(a)
+
+    return alpha_of

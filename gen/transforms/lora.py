@@ -1,0 +1,458 @@
+"""LoRA adapters on a loaded pipeline's DiTs, applied from outside the model files; one set at a time, swapped per
+request without reloading the model.
+
+A set is a list of LoRA files with scales (and, for Wan2.2's two experts, the transformer each targets), read through
+gen/lora (key maps per format and family, an LRU cache bounded in MB). Two ways to apply it:
+
+- unfused (default): each adapted layer keeps its weight and adds `scale_i * (x A_i^T) B_i^T` for every LoRA i of
+  the set. Its class becomes a subclass (`Lora<Linear>`, same parameters and state_dict keys) whose forward adds
+  the update from three non-persistent buffers: `lora_down` (R, in) = the set's A matrices stacked, `lora_scale`
+  (R,) = each row's LoRA scale, `lora_up` (out, R) = the B matrices side by side: two thin matmuls for any number of
+  LoRAs. R is a fixed capacity (a power of two >= the set's total rank, the same for a layer in every block of a
+  list), the unused rows zero. Switching sets copies new contents in place: a compiled block keeps its graph
+  (torch.compile guards on shapes, not values) and a CUDA graph replays the new values. Only a set that needs more
+  capacity, or adapters on new layers, changes the structure (one recompile per block list; captured CUDA graphs
+  are dropped); an empty set takes the banks off (the plain compiled graph is still cached). Joined projections
+  (gen/transforms/join.py): the group's downs are one tensor on its first layer (`joined_lora_down`, each member's
+  `lora_down` a view of its rows), so `gen.models.layers.project` runs one down matmul for the group and each
+  member's up on its own rows: a LoRA on q, k or v lands on its slice.
+- fused (`fuse=True`): W += sum_i scale_i B_i A_i, computed in fp32; no cost per step. The original weights are
+  kept (in host memory when the model is on an accelerator) and copied back before another set goes in: unfusing
+  restores them bit for bit.
+
+Full deltas (`diff`, `diff_b`, `diff_m`, PEFT's lora bias: lightx2v's norm, bias and modulation deltas) are always
+merged into their parameters the fused way, originals kept. FP8 / quantized linears take unfused LoRAs (the update
+runs beside their own matmul); fusing into them, or a full delta of their weight, is refused.
+
+Requests share the model: `LoraAdapters.use(specs)` holds the set for one generation; generations with the same set
+run together (batching, gen/transforms/batch.py), one with another set waits until they are done, then swaps.
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import threading
+import time
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from gen.lora.files import DEFAULT_CACHE_MB, DEFAULT_MAX_LORAS, LoraCache, check_specs, lora_file
+from gen.lora.formats import LoraWeights, Pair
+from gen.types import GenError, LoraSpec
+
+log = logging.getLogger(__name__)
+
+MIN_CAPACITY = 8
+
+
+# ---------------------------------------------------------------- the adapted layer
+
+
+class LoraLayer:
+    """Mixin put in front of a linear layer's class: its own output plus the low-rank update of its banks."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = super().forward(x)
+        h = F.linear(x, self.lora_down) * self.lora_scale  # (..., R)
+        return y + F.linear(h, self.lora_up)  # (..., out)
+
+
+_CLASSES: dict[type, type] = {}
+
+
+def lora_class(cls: type) -> type:
+    """`cls` with LoraLayer's forward in front (one class per base class)."""
+    if issubclass(cls, LoraLayer):
+        return cls
+    if cls not in _CLASSES:
+        _CLASSES[cls] = type(f"Lora{cls.__name__}", (LoraLayer, cls), {"__module__": __name__})
+    return _CLASSES[cls]
+
+
+def _is_linear(m: nn.Module) -> bool:
+    return isinstance(getattr(m, "in_features", None), int) and isinstance(getattr(m, "out_features", None), int) \
+        and hasattr(m, "weight")
+
+
+def _capacity(rank: int) -> int:
+    return max(MIN_CAPACITY, 1 << max(rank - 1, 0).bit_length())
+
+
+@dataclass
+class _Use:
+    """One LoRA of the active set: its weights, scale and the expert slots it targets."""
+
+    weights: LoraWeights
+    scale: float
+    slots: tuple[str, ...]
+
+
+class LoraAdapters:
+    """The LoRA state of one pipeline (`pipeline.loras`): the cache, the default set, the active one; see the module
+    doc. `fuse`: merge sets into the weights. `default`: the set of requests that name none (`loras=None`)."""
+
+    def __init__(self, pipeline, fuse: bool = False, max_loras: int = DEFAULT_MAX_LORAS,
+                 max_cache_mb: float = DEFAULT_CACHE_MB, default=(), offloaded: bool = False):
+        if isinstance(max_loras, bool) or not isinstance(max_loras, int) or max_loras < 1:
+            raise GenError(f"max_loras must be an integer >= 1, got {max_loras!r}", param="max_loras")
+        self.pipeline, self.fuse, self.max_loras, self.offloaded = pipeline, fuse, max_loras, offloaded
+        dits = pipeline.dits()
+        self.slots = tuple(slot for slot, _, _ in dits)
+        self.models = {slot: m for slot, m, _ in dits}
+        self.family = dits[0][2].checkpoint_class if dits else None
+        self.block_lists = {slot: dit.blocks for slot, _, dit in dits}
+        self.cache = LoraCache(max_cache_mb, pipeline.device, pipeline.dtype)
+        self.default = self.check(default) if default else ()
+        self.active_key: tuple = ()
+        self.active: list[_Use] = []
+        self.capacity: dict[str, dict[tuple, int]] = {slot: {} for slot in self.slots}  # slot -> uniform key -> R
+        self.originals: dict[tuple[str, str], torch.Tensor] = {}  # (slot, parameter) -> its value before merging
+        self.switches = 0  # sets swapped in
+        self.restructures = 0  # swaps that changed which layers carry banks or their capacity
+        self.last_switch_s = 0.0
+        self._users = 0
+        self._cond = threading.Condition()
+        self._groups = {slot: self._joined_groups(m) for slot, m in self.models.items()}
+
+    # ---- requests
+
+    def check(self, loras) -> tuple[LoraSpec, ...]:
+        """A requested set checked (count, scales, targets; each file read through the cache, so a missing, corrupt
+        or foreign file is a GenError naming it); the specs back."""
+        specs = self._specs(loras)
+        for i, spec in enumerate(specs):
+            try:
+                self.cache.get(spec.path, self.family)
+            except GenError as e:
+                raise GenError(str(e), param=f"loras[{i}]") from None
+        return specs
+
+    def resolve(self, loras) -> tuple[LoraSpec, ...]:
+        return self.default if loras is None else self._specs(loras)
+
+    def _specs(self, loras) -> tuple[LoraSpec, ...]:
+        specs = check_specs(loras, self.max_loras, self.slots)
+        if specs and self.offloaded:
+            raise GenError("LoRAs and offload cannot be combined yet: the adapters would not follow the offloaded "
+                           "weights", param="loras")
+        return specs
+
+    @contextlib.contextmanager
+    def use(self, loras):
+        """Hold `loras` (None: the default set) active for one generation; see the module doc."""
+        specs = self.resolve(loras)
+        key = self._key(specs)
+        with self._cond:
+            while self._users and key != self.active_key:
+                self._cond.wait()
+            if key != self.active_key:
+                self._switch(specs, key)
+            self._users += 1
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._users -= 1
+                self._cond.notify_all()
+
+    def set(self, loras) -> None:
+        """Make `loras` the active set now (waits for generations using another set to end)."""
+        with self.use(loras):
+            pass
+
+    def __repr__(self) -> str:
+        mode = "fused" if self.fuse else "unfused"
+        return f"LoraAdapters({mode}, active={[os.path.basename(u.weights.source) for u in self.active]})"
+
+    def describe(self) -> list[dict]:
+        """The active set: file, format, scale, rank, targets."""
+        return [{"path": u.weights.source, "format": u.weights.format, "scale": u.scale, "rank": u.weights.rank,
+                 "targets": list(u.slots)} for u in self.active]
+
+    def _key(self, specs: tuple[LoraSpec, ...]) -> tuple:
+        key = []
+        for s in specs:
+            f = lora_file(s.path)
+            st = f.stat()
+            key.append((str(f.resolve()), st.st_size, st.st_mtime_ns, s.scale, s.target))
+        return tuple(key)
+
+    # ---- swapping sets
+
+    @torch.no_grad()
+    def _switch(self, specs: tuple[LoraSpec, ...], key: tuple) -> None:
+        start = time.perf_counter()
+        uses = [_Use(self.cache.get(s.path, self.family), s.scale, self.slots if s.target is None else (s.target,))
+                for s in specs]
+        plans = {slot: self._plan(slot, [u for u in uses if slot in u.slots]) for slot in self.slots}
+        self._restore()
+        self.active, self.active_key = [], ()
+        changed = False
+        for slot, (pairs, deltas) in plans.items():
+            if self.fuse:
+                self._fuse(slot, pairs)
+            else:
+                changed |= self._fill(slot, pairs)
+            self._merge(slot, deltas)
+        if changed:
+            self.restructures += 1
+            self._forget_graphs()
+        self.active, self.active_key = uses, key
+        self.switches += 1
+        self.last_switch_s = time.perf_counter() - start
+        log.info("LoRA set %s in %.1f ms%s", [os.path.basename(s.path) for s in specs] or "(none)",
+                 1000 * self.last_switch_s, " (adapters restructured)" if changed else "")
+
+    def _plan(self, slot: str, uses: list[_Use]):
+        """Per layer the (pair, scale) list and per parameter the (delta, scale) list of the LoRAs targeting `slot`,
+        checked against the model (paths, kinds, shapes)."""
+        model = self.models[slot]
+        pairs: dict[str, list[tuple[Pair, float]]] = {}
+        deltas: dict[str, list[tuple[torch.Tensor, float]]] = {}
+        for u in uses:
+            src = u.weights.source
+            for path, pair in u.weights.pairs.items():
+                layer = _submodule(model, path)
+                if layer is None or not _is_linear(layer):
+                    raise GenError(f"LoRA {src} adapts {path}, which this {slot} " + (
+                        "lacks" if layer is None else f"has as a {type(layer).__name__}, not a linear layer"),
+                        param="loras")
+                if pair.down.shape[1] != layer.in_features or pair.up.shape[0] != layer.out_features:
+                    raise GenError(f"LoRA {src}: {path} is {layer.in_features} -> {layer.out_features} in this "
+                                   f"{slot}, the LoRA's is {pair.down.shape[1]} -> {pair.up.shape[0]} (a LoRA of "
+                                   "another model size?)", param="loras")
+                pairs.setdefault(path, []).append((pair, u.scale))
+            params = dict(model.named_parameters())
+            for name, delta in u.weights.deltas.items():
+                p = params.get(name)
+                if p is None:
+                    raise GenError(f"LoRA {src} changes {name}, which this {slot} lacks", param="loras")
+                if tuple(delta.shape) != tuple(p.shape):
+                    raise GenError(f"LoRA {src}: {name} is {tuple(p.shape)} in this {slot}, the LoRA's delta is "
+                                   f"{tuple(delta.shape)}", param="loras")
+                if not p.is_floating_point() or p.dtype.itemsize < 2:
+                    raise GenError(f"LoRA {src} has a full delta of {name}, a quantized ({p.dtype}) weight: "
+                                   "load the model without fp8 / a quantized transformer file", param="loras")
+                deltas.setdefault(name, []).append((delta, u.scale))
+        return pairs, deltas
+
+    # ---- merged parameters (fused pairs, full deltas)
+
+    def _keep(self, slot: str, name: str, p: torch.Tensor) -> None:
+        if (slot, name) not in self.originals:
+            self.originals[(slot, name)] = p.detach().to("cpu", copy=True)
+
+    def _restore(self) -> None:
+        """Every merged parameter back to its original value, bit for bit."""
+        for (slot, name), value in self.originals.items():
+            _parameter(self.models[slot], name).copy_(value)
+        self.originals.clear()
+
+    def _merge(self, slot: str, deltas: dict) -> None:
+        model = self.models[slot]
+        for name, items in deltas.items():
+            p = _parameter(model, name)
+            self._keep(slot, name, p)
+            total = p.float() + sum(s * d.float() for d, s in items)
+            p.copy_(total.to(p.dtype))
+
+    def _fuse(self, slot: str, pairs: dict) -> None:
+        model = self.models[slot]
+        for path, items in pairs.items():
+            layer = model.get_submodule(path)
+            if type(layer) is not nn.Linear:
+                raise GenError(f"fuse_lora merges LoRAs into full-precision weights; {path} is a "
+                               f"{type(layer).__name__} (load without fp8 / a quantized file, or without fuse_lora)",
+                               param="fuse_lora")
+            self._keep(slot, f"{path}.weight", layer.weight)
+            w = layer.weight.float()
+            for pair, s in items:
+                w = w + s * (pair.up.float() @ pair.down.float())
+            layer.weight.copy_(w.to(layer.weight.dtype))
+
+    # ---- banks (unfused)
+
+    def _uniform(self, slot: str, path: str) -> tuple:
+        """A layer's key shared by the same layer of every block of its list: (list attr, path in the block)."""
+        for attr in self.block_lists[slot]:
+            head = attr + "."
+            if path.startswith(head):
+                rest = path[len(head):]
+                index, _, inner = rest.partition(".")
+                if index.isdigit():
+                    return attr, inner
+        return None, path
+
+    def _layers(self, slot: str, key: tuple) -> list[tuple[str, nn.Module]]:
+        """(path, layer) of every layer a uniform key covers."""
+        model, (attr, inner) = self.models[slot], key
+        if attr is None:
+            return [(inner, model.get_submodule(inner))]
+        found = []
+        for i, block in enumerate(getattr(model, attr)):
+            layer = _submodule(block, inner)
+            if layer is not None:
+                found.append((f"{attr}.{i}.{inner}", layer))
+        return found
+
+    @staticmethod
+    def _joined_groups(model: nn.Module) -> dict[str, tuple[str, ...]]:
+        """Each joined layer's path -> the paths of its whole group (gen/transforms/join.py), in group order."""
+        groups = {}
+        for name, module in model.named_modules():
+            for group in getattr(type(module), "joinable", ()):
+                layers = [module.get_submodule(p) for p in group]
+                if hasattr(layers[0], "joined_sizes"):
+                    paths = tuple(f"{name}.{p}" if name else p for p in group)
+                    groups.update({p: paths for p in paths})
+        return groups
+
+    def _fill(self, slot: str, pairs: dict) -> bool:
+        """Banks sized for `pairs` (grown or added where needed, all off for an empty set), then their contents
+        copied in; True when the structure changed."""
+        need: dict[tuple, int] = {}
+        for path, items in pairs.items():
+            key = self._uniform(slot, path)
+            need[key] = max(need.get(key, 0), sum(p.down.shape[0] for p, _ in items))
+        groups = self._groups[slot]
+        for key in list(need):  # a joined group's members share one capacity
+            _, inner = key
+            first_path = self._layers(slot, key)[0][0]
+            if first_path in groups:
+                members = [self._uniform(slot, p) for p in groups[first_path]]
+                top = max(need.get(k, 0) for k in members)
+                need.update({k: top for k in members})
+        current = self.capacity[slot]
+        if not pairs:
+            wanted = {}
+        else:
+            wanted = dict(current)
+            for key, rank in need.items():
+                if current.get(key, 0) < rank:
+                    wanted[key] = _capacity(rank)
+        changed = wanted != current
+        if changed:
+            self._detach(slot)
+            self.capacity[slot] = wanted
+            self._attach(slot)
+        banks = [t for _, layer in self._all_layers(slot) for t in (layer.lora_down, layer.lora_up, layer.lora_scale)]
+        if banks:
+            torch._foreach_zero_(banks)
+        for path, items in pairs.items():
+            layer = self.models[slot].get_submodule(path)
+            row = 0
+            for pair, s in items:
+                r = pair.down.shape[0]
+                layer.lora_down[row:row + r].copy_(pair.down)
+                layer.lora_up[:, row:row + r].copy_(pair.up)
+                layer.lora_scale[row:row + r].fill_(s)
+                row += r
+        return changed
+
+    def _all_layers(self, slot: str) -> list[tuple[str, nn.Module]]:
+        return [pl for key in self.capacity[slot] for pl in self._layers(slot, key)]
+
+    def _attach(self, slot: str) -> None:
+        groups, done = self._groups[slot], set()
+        for key, cap in self.capacity[slot].items():
+            for path, layer in self._layers(slot, key):
+                if path in done:
+                    continue
+                if path in groups:
+                    members = [(p, self.models[slot].get_submodule(p)) for p in groups[path]]
+                    _attach_group(members, cap, self.pipeline.dtype)
+                    done.update(p for p, _ in members)
+                else:
+                    _attach_layer(layer, cap, self.pipeline.dtype)
+                    done.add(path)
+
+    def _detach(self, slot: str) -> None:
+        for _, layer in self._all_layers(slot):
+            _detach_layer(layer)
+        self.capacity[slot] = {}
+
+    def _forget_graphs(self) -> None:
+        """Captured CUDA graphs replay the old structure: drop them (gen/transforms/cuda_graph.py recaptures)."""
+        from gen.transforms.forward import forward_wrapper
+
+        for model in self.models.values():
+            graphed = forward_wrapper(model, "cuda_graphs")
+            if graphed is not None and hasattr(graphed, "graphs"):
+                graphed.graphs.clear()
+
+    # ---- undo
+
+    @torch.no_grad()
+    def remove(self) -> None:
+        """Every LoRA off: merged parameters restored, banks removed, layers back to their own classes."""
+        with self._cond:
+            self._restore()
+            changed = False
+            for slot in self.slots:
+                changed |= bool(self.capacity[slot])
+                self._detach(slot)
+            if changed:
+                self._forget_graphs()
+            self.active, self.active_key = [], ()
+
+
+def _attach_layer(layer: nn.Module, cap: int, dtype: torch.dtype, down: torch.Tensor | None = None,
+                  scale: torch.Tensor | None = None) -> None:
+    """Banks of capacity `cap` in `dtype` (the activations') on the layer, and its class made a LoraLayer."""
+    device = layer.weight.device
+    if down is None:
+        down = torch.zeros(cap, layer.in_features, device=device, dtype=dtype)
+        scale = torch.zeros(cap, device=device, dtype=dtype)
+    layer.register_buffer("lora_down", down, persistent=False)
+    layer.register_buffer("lora_scale", scale, persistent=False)
+    layer.register_buffer("lora_up", torch.zeros(layer.out_features, cap, device=device, dtype=dtype),
+                          persistent=False)
+    layer.__class__ = lora_class(type(layer))
+
+
+def _attach_group(members: list[tuple[str, nn.Module]], cap: int, dtype: torch.dtype) -> None:
+    """A joined group: one down / scale tensor on the first layer, each member's its rows (views)."""
+    first = members[0][1]
+    n = len(members)
+    down = torch.zeros(n * cap, first.in_features, device=first.weight.device, dtype=dtype)
+    scale = torch.zeros(n * cap, device=first.weight.device, dtype=dtype)
+    for i, (_, layer) in enumerate(members):
+        _attach_layer(layer, cap, dtype, down[i * cap:(i + 1) * cap], scale[i * cap:(i + 1) * cap])
+    first.register_buffer("joined_lora_down", down, persistent=False)
+    first.register_buffer("joined_lora_scale", scale, persistent=False)
+    first.joined_lora_ranks = [cap] * n
+
+
+def _detach_layer(layer: nn.Module) -> None:
+    for name in ("lora_down", "lora_scale", "lora_up", "joined_lora_down", "joined_lora_scale"):
+        if name in layer._buffers:
+            del layer._buffers[name]
+    layer.__dict__.pop("joined_lora_ranks", None)
+    if isinstance(layer, LoraLayer):
+        layer.__class__ = next(c for c in type(layer).__mro__[1:] if c is not LoraLayer and not issubclass(c, LoraLayer))
+
+
+def _submodule(model: nn.Module, path: str) -> nn.Module | None:
+    try:
+        return model.get_submodule(path)
+    except AttributeError:
+        return None
+
+
+def _parameter(model: nn.Module, name: str) -> torch.Tensor:
+    module, _, attr = name.rpartition(".")
+    return getattr(model.get_submodule(module) if module else model, attr)
+
+
+def check_lora_options(fuse: bool, fp8: bool, offload: bool, has_loras: bool) -> None:
+    """The combinations refused before any weight is loaded."""
+    if fuse and fp8:
+        raise GenError("fuse_lora and fp8 cannot be combined: FP8 weights cannot take a LoRA merged in and give the "
+                       "originals back; use unfused LoRAs with fp8 (the default)", param="fuse_lora")
+    if offload and (has_loras or fuse):
+        raise GenError("LoRAs and offload cannot be combined yet: the adapters would not follow the offloaded "
+                       "weights", param="loras")
