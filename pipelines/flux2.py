@@ -128,6 +128,7 @@ class Flux2Pipeline(Pipeline):
     takes_images = "optional"
     required = ("tokenizer", "text_encoder", "transformer", "vae", "scheduler")
     encoder_layers: tuple[int, ...] = (10, 20, 30)  # hidden states read from the text encoder, in this order
+    embedded_guidance = True  # the transformer takes guidance_scale as an input (a guidance-distilled model)
 
     def __init__(self, components, device, dtype):
         super().__init__(components, device, dtype)
@@ -150,6 +151,10 @@ class Flux2Pipeline(Pipeline):
             raise GenError(f"{where}: {len(self.encoder_layers)} text-encoder layers of {hidden} features are "
                            f"{hidden * len(self.encoder_layers)}, not the transformer's joint_attention_dim {joint}",
                            param="model_path")
+        if self.transformer.config.guidance_embeds != self.embedded_guidance:
+            raise GenError(f"{where}: transformer guidance_embeds={self.transformer.config.guidance_embeds}, but "
+                           f"{type(self).__name__} {'passes' if self.embedded_guidance else 'never passes'} the "
+                           "guidance to the transformer", param="model_path")
         if self.transformer.config.in_channels != 4 * self.vae.config.latent_channels:
             raise GenError(f"{where}: transformer in_channels {self.transformer.config.in_channels} is not 4 x the "
                            f"VAE's latent_channels {self.vae.config.latent_channels}", param="model_path")
@@ -269,7 +274,7 @@ class Flux2Pipeline(Pipeline):
             if ref is not None:
                 img_ids = torch.cat([img_ids, ref_ids])
             guidance = None
-            if self.transformer.config.guidance_embeds:
+            if self.embedded_guidance:
                 guidance = torch.full((n,), req.guidance_scale, device=self.device, dtype=torch.float32)
         with tm("timesteps"):
             scheduler = copy.deepcopy(self.components["scheduler"])
@@ -302,6 +307,7 @@ class Flux2KleinPipeline(Flux2Pipeline):
 
     family = "flux2-klein"
     encoder_layers = (9, 18, 27)
+    embedded_guidance = False
 
     def __init__(self, components, device, dtype):
         super().__init__(components, device, dtype)

@@ -169,3 +169,18 @@ def test_step_cache_exact_at_zero_and_skipping_when_large(gen):
             assert psnr(image, plain) < 60
         else:
             assert stats["skipped_forwards"] == 0 and psnr(image, plain) == float("inf")
+
+
+def test_components_that_do_not_fit_are_refused(tmp_path):
+    """[dev]'s folder under the [klein] class: a transformer with guidance embedding; [klein]'s under [dev]'s: an
+    encoder without the layers [dev] reads."""
+    dev = Path(__file__).resolve().parents[1] / "assets" / "flux2-tiny"
+    for source, class_name, message in [(dev, "Flux2KleinPipeline", "transformer guidance_embeds=True, but "
+                                         "Flux2KleinPipeline never passes the guidance"),
+                                        (ASSET, "Flux2Pipeline", r"the text encoder has 28 layers; Flux2Pipeline reads "
+                                         r"hidden states of layers \(10, 20, 30\)")]:
+        folder = shutil.copytree(source, tmp_path / class_name)
+        index = json.loads((folder / "model_index.json").read_text())
+        (folder / "model_index.json").write_text(json.dumps({**index, "_class_name": class_name}))
+        with pytest.raises(GenError, match=message):
+            Generator.from_pretrained(folder, device="cpu", dtype="fp32")
