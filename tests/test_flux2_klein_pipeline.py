@@ -184,3 +184,20 @@ def test_components_that_do_not_fit_are_refused(tmp_path):
         (folder / "model_index.json").write_text(json.dumps({**index, "_class_name": class_name}))
         with pytest.raises(GenError, match=message):
             Generator.from_pretrained(folder, device="cpu", dtype="fp32")
+
+
+def test_cuda_graph_wrapper_replays_one_signature(gen):
+    """The CUDA-graph wrapper's logic on CPU (eager_capture): both CFG branches (prompts padded to 512 tokens) share
+    one signature, captured once and replayed; the pictures equal the plain ones."""
+    from gen.transforms.cuda_graph import disable_cuda_graphs, eager_capture, enable_cuda_graphs
+
+    plain, _ = _outputs_of(gen, **CFG)
+    graphed = enable_cuda_graphs(gen.pipeline.transformer, capture=eager_capture)
+    try:
+        first, _ = _outputs_of(gen, **CFG)
+        again, _ = _outputs_of(gen, **CFG)
+    finally:
+        disable_cuda_graphs(gen.pipeline.transformer)
+    np.testing.assert_array_equal(first, plain)
+    np.testing.assert_array_equal(again, plain)
+    assert graphed.captures == 1
