@@ -24,6 +24,7 @@ bandwidth, from which the layer target is 1.15 x max(resident step, DiT bytes / 
   python benchmarks/offload.py --models qwen --quant fp8,q8 --out offload_qwen.json  # ~4.5 min
   OMP_NUM_THREADS=1 python benchmarks/offload.py --tiny                         # CPU check: tiny configs
 Rows are appended to the JSON as they finish (--out, or $OUT/offload.json), so a killed run keeps what it measured.
+The CUDA allocator runs with expandable segments (PYTORCH_CUDA_ALLOC_CONF, unless set) for every variant alike.
 """
 from __future__ import annotations
 
@@ -36,7 +37,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-import torch
+os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")  # every variant alike: less fragmentation
+import torch  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
