@@ -588,6 +588,15 @@ class Offload:
             dit_sizes.append(DiTSizes(slot, sizes[slot] - sum(block_bytes), block_bytes))
         self.plan = plan = plan_offload(self.requested, self.max_gpu_memory, sizes, dit_sizes, self.prefetch,
                                         self.reserve)
+        if plan.mode == "none":  # everything fits: straight from the loaded host tensors to the device, for good
+            self.mover.arena = None
+            for unit in self.units.values():
+                self.mover.load(unit)
+                unit.loaded.records.clear()  # no way back to the host: the host copies are freed
+                unit.permanent = True
+                self.resident[unit.name] = unit
+            log.info("offload: %s", plan.describe())
+            return plan
         if plan.mode == "layer":
             for slot, model, dit in self.pipeline.dits():
                 if slot not in self.units:
@@ -604,13 +613,6 @@ class Offload:
         for unit in self.units.values():
             self.mover.home(unit.tensors())
             unit.measure(self.mover)
-        if plan.mode == "none":
-            for unit in self.units.values():
-                self.mover.load(unit)
-                unit.loaded.records.clear()  # no way back to the host: the host copies are freed
-                unit.permanent = True
-                self.resident[unit.name] = unit
-            self.mover.arena = None
         log.info("offload: %s", plan.describe())
         return plan
 
