@@ -18,8 +18,8 @@ files: the original keys, `general.architecture` flux / wan / qwen_image). Row s
 without decoding (each row is whole blocks). A quantized Linear weight inside the repeated blocks (the family's
 `DiT.blocks`, nearly all the bytes) becomes a quantized layer (gen/models/quantized.py, or gen/transforms/fp8.py's
 Fp8Linear where FP8 tensor cores run it); every other quantized tensor (embedders, final layers) is dequantized at
-load, so the model files see plain layers there. A file of another family, of another layout, with missing, unexpected or mis-shaped
-tensors, or truncated is refused by a GenError naming the file and the first such keys.
+load, so the model files see plain layers there. A file of another family, of another layout, with missing,
+unexpected or mis-shaped tensors, or truncated is refused by a GenError naming the file and the first such keys.
 """
 from __future__ import annotations
 
@@ -241,8 +241,8 @@ def _wan_rules() -> tuple[Rule, ...]:
 FLUX, WAN, QWEN = "FluxTransformer2DModel", "WanTransformer3DModel", "QwenImageTransformer2DModel"
 FORMATS: dict[str, tuple[Format, ...]] = {
     FLUX: (Format("diffusers", FLUX, ("x_embedder.weight", "context_embedder.weight")),
-           Format("BFL (original FLUX)", FLUX, ("img_in.weight", "time_in.in_layer.weight", "final_layer.linear.weight"),
-                  _bfl_flux_rules())),
+           Format("BFL (original FLUX)", FLUX,
+                  ("img_in.weight", "time_in.in_layer.weight", "final_layer.linear.weight"), _bfl_flux_rules())),
     WAN: (Format("diffusers", WAN, ("patch_embedding.weight", "condition_embedder.time_proj.weight")),
           Format("Wan (original)", WAN, ("patch_embedding.weight", "time_projection.1.weight", "head.head.weight"),
                  _wan_rules())),

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from gen import GenError, Generator
-from gen.transforms import TransformOptions, apply_transforms, check_options
+from gen.transforms import TransformOptions, check_options
 from gen.transforms.offload import GIB, DiTSizes, Mover, Offload, module_tensors, plan_offload
 
 ASSETS = Path(__file__).resolve().parents[1] / "assets"

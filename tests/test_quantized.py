@@ -56,7 +56,8 @@ def tiny_dit(arch: str, folder: Path) -> tuple[nn.Module, dict]:
     g = torch.Generator().manual_seed(1)
     rnd = lambda *shape: torch.randn(*shape, generator=g)  # noqa: E731
     if arch == "flux":
-        inputs = dict(hidden_states=rnd(1, 16, 64), encoder_hidden_states=rnd(1, 8, 256), pooled_projections=rnd(1, 256),
+        inputs = dict(hidden_states=rnd(1, 16, 64), encoder_hidden_states=rnd(1, 8, 256),
+                      pooled_projections=rnd(1, 256),
                       timestep=torch.tensor([0.5]), img_ids=torch.rand(16, 3, generator=g) * 4,
                       txt_ids=torch.zeros(8, 3), guidance=torch.tensor([3.5]))
     elif arch == "wan":

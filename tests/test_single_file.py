@@ -143,7 +143,8 @@ def test_wrong_files_are_refused_by_name(tmp_path):
     assert "wrong shape" in (m := refusal(tmp_path, wide)) and "x_embedder.weight (file (32, 64), model (32, 16))" in m
     odd = {**bfl, "single_blocks.0.linear1.weight": torch.zeros(10, 32)}
     assert "single_blocks.0.linear1.weight has 10 rows; our" in refusal(tmp_path, odd)
-    assert "is not a FluxTransformer2DModel checkpoint in a known layout" in refusal(tmp_path, {"a.weight": torch.ones(1)})
+    unknown = refusal(tmp_path, {"a.weight": torch.ones(1)})
+    assert "is not a FluxTransformer2DModel checkpoint in a known layout" in unknown
     assert "is a GGUF file of architecture 'wan'" in refusal(tmp_path, bfl, gguf_arch="wan")
     assert "holds a FluxTransformer2DModel" in refusal(tmp_path, bfl, asset="qwen-image-tiny", gguf_arch=None)
 

@@ -141,7 +141,8 @@ def row_bytes(qtype: str, columns: int) -> int:
     return columns // size * nbytes
 
 
-def dequantize(raw: torch.Tensor, qtype: str, shape: tuple[int, ...], dtype: torch.dtype = torch.float32) -> torch.Tensor:
+def dequantize(raw: torch.Tensor, qtype: str, shape: tuple[int, ...],
+               dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """GGUF blocks `raw` (..., row bytes) uint8 -> the `shape` tensor in `dtype` (computed in fp32 on raw's device)."""
     if qtype not in DECODERS:
         raise ValueError(f"GGUF type {qtype!r} is not supported (supported: {sorted(DECODERS)})")
