@@ -92,12 +92,12 @@ def check_options(options: TransformOptions, device: torch.device, dtype: torch.
     if options.cfg_batch and parallel:
         raise GenError("cfg_batch works in one process (on several ranks, cfg_parallel runs the CFG branches on "
                        "two rank halves instead)", param="cfg_batch")
-    if options.fp8:
-        check_fp8(device, dtype)
     from gen.transforms.lora import check_lora_options
 
     offloaded = options.offload not in (None, "none") or options.max_gpu_memory is not None
     check_lora_options(options.fuse_lora, options.fp8, offloaded, bool(options.loras))
+    if options.fp8:
+        check_fp8(device, dtype)
     if options.offload not in (None, "none") or options.max_gpu_memory is not None:
         from gen.transforms.offload import check_offload
 

@@ -334,11 +334,12 @@ class LoraAdapters:
             for key, rank in need.items():
                 if current.get(key, 0) < rank:
                     wanted[key] = _capacity(rank)
-        changed = wanted != current
-        if changed:
-            self._detach(slot)
-            self.capacity[slot] = wanted
-            self._attach(slot)
+        changed = {k for k in set(current) | set(wanted) if current.get(k) != wanted.get(k)}
+        for key in changed:  # only the layers whose banks are new, grown or gone are rebuilt
+            for _, layer in self._layers(slot, key):
+                _detach_layer(layer)
+        self.capacity[slot] = wanted
+        self._attach(slot, changed & set(wanted))
         banks = [t for _, layer in self._all_layers(slot) for t in (layer.lora_down, layer.lora_up, layer.lora_scale)]
         if banks:
             torch._foreach_zero_(banks)
@@ -351,14 +352,15 @@ class LoraAdapters:
                 layer.lora_up[:, row:row + r].copy_(pair.up)
                 layer.lora_scale[row:row + r].fill_(s)
                 row += r
-        return changed
+        return bool(changed)
 
     def _all_layers(self, slot: str) -> list[tuple[str, nn.Module]]:
         return [pl for key in self.capacity[slot] for pl in self._layers(slot, key)]
 
-    def _attach(self, slot: str) -> None:
+    def _attach(self, slot: str, keys: set) -> None:
         groups, done = self._groups[slot], set()
-        for key, cap in self.capacity[slot].items():
+        for key in keys:
+            cap = self.capacity[slot][key]
             for path, layer in self._layers(slot, key):
                 if path in done:
                     continue
