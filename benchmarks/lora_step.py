@@ -1,0 +1,142 @@
+"""LoRA cost per denoising step and per switch: a FLUX.1-dev-sized transformer step at 1024^2 (4096 image + 512 text
+tokens, bf16) with no LoRA, unfused LoRAs of rank 16 and 64 (all linears of every block), and a fused rank-64 one;
+ours compiled (regional, as --compile), diffusers' eager with its PEFT adapters (load_lora_adapter) beside it on the
+same weights. Then the time to switch between two rank-64 sets (both cached on the device) and the dynamo graphs
+compiled while switching (should be 0), and the time of a fused switch (originals copied back, the new set merged).
+
+Random weights built directly on the GPU (benchmarks/dit_step.py's build); the LoRA files are written as diffusers
+format .safetensors to a temporary folder and read through gen/lora like any other.
+
+  python benchmarks/lora_step.py                      # on the GPU machine (writes $OUT/lora_step.json when OUT is set)
+  python benchmarks/lora_step.py --tiny               # CPU smoke check (tiny FLUX, eager backend)
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from benchmarks.common import environment, time_ms, write_json  # noqa: E402
+from benchmarks.dit_step import build, call_ours, call_reference  # noqa: E402
+from gen.models.attention import select_attention_backend  # noqa: E402
+from gen.transforms.compile import compile_blocks  # noqa: E402
+from gen.transforms.join import join_projections  # noqa: E402
+from gen.transforms.lora import LoraAdapters  # noqa: E402
+from pipelines.flux import FLUX_DIT  # noqa: E402
+
+
+def write_lora(model, rank: int, seed: int, folder: Path) -> str:
+    """A diffusers-format LoRA of `rank` on every linear layer of the model's blocks (small random values)."""
+    from safetensors.torch import save_file
+
+    g = torch.Generator().manual_seed(seed)
+    tensors = {}
+    for attr in FLUX_DIT.blocks:
+        for i, block in enumerate(getattr(model, attr)):
+            for name, m in block.named_modules():
+                if isinstance(m, torch.nn.Linear):
+                    key = f"transformer.{attr}.{i}.{name}"
+                    tensors[f"{key}.lora_A.weight"] = (torch.randn(rank, m.in_features, generator=g) * 0.01).bfloat16()
+                    tensors[f"{key}.lora_B.weight"] = (torch.randn(m.out_features, rank, generator=g) * 0.01).bfloat16()
+    path = folder / f"lora_r{rank}_{seed}.safetensors"
+    save_file(tensors, path)
+    return str(path)
+
+
+def _sync():
+    if torch.accelerator.is_available():
+        torch.accelerator.synchronize()
+
+
+def timed_s(fn) -> float:
+    _sync()
+    t = time.perf_counter()
+    fn()
+    _sync()
+    return time.perf_counter() - t
+
+
+def main(argv: list[str] | None = None) -> dict:
+    p = argparse.ArgumentParser()
+    p.add_argument("--tiny", action="store_true", help="tiny FLUX on the CPU, eager backend (smoke check)")
+    p.add_argument("--ranks", default="16,64")
+    p.add_argument("--iters", type=int, default=10)
+    p.add_argument("--no-reference", action="store_true", help="skip diffusers' PEFT side")
+    p.add_argument("--out", help="JSON output (default: $OUT/lora_step.json when OUT is set)")
+    args = p.parse_args(argv)
+    device = torch.device("cpu") if args.tiny or not torch.accelerator.is_available() \
+        else torch.accelerator.current_accelerator()
+    dtype = torch.float32 if device.type == "cpu" else torch.bfloat16
+    iters, warmup = (2, 1) if args.tiny else (args.iters, 3)
+    ranks = [int(r) for r in args.ranks.split(",")]
+    torch._dynamo.config.automatic_dynamic_shapes = False  # one static graph per bank capacity
+    from torch._dynamo.utils import counters
+
+    graphs = lambda: counters["stats"]["unique_graphs"]
+    ref, ours, inputs, tokens = build("flux", args.tiny, device, dtype)
+    select_attention_backend(device, dtype, "auto")
+    join_projections(ours)
+    pipeline = type("P", (), {"dits": lambda self: [("transformer", ours, FLUX_DIT)], "device": device,
+                              "dtype": dtype})()
+    step = lambda: call_ours("flux", ours, inputs)
+    rows, result = [], {"env": environment(), "tokens": tokens, "device": str(device), "dtype": str(dtype)}
+    with tempfile.TemporaryDirectory() as tmp, torch.no_grad():
+        files = {r: [write_lora(ours, r, seed, Path(tmp)) for seed in (1, 2)] for r in ranks}
+        unfused = LoraAdapters(pipeline, max_cache_mb=1e6)
+        fused = LoraAdapters(pipeline, fuse=True, max_cache_mb=1e6)
+        compile_blocks(ours, FLUX_DIT.blocks, **({"backend": "eager"} if args.tiny else {}))
+        cold = timed_s(step)
+        none_ms = time_ms(step, warmup, iters)
+        rows.append(("ours compiled, no LoRA", none_ms, cold))
+        top = max(ranks)
+        fused_switch = timed_s(lambda: fused.set([(files[top][0], 1.0)]))
+        rows.append((f"ours compiled, fused rank {top}", time_ms(step, warmup, iters), None))
+        fused.set([])
+        for r in ranks:
+            unfused.set([(files[r][0], 1.0)])
+            cold = timed_s(step)
+            rows.append((f"ours compiled, unfused rank {r}", time_ms(step, warmup, iters), cold))
+        # switching between two cached rank-`top` sets: contents copied in place, no new graph
+        unfused.set([(files[top][1], 1.0)])
+        step()
+        before, switches = graphs(), []
+        for i in range(6):
+            switches.append(timed_s(lambda: unfused.set([(files[top][i % 2], 0.5 + i / 10)])))
+            step()
+        switch_ms = 1000 * sorted(switches)[len(switches) // 2]
+        recompiles = graphs() - before
+        unfused.remove()
+        result["ours"] = {name: {"ms": ms, "cold_s": cold} for name, ms, cold in rows}
+        result["switch_ms"], result["recompiles_while_switching"] = switch_ms, recompiles
+        result["fused_switch_s"] = fused_switch
+        ref_rows = []
+        if not args.no_reference:
+            ref_step = lambda: call_reference("flux", ref, inputs)
+            ref_rows.append(("diffusers eager, no LoRA", time_ms(ref_step, warmup, iters)))
+            ref.load_lora_adapter(files[top][0], prefix="transformer", adapter_name="a")
+            ref_rows.append((f"diffusers eager, PEFT unfused rank {top}", time_ms(ref_step, warmup, iters)))
+            ref.fuse_lora(lora_scale=1.0)
+            ref_rows.append((f"diffusers eager, PEFT fused rank {top}", time_ms(ref_step, warmup, iters)))
+            result["diffusers"] = {name: {"ms": ms} for name, ms in ref_rows}
+    print(f"\nFLUX.1-dev-sized step, {tokens} tokens, {device} {dtype}" + (" (tiny)" if args.tiny else ""))
+    print("| variant | ms/step | vs no LoRA | first call s |\n|---|---|---|---|")
+    for name, ms, cold in rows:
+        print(f"| {name} | {ms:.2f} | {ms / none_ms:.3f} | {'' if cold is None else f'{cold:.1f}'} |")
+    for name, ms in ref_rows:
+        print(f"| {name} | {ms:.2f} | {ms / ref_rows[0][1]:.3f} | |")
+    print(f"switch between two cached rank-{top} sets: {switch_ms:.1f} ms, {recompiles} graphs compiled while "
+          f"switching; fused switch (restore + merge): {1000 * fused_switch:.0f} ms")
+    out = args.out or (os.path.join(os.environ["OUT"], "lora_step.json") if os.environ.get("OUT") else None)
+    if out:
+        write_json(out, result)
+    return result
+
+
+if __name__ == "__main__":
+    main()
