@@ -34,6 +34,7 @@ class Case:
     ulysses_degree: int | None = None
     ring_degree: int | None = None
     cfg_parallel: bool = False
+    loras: tuple[tuple[Path, float], ...] = ()  # (LoRA file, scale): ours per request, the reference's set_adapters
 
     @property
     def safe_id(self) -> str:
@@ -47,6 +48,8 @@ class Case:
                   num_frames=self.num_frames, fps=self.fps)
         if self.images:
             kw["images"] = list(self.images)
+        if self.loras:
+            kw["loras"] = [(str(p), scale) for p, scale in self.loras]
         return kw
 
 
@@ -82,7 +85,7 @@ _FIELDS = {
     "num_inference_steps": (int, False), "guidance_scale": ((int, float), False),
     "true_cfg_scale": ((int, float), False), "num_frames": (int, False), "fps": (int, False),
     "images": (list, False), "ranks": (int, False), "ulysses_degree": (int, False), "ring_degree": (int, False),
-    "cfg_parallel": (bool, False),
+    "cfg_parallel": (bool, False), "loras": (list, False),
 }
 _TYPE_NAMES = {str: "a string", int: "an integer", (int, float): "a number", list: "a list", bool: "true or false"}
 
@@ -145,6 +148,16 @@ def _parse_case(doc: Document, i: int, entry) -> Case:
         if not p.is_file():
             raise doc.error(keys + ("images", j), f"input image {str(p)!r} does not exist")
         images.append(p)
+    loras = []
+    for j, lora in enumerate(f.get("loras") or []):
+        if not isinstance(lora, dict) or not isinstance(lora.get("path"), str) or set(lora) - {"path", "scale"} \
+                or isinstance(lora.get("scale", 1.0), bool) or not isinstance(lora.get("scale", 1.0), (int, float)):
+            raise doc.error(keys + ("loras", j), f"must be {{\"path\": file, \"scale\": number}}, got {lora!r}")
+        p = _resolve(doc.path, lora["path"])
+        if not p.exists():
+            raise doc.error(keys + ("loras", j, "path"), f"LoRA {str(p)!r} does not exist")
+        loras.append((p, float(lora.get("scale", 1.0))))
+    f["loras"] = tuple(loras)
     model = _resolve(doc.path, f["model"])
     if not (model / "model_index.json").is_file():
         raise doc.error(keys + ("model",), f"{str(model)!r} is not a diffusers-layout model folder "

@@ -161,4 +161,9 @@ def run_reference(case: Case, class_name: str, device: torch.device, dtype: torc
     kw = given(case.model) if given is not None else {}
     pipe = getattr(diffusers, cls_name).from_pretrained(case.model, dtype=dtype, **kw).to(device)
     pipe.set_progress_bar_config(disable=True)
+    if case.loras:  # diffusers' own LoRA loading (PEFT), each at its scale
+        names = [f"lora{i}" for i in range(len(case.loras))]
+        for name, (path, _) in zip(names, case.loras):
+            pipe.load_lora_weights(str(path), adapter_name=name)
+        pipe.set_adapters(names, [scale for _, scale in case.loras])
     return runner(pipe, case)
