@@ -12,6 +12,7 @@ from gen.types import GenError
 COMMANDS = {
     "generate": ("gen.cli", "generate an image or a video"),
     "serve": ("gen.server.cli", "run the REST server and web UI"),
+    "jobs": ("gen.server.jobs_cli", "manage the video job store (gen jobs migrate: SQLite to PostgreSQL)"),
     "consistency": ("consistency.cli", "check outputs against golden images"),
 }
 

@@ -99,15 +99,15 @@ def test_client_disconnect_cancels(flux, tmp_path, slow):
 
 
 def test_deadline_cuts_an_admitted_request_and_frees_the_worker(flux, tmp_path, slow):
-    app = create_app(flux, output_dir=tmp_path, timeout=0.6, ui=False)
+    app = create_app(flux, output_dir=tmp_path, timeout=1.5, ui=False)
     with serve_in_thread(app) as url:
         start = time.monotonic()
         r = httpx.post(f"{url}/v1/images/generations", json={**SMALL, "num_inference_steps": 40}, timeout=30)
         answered = time.monotonic() - start
         assert r.status_code == 504 and r.json()["error"]["code"] == "timeout"
-        assert answered < 0.6 + 0.5  # answered at the deadline, not when the work stops
+        assert answered < 1.5 + 0.5  # answered at the deadline, not when the work stops
         wait_for(lambda: app.state.queue.running is None, timeout=0.5)  # the worker is free within about one step
-        assert len(slow) < 12
+        assert len(slow) < 20
         assert metric(url, 'gen_generations_total{outcome="cancelled"}') == 1
         assert httpx.post(f"{url}/v1/images/generations", json=SMALL, timeout=30).status_code == 200
 

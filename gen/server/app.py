@@ -13,6 +13,7 @@ import hmac
 import logging
 import threading
 import time
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -24,9 +25,10 @@ from starlette.exceptions import HTTPException
 
 from gen.server.http import BodyLimits, ShapeUiErrors, serve_in_thread  # noqa: F401 (serve_in_thread: re-exported)
 from gen.server.jobs import JobStore, SQLiteJobStore, StoreUnavailable
+from gen.server.stores import open_store
 from gen.server.limits import Budget, Limits, OverLimit
 from gen.server.metrics import CONTENT_TYPE, Metrics, MetricsMiddleware
-from gen.server.outputs import MEDIA, Outputs, Retention
+from gen.server.outputs import MEDIA, Outputs, Retention, atomic_write
 from gen.server.queue import SHUTDOWN, Job, QueueClosed, RequestQueue
 from gen.server.schemas import (ApiError, ImageBody, VideoBody, decode_image, encode_image, parse_json,
                                 validation_error)
@@ -59,7 +61,7 @@ class ServeOptions:
     output_ttl: float | None = 86400.0  # None: outputs and finished jobs are kept
     max_output_gb: float | None = None
     sweep_interval: float | None = None  # None: min(60, ttl / 4)
-    job_store: JobStore | None = None  # None: SQLite in output_dir
+    job_store: JobStore | str | None = None  # a store, a postgresql:// URL, or None: SQLite in output_dir
     job_lease: float = 30.0
     job_retries: int = 1
     webhook_hosts: list[str] = field(default_factory=list)
@@ -91,7 +93,12 @@ def create_app(generator, **options) -> FastAPI:
     metrics = Metrics()
     limits = opts.limits or Limits.for_model(generator)
     policy = WebhookPolicy(opts.webhook_hosts, opts.webhook_secret)
-    store = opts.job_store or SQLiteJobStore(output_dir / "jobs.sqlite3")
+    store = opts.job_store if isinstance(opts.job_store, JobStore) else open_store(opts.job_store, output_dir)
+    try:
+        check_volume(store, output_dir)
+    except GenError:
+        store.close()
+        raise
     ttl = opts.output_ttl
     videos = VideoJobs(store, output_dir, model_id, timeout=opts.timeout, lease=opts.job_lease,
                        retries=opts.job_retries, ttl=ttl, metrics=metrics)
@@ -104,7 +111,7 @@ def create_app(generator, **options) -> FastAPI:
     retention = Retention(output_dir, ttl, int(opts.max_output_gb * 2**30) if opts.max_output_gb else None,
                           videos.expire, videos.drop_file, metrics)
     upkeep = Upkeep(service, retention, opts)
-    metrics.track_queue(queue, lambda: upkeep.cluster_depth)
+    metrics.track_queue(queue, service.cluster)
     sender = WebhookSender(store, policy, backoff=opts.webhook_backoff, metrics=metrics) if policy.hosts else None
 
     def drain() -> None:
@@ -152,40 +159,75 @@ def create_app(generator, **options) -> FastAPI:
     return app
 
 
+VOLUME_MARKER = ".gen-volume"
+
+
+def check_volume(store: JobStore, output_dir: Path) -> None:
+    """The output directory must be the volume the job store's files are on (one id, in the store and in the
+    directory's marker file): a replica with a directory of its own would find every file missing."""
+    marker = output_dir / VOLUME_MARKER
+    mine = marker.read_text().strip() if marker.is_file() else None
+    stored, new = store.volume(mine or uuid.uuid4().hex)
+    if mine is None:
+        holds = any((output_dir / d).is_dir() and any((output_dir / d).iterdir()) for d in ("videos", "outputs"))
+        if not isinstance(store, SQLiteJobStore) and (not new or holds):
+            raise GenError(f"--output-dir {output_dir} has no {VOLUME_MARKER} marker: it is not the volume this job "
+                           f"store's files are on (mount the one the other replicas use); if it is, write the "
+                           f"store's volume id {stored} into {marker} (gen jobs migrate does this)",
+                           param="output_dir")
+        atomic_write(marker, lambda tmp: tmp.write_text(stored + "\n"))
+    elif mine != stored:
+        raise GenError(f"--output-dir {output_dir} is not the volume this job store's files are on (its "
+                       f"{VOLUME_MARKER} says {mine}, the store {stored}); mount the volume the other replicas use",
+                       param="output_dir")
+
+
 class Upkeep:
-    """A thread: leases that ran out (every lease / 2 s), retention (every sweep interval), and the cluster queue
-    depth for /metrics (every second)."""
+    """A thread: this replica's heartbeat in the job store and the cluster's view (every second), leases that ran
+    out (every lease / 2 s), retention (every sweep interval)."""
+
+    ALIVE = 10.0  # a replica silent this long no longer counts
 
     def __init__(self, service: Service, retention: Retention, opts: ServeOptions):
         self.service, self.retention = service, retention
         self.sweep_every = opts.sweep_interval or (min(60.0, opts.output_ttl / 4) if opts.output_ttl else 60.0)
         self.recover_every = opts.job_lease / 2
-        self.cluster_depth = 0
+        self.replica = service.videos.worker
+        self._logged: dict[str, float] = {}
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="gen-upkeep", daemon=True)
         self._thread.start()
 
     def _loop(self) -> None:
-        due = {"recover": 0.0, "sweep": 0.0}
-        while not self._stop.wait(min(1.0, self.recover_every, self.sweep_every)):
+        due: dict[str, float] = {}
+        while True:
             now = time.monotonic()
-            for name, every, fn in (("recover", self.recover_every, self.service.videos.recover),
-                                    ("sweep", self.sweep_every, self.retention.sweep), ("depth", 0, self._depth)):
+            for name, every, fn in (("heartbeat", 1.0, self._beat), ("recover", self.recover_every,
+                                    self.service.videos.recover), ("sweep", self.sweep_every, self.retention.sweep)):
                 if now >= due.get(name, 0.0):
                     due[name] = now + every
                     try:
                         fn()
                     except Exception as e:  # the store may be down; the next pass tries again
-                        log.warning("upkeep step %s failed: %s", name, e)
+                        if time.monotonic() - self._logged.get(name, -1e9) > 30:
+                            log.warning("upkeep step %s failed: %s", name, e)
+                            self._logged[name] = time.monotonic()
+            if self._stop.wait(min(1.0, self.recover_every, self.sweep_every)):
+                return
 
-    def _depth(self) -> None:
+    def _beat(self) -> None:
         s = self.service
-        videos = s.store.queued(s.model_id) if s.generator.modality == "video" else 0
-        self.cluster_depth = videos + s.queue.queue_depth
+        own = s.queue.queue_depth
+        s.store.beat(self.replica, s.model_id, own, 1 if s.queue.running is not None else 0)
+        s.view = {**s.store.cluster(s.model_id, self.ALIVE), "own": own}
 
     def close(self) -> None:
         self._stop.set()
         self._thread.join(10)
+        try:
+            self.service.store.leave(self.replica)
+        except StoreUnavailable as e:
+            log.warning("could not remove this replica from the job store: %s", e)
 
 
 class Api:

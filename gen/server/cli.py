@@ -69,6 +69,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--max-output-gb", type=float, help="cap on the outputs' total size; the oldest go first "
                                                        "(default: no cap)")
     g = p.add_argument_group("video jobs")
+    g.add_argument("--job-store", default=os.environ.get("GEN_JOB_STORE"), metavar="URL",
+                   help="postgresql://user:password@host:port/db: a job store shared by several replicas, which then "
+                        "must share --output-dir (default: $GEN_JOB_STORE, else SQLite in --output-dir)")
     g.add_argument("--job-lease", type=float, default=30.0,
                    help="seconds a worker holds a running video job between heartbeats before another may take it "
                         "(default: 30)")
@@ -109,7 +112,8 @@ def run(args: argparse.Namespace) -> int:
                          shutdown_timeout=args.shutdown_timeout, read_timeout=args.read_timeout,
                          cors_origins=args.cors_origin, ui=not args.no_ui,
                          limits=Limits.for_model(generator, **limit_kwargs(args)), public_url=args.public_url,
-                         output_ttl=args.output_ttl, max_output_gb=args.max_output_gb, job_lease=args.job_lease,
+                         output_ttl=args.output_ttl, max_output_gb=args.max_output_gb, job_store=args.job_store,
+                         job_lease=args.job_lease,
                          job_retries=args.job_retries, webhook_hosts=args.webhook_allow_host,
                          webhook_secret=args.webhook_secret)
         server = make_server(app, args.host, args.port, log_level="info")

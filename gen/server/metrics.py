@@ -21,8 +21,10 @@ class Metrics:
         self.latency = Histogram("gen_http_request_seconds", "HTTP request latency", ["endpoint", "method"],
                                  buckets=_SLOW, registry=r)
         self.queue_depth = Gauge("gen_queue_depth", "generations waiting in this server's queue", registry=r)
-        self.cluster_depth = Gauge("gen_cluster_queue_depth", "video jobs of this model queued in the job store (all "
-                                   "replicas) plus the generations waiting in the replicas' queues", registry=r)
+        self.cluster_depth = Gauge("gen_cluster_queue_depth", "video jobs of this model queued in the job store plus "
+                                   "the generations waiting in the queues of its live replicas", registry=r)
+        self.cluster_replicas = Gauge("gen_cluster_replicas", "live replicas serving this model on the job store",
+                                      registry=r)
         self.running = Gauge("gen_running", "generations running (0 or 1)", registry=r)
         self.jobs = Counter("gen_generations", "finished generations by outcome", ["outcome"], registry=r)
         self.step = Histogram("gen_denoise_step_seconds", "mean denoising step time of a generation",
@@ -33,11 +35,12 @@ class Metrics:
         self.removed = Counter("gen_outputs_removed", "output files removed by retention, by reason: expired, "
                                "disk_cap, stale_temp", ["reason"], registry=r)
 
-    def track_queue(self, queue, cluster_depth=None) -> None:
-        """Gauges read from `queue` (and `cluster_depth()`, the store's view, when given) at each scrape."""
+    def track_queue(self, queue, cluster) -> None:
+        """Gauges read at each scrape from `queue` and from `cluster()`, the store's view ({replicas, waiting})."""
         self.queue_depth.set_function(lambda: queue.queue_depth)
         self.running.set_function(lambda: 1 if queue.running is not None else 0)
-        self.cluster_depth.set_function(cluster_depth or (lambda: queue.queue_depth))
+        self.cluster_depth.set_function(lambda: cluster()["waiting"])
+        self.cluster_replicas.set_function(lambda: cluster()["replicas"])
 
     def observe_job(self, job) -> None:
         """Called by the queue's worker when a job ends, its outputs written (or not)."""

@@ -173,9 +173,10 @@ class RequestQueue:
     # --- the worker
 
     def _loop(self) -> None:
+        busy = False  # the last pass ran a job: look for the next at once
         while True:
             with self._cond:
-                if not self._queue and self.accepting:
+                if not self._queue and self.accepting and not busy:
                     self._cond.wait(self.poll if self._claim is not None else None)
                 if self._queue:
                     job = self._queue.popleft()
@@ -187,7 +188,9 @@ class RequestQueue:
             if job is None:
                 job = self._claimed()
                 if job is None:
+                    busy = False
                     continue
+            busy = True
             try:
                 self._run(job)
             finally:

@@ -23,6 +23,7 @@ class Service:
                  videos: VideoJobs, store: JobStore, webhooks: WebhookPolicy, opts):
         self.generator, self.model_id, self.budget, self.queue = generator, model_id, budget, queue
         self.outputs, self.videos, self.store, self.webhooks, self.opts = outputs, videos, store, webhooks, opts
+        self.view: dict | None = None  # the cluster as the job store saw it last (set by the upkeep thread)
 
     def admit(self, req: GenerationRequest, modality: str, model: str | None = None,
               renames: dict[str, str] | None = None) -> GenerationRequest:
@@ -42,16 +43,28 @@ class Service:
         return full
 
     def submit(self, req: GenerationRequest, finish=None) -> Job:
+        """Onto this replica's queue: 429 when it is full, or when the cluster's queues are (as the job store last
+        saw them: every replica's waiting requests and the queued video jobs, against --max-queue per replica)."""
+        cluster = self.cluster()
+        waiting = cluster["waiting"] - cluster.get("own", 0) + self.queue.queue_depth  # our own queue: as it is now
+        if waiting >= self.opts.max_queue * cluster["replicas"]:
+            raise queue_error(QueueFull(self.queue.retry_after(waiting, cluster["replicas"])))
         try:
             return self.queue.submit(req, finish=finish)
         except (QueueFull, QueueClosed) as e:
             raise queue_error(e) from None
 
+    def cluster(self) -> dict:
+        """{replicas, waiting, running} of this model's replicas as the job store saw them last (about every second;
+        this replica alone until then)."""
+        return self.view or {"replicas": 1, "waiting": self.queue.queue_depth, "running": 0}
+
     def check_video_room(self) -> None:
-        """429 when the video jobs waiting in the store (all replicas) fill the queue."""
+        """429 when the video jobs queued in the store fill the cluster's queues (--max-queue per live replica)."""
         waiting = self.store.queued(self.model_id)
-        if waiting >= self.opts.max_queue:
-            retry = self.queue.retry_after(waiting)
+        replicas = self.cluster()["replicas"]
+        if waiting >= self.opts.max_queue * replicas:
+            retry = self.queue.retry_after(waiting, replicas)
             raise ApiError(429, f"the queue is full; retry in about {retry} s", None, "queue_full", "rate_limit_error",
                            {"Retry-After": str(retry)})
 

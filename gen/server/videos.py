@@ -19,7 +19,7 @@ from pathlib import Path
 
 from PIL import Image
 
-from gen.server.jobs import VIDEO_ID, JobStore
+from gen.server.jobs import VIDEO_ID, JobStore, StoreUnavailable
 from gen.server.outputs import STALE_TEMP_SECONDS, atomic_write, encode_mp4
 from gen.server.queue import SHUTDOWN, Job
 from gen.types import Cancelled, GenError, GenerationRequest
@@ -104,8 +104,11 @@ class VideoJobs:
         return job
 
     def _progress(self, vid: str, job: Job) -> None:  # 100 only once the file is written
-        if not self.store.renew(vid, self.worker, self.lease, progress=min(job.progress, 99)):
-            job.cancel(DELETED)
+        try:
+            if not self.store.renew(vid, self.worker, self.lease, progress=min(job.progress, 99)):
+                job.cancel(DELETED)
+        except StoreUnavailable as e:  # the heartbeat keeps the lease, or gives the job up in time
+            log.warning("could not record the progress of %s: %s", vid, e)
 
     def _write(self, vid: str, job: Job) -> str:
         """In the worker, under the job's deadline: the MP4, renamed into place, then the row marked completed; a job
@@ -113,7 +116,7 @@ class VideoJobs:
         result = job.result
         path = self.video_path(vid)
         atomic_write(path, lambda tmp: encode_mp4(tmp, result.frames, result.fps or 16, job.check))
-        if not self.store.complete(vid, self.worker, str(path.relative_to(self.output_dir)), self.ttl):
+        if not self._persist(self.store.complete, vid, self.worker, str(path.relative_to(self.output_dir)), self.ttl):
             path.unlink(missing_ok=True)
             job.cancel(DELETED)
             raise Cancelled("the job was deleted while its file was written")
@@ -127,9 +130,22 @@ class VideoJobs:
         if reason in (DELETED, LEASE_LOST):
             return  # the row is gone, or another worker holds it now
         if reason == SHUTDOWN:
-            self.store.release(vid, self.worker)  # another replica, or this one restarted, runs it
+            self._persist(self.store.release, vid, self.worker)  # another replica, or this one restarted, runs it
             return
-        self.store.fail(vid, self.worker, job_error(job), self.ttl)
+        self._persist(self.store.fail, vid, self.worker, job_error(job), self.ttl)
+
+    def _persist(self, update, *args):
+        """A store update from the worker, retried while the store is unreachable for most of a lease; past that the
+        job's lease runs out and recovery (another replica, or this one) takes over."""
+        deadline = time.monotonic() + 0.8 * self.lease
+        while True:
+            try:
+                return update(*args)
+            except StoreUnavailable as e:
+                if time.monotonic() > deadline:
+                    raise
+                log.warning("the job store is unreachable (%s); retrying", e)
+                time.sleep(0.5)
 
     def _beat(self) -> None:
         """Renew the leases of the jobs this process runs every lease / 3 seconds; a job whose row is gone (deleted
