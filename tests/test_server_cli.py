@@ -107,7 +107,7 @@ def test_gen_serve_help():
     for flag in ("--model-path", "--host", "--port", "--api-key", "--max-queue", "--output-dir", "--public-url",
                  "--timeout", "--read-timeout", "--max-pixels", "--max-frames", "--max-steps", "--max-n",
                  "--max-prompt-tokens", "--max-work", "--max-decode-gb", "--output-ttl", "--max-output-gb",
-                 "--job-lease", "--job-retries", "--webhook-allow-host", "--webhook-secret"):
+                 "--job-store", "--job-lease", "--job-retries", "--webhook-allow-host", "--webhook-secret"):
         assert flag in out.stdout, flag
 
 
