@@ -28,6 +28,9 @@ class DiT:
     # (none: this DiT's calls are never batched), and text arguments padded along dim 1 -> their mask argument
     batch_args: tuple[str, ...] = ()
     batch_pad: tuple[tuple[str, str], ...] = ()
+    # entry points besides forward that run weights (offload moves and streams around them): the model's, its blocks'
+    entry_methods: tuple[str, ...] = ()
+    block_methods: tuple[str, ...] = ()
 
     def __post_init__(self):
         assert len(self.cache_layout.streams) == len(self.blocks), (self.blocks, self.cache_layout)

@@ -40,6 +40,8 @@ QWEN_IMAGE21_DIT = DiT(
     ),
     cache_layout=CacheLayout(streams=(1,)),
     # no batched forward arguments: the calls are never merged (each CFG branch brings its own prefix)
+    entry_methods=("encode_prefix",),  # the prompt / condition pass before the steps (offload moves around it)
+    block_methods=("forward_prefix",),
 )
 SYSTEM = "Comprehend and analyze the provided prompt."
 TEMPLATE = (f"<|im_start|>system\n{SYSTEM}<|im_end|>\n<|im_start|>user\n{{slots}}{{prompt}}<|im_end|>\n"

@@ -166,3 +166,32 @@ def test_refused_combinations_and_values():
             check_options(options, CPU, torch.float32)
     with pytest.raises(GenError, match="needs at least"):
         Generator.from_pretrained(ASSETS / "flux-tiny", device="cpu", max_gpu_memory=0.5)
+
+
+@pytest.mark.parametrize("mode", ["model", "layer"])
+def test_declared_entry_points_move_too(mode):
+    """Qwen-Image 2.1 runs its prompt prefix through `encode_prefix` / the blocks' `forward_prefix` before the steps
+    (declared on its DiT): the weights are on the device there too, never their host copies, and the picture is
+    the resident one."""
+    asset, request = "qwen-image21-tiny", dict(prompt="a red cat", seed=3, height=32, width=32, num_inference_steps=2)
+    expected = pictures(Generator.from_pretrained(ASSETS / asset, device="cpu"), request)
+    gen = Generator.from_pretrained(ASSETS / asset, device="cpu", offload=mode)
+    off = offload_of(gen)
+    model = gen.pipeline.transformer
+    blocks = [b for attr in gen.pipeline.dit.blocks for b in getattr(model, attr)]
+    host = {p for u in off.units.values() for p in []}  # filled below from the host copies
+    host = {t.data_ptr() for t in module_tensors(blocks)}
+    seen = []
+    original = blocks[0].__dict__.get("forward_prefix") or blocks[0].forward_prefix
+
+    def probe(*args, **kwargs):
+        seen.append(any(t.data_ptr() in host for t in module_tensors([blocks[0]])))
+        return original(*args, **kwargs)
+
+    blocks[0].__dict__["forward_prefix"] = probe
+    try:
+        assert np.array_equal(pictures(gen, request), expected)
+    finally:
+        blocks[0].__dict__["forward_prefix"] = original
+        gen.pipeline.transforms.undo()
+    assert seen and not any(seen), "the prefix pass ran on host copies"

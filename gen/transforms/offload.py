@@ -439,15 +439,28 @@ class BlockStream:
     """Streams the blocks of one DiT: before block i runs, its copy is waited for and the next `prefetch` streamed
     blocks (cyclically: the next call starts with the first) are copied on the side stream; after it ran, it leaves."""
 
-    def __init__(self, mover: Mover, slot: str, blocks: list[nn.Module], prefetch: int):
+    def __init__(self, mover: Mover, slot: str, blocks: list[nn.Module], prefetch: int,
+                 methods: tuple[str, ...] = ()):
         self.mover, self.slot, self.blocks, self.prefetch = mover, slot, blocks, prefetch
         self.units = [Unit(f"{slot}.block{i}", [b]) for i, b in enumerate(blocks)]
         self.keep(0)
         self.ahead: set[int] = set()  # streamed blocks on the device
         self.handles = []
+        self.wrapped: list[tuple[nn.Module, str]] = []
         for i, block in enumerate(blocks):
             self.handles.append(block.register_forward_pre_hook(functools.partial(self._before, i)))
             self.handles.append(block.register_forward_hook(functools.partial(self._after, i)))
+            for name in methods:  # the block's other entry points (the DiT declares them), streamed the same way
+                method = getattr(block, name)
+
+                def call(*args, i=i, method=method, block=block, **kwargs):
+                    self._before(i, block, args)
+                    out = method(*args, **kwargs)
+                    self._after(i, block, args, out)
+                    return out
+
+                block.__dict__[name] = call
+                self.wrapped.append((block, name))
 
     def keep(self, k: int) -> None:
         """The first `k` blocks stay with the DiT's other weights; the others stream."""
@@ -500,6 +513,8 @@ class BlockStream:
         self.release()
         for h in self.handles:
             h.remove()
+        for block, name in self.wrapped:
+            block.__dict__.pop(name, None)
 
 
 # ---------------------------------------------------------------- the transform
@@ -561,6 +576,9 @@ class Offload:
             for name in METHODS:
                 if callable(getattr(obj, name, None)):
                     self._wrap_method(obj, name, unit)
+        else:
+            for name in self.dit_slots[slot].entry_methods:  # e.g. a prompt prefix pass before the steps
+                self._wrap_method(obj, name, unit)
 
     def _wrap_method(self, obj, name: str, unit: Unit) -> None:
         method = getattr(obj, name)
@@ -572,6 +590,17 @@ class Offload:
 
         obj.__dict__[name] = call
         self.restore.append(lambda: obj.__dict__.pop(name, None))
+
+    def _prime_before(self, model: nn.Module, name: str, stream: "BlockStream") -> None:
+        method = getattr(model, name)
+
+        @functools.wraps(method)
+        def call(*args, **kwargs):
+            stream.prime()
+            return method(*args, **kwargs)
+
+        model.__dict__[name] = call
+        self.restore.append(lambda: model.__dict__.pop(name, None))
 
     # ---- settling: sizes, plan, host copies
 
@@ -602,12 +631,14 @@ class Offload:
                 if slot not in self.units:
                     continue
                 blocks = [b for attr in dit.blocks for b in getattr(model, attr)]
-                stream = self.streams[slot] = BlockStream(self.mover, slot, blocks, self.prefetch)
+                stream = self.streams[slot] = BlockStream(self.mover, slot, blocks, self.prefetch, dit.block_methods)
                 stream.keep(plan.resident_blocks.get(slot, 0))
                 unit = self.units[slot]
                 unit.exclude = {id(blocks[i]) for i in stream.streamed}
                 unit.on_evict.append(stream.release)
                 self.handles.append(model.register_forward_pre_hook(lambda m, a, s=stream: s.prime()))
+                for name in dit.entry_methods:
+                    self._prime_before(model, name, stream)
                 for u in stream.units:
                     self.mover.home(u.tensors())
         for unit in self.units.values():
