@@ -1,6 +1,7 @@
 """`Generator`: the Python API. Loads a model folder once, then turns requests into images or videos."""
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import time
@@ -195,13 +196,15 @@ class Generator:
         step = self.pipeline.transforms.get("batch") if self.pipeline.transforms is not None else None
         return None if step is None else step.detail
 
-    def run(self, req: GenerationRequest, progress: ProgressFn | None = None,
-            cancel: CancelFn | None = None) -> GenerationResult:
-        """One generation (thread-safe when loaded with max_batch > 1: concurrent runs share batched DiT calls)."""
+    def run(self, req: GenerationRequest, progress: ProgressFn | None = None, cancel: CancelFn | None = None,
+            preview=None, preview_every: int = 1) -> GenerationResult:
+        """One generation (thread-safe when loaded with max_batch > 1: concurrent runs share batched DiT calls).
+        `preview(step, total, image)`: a cheap preview of the first output every `preview_every` steps (and at the
+        last), from a linear latent -> RGB map (stages/preview.py), where the model's family has one."""
+        from stages.preview import previews
+
         group = self.batch_group
-        if group is None:
-            return self._run(req, progress, cancel)
-        with group.member():
+        with previews(preview, preview_every), group.member() if group is not None else contextlib.nullcontext():
             return self._run(req, progress, cancel)
 
     def _run(self, req: GenerationRequest, progress: ProgressFn | None,

@@ -16,6 +16,7 @@ from component_loaders import Components
 from gen.types import CancelFn, GenError, GenerationRequest, GenerationResult, ProgressFn
 from gen.transforms.batch import merge_calls
 from pipelines.family import DiT
+from stages.preview import LatentPreview, wanted
 from stages.validate import FamilyDefaults, validate_request
 
 
@@ -61,6 +62,8 @@ class Pipeline:
         self.request_hooks: list[Callable[[], None]] = []  # called before each request (transforms' per-request state)
         self.stage_locks: dict[str, threading.Lock] = {}  # stages one generation at a time when several run at once
         self.transforms = None  # gen.transforms.Applied once gen.transforms.apply_transforms ran
+        self._preview: LatentPreview | None = None  # fitted at the first preview asked for
+        self._preview_lock = threading.Lock()
         self.loras = None  # gen.transforms.lora.LoraAdapters: the LoRA set of each request (apply_transforms)
 
     # ---- the DiTs, for the transforms applied from outside
@@ -75,6 +78,36 @@ class Pipeline:
         if self.cfg_batch and len(calls) > 1 and self.dit.batch_args:
             return merge_calls(model, list(calls), self.dit.batch_args, self.dit.batch_pad)
         return [model(**c) for c in calls]
+
+    # ---- previews (stages/preview.py)
+
+    def preview_encode(self, pixels: torch.Tensor) -> torch.Tensor:
+        """(N, 3, H, W) pixels in [-1, 1] -> the normalised latents the denoise loop holds, unpacked to (N, C, h, w).
+        A family that can show previews implements it (it fits the latent -> RGB map once)."""
+        raise NotImplementedError(f"{type(self).__name__} has no latent previews")
+
+    def latent_preview(self) -> LatentPreview:
+        with self._preview_lock:
+            if self._preview is None:
+                with torch.no_grad():
+                    self._preview = LatentPreview.fit(
+                        lambda px: self.preview_encode(px.to(self.device, self.dtype)).float())
+            return self._preview
+
+    def previewer(self, unpack: Callable[[torch.Tensor], torch.Tensor]):
+        """The denoise loop's `preview` for this call: None unless previews were asked for (and the family has them);
+        `unpack`: the loop's latents -> (B, C, h, w) latent images (the first frame for video)."""
+        asked = wanted()
+        if asked is None or type(self).preview_encode is Pipeline.preview_encode:
+            return None
+        callback, every = asked
+        mapping = self.latent_preview()
+
+        def preview(step: int, total: int, latents: torch.Tensor) -> None:
+            if step % every == 0 or step == total:
+                callback(step, total, mapping.image(unpack(latents)[0]))
+
+        return preview
 
     # ---- requests
 

@@ -70,6 +70,10 @@ class FluxPipeline(Pipeline):
                           masked=False)
         return seq, pooled
 
+    def preview_encode(self, pixels: torch.Tensor) -> torch.Tensor:
+        z = self.vae.encode(pixels).latent_dist.mode()
+        return (z - (self.vae.config.get("shift_factor", None) or 0.0)) * self.vae.config.scaling_factor
+
     def run(self, req: GenerationRequest, progress=None, cancel=None) -> GenerationResult:
         t = Timings()
         with t("validate"):
@@ -110,7 +114,8 @@ class FluxPipeline(Pipeline):
             return true_cfg(pred[:, : x.shape[1]], neg[:, : x.shape[1]], req.true_cfg_scale)
 
         with t("denoise"):
-            latents = denoise(model_fn, scheduler, latents, timesteps, progress, cancel)
+            latents = denoise(model_fn, scheduler, latents, timesteps, progress, cancel,
+                              self.previewer(lambda x: unpack_2x2(x, h, w)))
         with t("decode"):
             images = decode_image(self.vae, unpack_2x2(latents, h, w))
         return GenerationResult(seed=req.seed, images=images, timings=dict(t), request=req)

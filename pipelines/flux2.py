@@ -241,6 +241,13 @@ class Flux2Pipeline(Pipeline):
             ids.append(token_ids(REF_TIME_SCALE * (i + 1), z.shape[2], z.shape[3], self.device))
         return torch.cat(tokens)[None].repeat(n, 1, 1).to(self.device), torch.cat(ids)
 
+    def preview_encode(self, pixels: torch.Tensor) -> torch.Tensor:
+        bn = self.vae.bn
+        z = patchify(self.vae.encode(pixels).latent_dist.mode())  # (N, 4C, h, w)
+        mean = bn.running_mean.view(1, -1, 1, 1).to(z.device, z.dtype)
+        std = torch.sqrt(bn.running_var.view(1, -1, 1, 1) + self.vae.config.batch_norm_eps).to(z.device, z.dtype)
+        return (z - mean) / std
+
     @torch.no_grad()
     def decode(self, tokens: torch.Tensor, h: int, w: int) -> list[Image.Image]:
         """Noise-token latents (B, h*w, 4C) -> images: un-normalized by the batch-norm statistics, unpatchified,
@@ -293,7 +300,8 @@ class Flux2Pipeline(Pipeline):
             return true_cfg(cond[:, : x.shape[1]], uncond[:, : x.shape[1]], req.guidance_scale)
 
         with tm("denoise"):
-            latents = denoise(model_fn, scheduler, latents, timesteps, progress, cancel)
+            latents = denoise(model_fn, scheduler, latents, timesteps, progress, cancel,
+                              self.previewer(lambda x: x.transpose(1, 2).reshape(x.shape[0], -1, h, w)))
         with tm("decode"):
             images = self.decode(latents, h, w)
         return GenerationResult(seed=req.seed, images=images, timings=dict(tm), request=req)

@@ -217,10 +217,16 @@ class QwenImagePipeline(Pipeline):
             return norm_preserving_cfg(*preds, req.true_cfg_scale) if use_cfg else preds[0]
 
         with tm("denoise"):
-            latents = denoise(model_fn, scheduler, latents, timesteps, progress, cancel)
+            latents = denoise(model_fn, scheduler, latents, timesteps, progress, cancel,
+                              self.previewer(lambda x: unpack_2x2(x, h, w)))
         with tm("decode"):
             images = self.decode(unpack_2x2(latents, h, w)[:, :, None])
         return GenerationResult(seed=req.seed, images=images, timings=dict(tm), request=req)
+
+    def preview_encode(self, pixels: torch.Tensor) -> torch.Tensor:
+        z = self.vae.encode(pixels[:, :, None]).latent_dist.mode()  # (N, z, 1, h, w)
+        mean, std = latent_stats(self.vae, z)
+        return ((z - mean) / std)[:, :, 0]
 
     @torch.no_grad()
     def decode(self, latents: torch.Tensor) -> list[Image.Image]:
@@ -337,6 +343,10 @@ class QwenImageLLMPipeline(QwenImagePipeline):
     def encode(self, prompts: list[str], req: GenerationRequest) -> tuple[torch.Tensor, torch.Tensor]:
         hidden, mask = self.encoder.encode(prompts)  # (B, T, D), (B, T)
         return hidden.to(device=self.device, dtype=self.dtype), mask.to(self.device).long()
+
+    def preview_encode(self, pixels: torch.Tensor) -> torch.Tensor:
+        z = self.vae.encode(pixels).latent_dist.mode()
+        return (z - (self.vae.config.get("shift_factor", None) or 0.0)) * self.vae.config.scaling_factor
 
     @torch.no_grad()
     def decode(self, latents: torch.Tensor) -> list[Image.Image]:

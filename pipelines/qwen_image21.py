@@ -211,10 +211,17 @@ class QwenImage21Pipeline(Pipeline):
             return true_cfg(preds[0], preds[1], req.true_cfg_scale) if use_cfg else preds[0]
 
         with tm("denoise"):
-            latents = denoise(model_fn, scheduler, latents, timesteps, progress, cancel)
+            latents = denoise(model_fn, scheduler, latents, timesteps, progress, cancel,
+                              self.previewer(lambda x: x.transpose(1, 2).reshape(n, -1, h, w)))
         with tm("decode"):
             images = self.decode(latents.transpose(1, 2).reshape(n, -1, 1, h, w))
         return GenerationResult(seed=req.seed, images=images, timings=dict(tm), request=req)
+
+    def preview_encode(self, pixels: torch.Tensor) -> torch.Tensor:
+        rgba = torch.cat([pixels, torch.ones_like(pixels[:, :1])], dim=1)  # opaque
+        z = self.vae.encode(rgba[:, :, None]).latent_dist.mode()  # (N, z, 1, h, w)
+        mean, std = latent_stats(self.vae, z)
+        return ((z - mean) / std)[:, :, 0]
 
     @torch.no_grad()
     def decode(self, latents: torch.Tensor) -> list[Image.Image]:

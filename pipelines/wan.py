@@ -154,6 +154,9 @@ class WanPipeline(Pipeline):
     def latent_channels(self) -> int:
         return self.transformer.config.in_channels
 
+    def preview_encode(self, pixels: torch.Tensor) -> torch.Tensor:
+        return encode_video(self.vae, pixels[:, :, None], self.device)[:, :, 0]
+
     def conditioning(self, req: GenerationRequest, grid: tuple[int, int, int]) -> Conditioning:
         return Conditioning()
 
@@ -201,7 +204,8 @@ class WanPipeline(Pipeline):
             return true_cfg(pred, neg_pred, req.guidance_scale)
 
         with tm("denoise"):
-            latents = denoise(model_fn, scheduler, latents, timesteps, progress, cancel)
+            latents = denoise(model_fn, scheduler, latents, timesteps, progress, cancel,
+                              self.previewer(lambda x: x[:, :, 0]))  # the first frame
             if cond.first_frame is not None:
                 latents = (1 - keep) * cond.first_frame + keep * latents
         with tm("decode"):

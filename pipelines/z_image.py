@@ -105,6 +105,10 @@ class ZImagePipeline(Pipeline):
         hidden = self.encoder.encode([ids], hidden_layer=HIDDEN_LAYER).per_prompt()[0]  # (T, D)
         return hidden[None].to(device=self.device, dtype=self.dtype)
 
+    def preview_encode(self, pixels: torch.Tensor) -> torch.Tensor:
+        z = self.vae.encode(pixels).latent_dist.mode()
+        return (z - (self.vae.config.get("shift_factor", None) or 0.0)) * self.vae.config.scaling_factor
+
     def run(self, req: GenerationRequest, progress=None, cancel=None) -> GenerationResult:
         tm = Timings()
         with tm("validate"):
@@ -135,7 +139,7 @@ class ZImagePipeline(Pipeline):
             return -pred  # the model predicts clean minus noise; the scheduler steps along noise minus clean
 
         with tm("denoise"):
-            latents = denoise(model_fn, scheduler, latents, timesteps, progress, cancel)
+            latents = denoise(model_fn, scheduler, latents, timesteps, progress, cancel, self.previewer(lambda x: x))
         with tm("decode"):
             images = decode_image(self.vae, latents)
         return GenerationResult(seed=req.seed, images=images, timings=dict(tm), request=req)

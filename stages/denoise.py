@@ -15,13 +15,17 @@ ModelFn = Callable[[torch.Tensor, torch.Tensor, int], torch.Tensor]
 
 @torch.no_grad()
 def denoise(model_fn: ModelFn, scheduler, latents: torch.Tensor, timesteps: torch.Tensor,
-            progress: ProgressFn | None = None, cancel: CancelFn | None = None) -> torch.Tensor:
+            progress: ProgressFn | None = None, cancel: CancelFn | None = None,
+            preview: Callable[[int, int, torch.Tensor], None] | None = None) -> torch.Tensor:
+    """`preview(step, total, latents)` after each step (a pipeline's `previewer`, None when none is wanted)."""
     total = len(timesteps)
     for i, t in enumerate(timesteps):
         if cancel is not None and cancel():
             raise Cancelled(f"cancelled before step {i + 1} of {total}")
         pred = model_fn(latents, t, i)
         latents = scheduler.step(pred, t, latents, return_dict=False)[0]
+        if preview is not None:
+            preview(i + 1, total, latents)
         if progress is not None:
             progress(i + 1, total)
     if cancel is not None and cancel():

@@ -8,6 +8,8 @@ loop's latents: one small image per latent frame, at latent resolution (upscaled
 """
 from __future__ import annotations
 
+import contextlib
+import contextvars
 from typing import Callable
 
 import numpy as np
@@ -17,6 +19,27 @@ from PIL import Image
 
 # (N, 3, H, W) pixels in [-1, 1] -> (N, C, H / s, W / s) normalised latents, as the denoise loop holds them
 Encode = Callable[[torch.Tensor], torch.Tensor]
+# step (1-based), total steps, the preview of the first output (its first frame for video)
+PreviewFn = Callable[[int, int, Image.Image], None]
+
+# the previews the generation running in this thread asked for: (callback, every how many steps), or None
+_WANTED: contextvars.ContextVar[tuple[PreviewFn, int] | None] = contextvars.ContextVar("previews", default=None)
+
+
+@contextlib.contextmanager
+def previews(callback: PreviewFn | None, every: int = 1):
+    """Within the block, this thread's generation calls `callback` every `every` steps (and at the last)."""
+    if every < 1:
+        raise ValueError(f"preview_every must be at least 1, got {every}")
+    token = _WANTED.set(None if callback is None else (callback, every))
+    try:
+        yield
+    finally:
+        _WANTED.reset(token)
+
+
+def wanted() -> tuple[PreviewFn, int] | None:
+    return _WANTED.get()
 
 
 def color_fields(n: int, size: int, seed: int = 0) -> torch.Tensor:
