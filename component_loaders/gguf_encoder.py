@@ -21,7 +21,14 @@ class LLMTextEncoder:
 
     @torch.no_grad()
     def encode(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
-        out = self.llm.encode([self.prompt_template.format(p) for p in prompts], hidden_layer=self.hidden_layer)
+        texts = [self.prompt_template.format(p) for p in prompts]
+        limit = self.llm.engine.max_context
+        for text in texts:
+            n = len(self.llm.tokenizer(text, add_special_tokens=False)["input_ids"])
+            if n > limit:
+                raise GenError(f"the prompt has {n} tokens with its template, more than the text encoder's context "
+                               f"of {limit}", param="prompt")
+        out = self.llm.encode(texts, hidden_layer=self.hidden_layer)
         return out.hidden, out.mask
 
     @property

@@ -125,14 +125,16 @@ def _atomic_write(path: Path, write: Callable[[str], None]) -> Path:
     return path
 
 
-def write_mp4(path: str, frames: list[Image.Image], fps: int) -> None:
-    """Encode frames as H.264 MP4 through imageio-ffmpeg."""
+def write_mp4(path: str, frames: list[Image.Image], fps: int, check: Callable[[], None] | None = None) -> None:
+    """Encode frames as H.264 MP4 through imageio-ffmpeg; `check()` before each frame (it raises to stop)."""
     import imageio.v2 as imageio
 
-    writer = imageio.get_writer(path, format="FFMPEG", fps=fps, codec="libx264", pixelformat="yuv420p",
+    writer = imageio.get_writer(str(path), format="FFMPEG", fps=fps, codec="libx264", pixelformat="yuv420p",
                                 macro_block_size=1, ffmpeg_log_level="error")
     try:
         for frame in frames:
+            if check is not None:
+                check()
             writer.append_data(np.asarray(frame.convert("RGB")))
     finally:
         writer.close()

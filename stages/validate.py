@@ -31,6 +31,16 @@ def validate_request(req: GenerationRequest, d: FamilyDefaults, video: bool = Fa
         raise GenError("prompt must be a non-empty string", param="prompt")
     if req.negative_prompt is not None and not isinstance(req.negative_prompt, str):
         raise GenError("negative_prompt must be a string", param="negative_prompt")
+    for name, text in (("prompt", req.prompt), ("negative_prompt", req.negative_prompt)):
+        if text is None:
+            continue
+        if "\x00" in text:
+            raise GenError(f"{name} contains a NUL character (position {text.index(chr(0))})", param=name)
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as e:
+            raise GenError(f"{name} is not valid Unicode text (a lone surrogate at position {e.start})",
+                           param=name) from None
     seed = req.seed if req.seed is not None else random.randint(0, 2**31 - 1)
     if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= MAX_SEED:
         raise GenError(f"seed must be an integer in [0, 2**63), got {req.seed!r}", param="seed")

@@ -45,7 +45,7 @@ def files(folder: Path) -> list[str]:
 
 def slow_writes(monkeypatch, seconds_per_frame: float, started: list | None = None):
     """Make every MP4 frame written take `seconds_per_frame` (before the job's own check)."""
-    real = videos_module.encode_mp4
+    real = videos_module.write_mp4
 
     def slow(path, frames, fps, check):
         def slow_check():
@@ -55,7 +55,7 @@ def slow_writes(monkeypatch, seconds_per_frame: float, started: list | None = No
             check()
         return real(path, frames, fps, slow_check)
 
-    monkeypatch.setattr(videos_module, "encode_mp4", slow)
+    monkeypatch.setattr(videos_module, "write_mp4", slow)
 
 
 def metric(http, name: str) -> float:
@@ -73,7 +73,7 @@ def test_failing_mp4_write_fails_the_job_and_the_next_runs(wan, tmp_path, monkey
         Path(path).write_bytes(b"partial")
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(videos_module, "encode_mp4", broken)
+    monkeypatch.setattr(videos_module, "write_mp4", broken)
     with serve_in_thread(create_app(wan, output_dir=tmp_path, ui=False)) as url, httpx.Client(base_url=url) as http:
         vid = http.post("/v1/videos", json=V).json()["id"]
         video = wait_status(http, vid)

@@ -110,7 +110,7 @@ def test_webhook_for_a_failed_job(wan, tmp_path, monkeypatch):
     def broken(path, frames, fps, check):
         raise OSError("disk gone")
 
-    monkeypatch.setattr(videos_module, "encode_mp4", broken)
+    monkeypatch.setattr(videos_module, "write_mp4", broken)
     app = create_app(wan, output_dir=tmp_path, ui=False, webhook_hosts=["127.0.0.1"], webhook_secret="plain secret")
     try:
         with serve_in_thread(app) as url:

@@ -220,3 +220,13 @@ def test_encode_stops_early_with_the_full_runs_hidden_state(folder):
     finally:
         for h in hooks:
             h.remove()
+
+
+@pytest.mark.parametrize("prompt, match", [("a red \ud800 circle", "lone surrogate at position 6"),
+                                           ("a red\x00circle", "NUL character"),
+                                           ("star " * 9000, "more than the text encoder's context of")])
+def test_unencodable_or_too_long_prompts_are_user_errors(prompt, match):
+    gen = Generator.from_pretrained(None, device="cpu")  # the embedded gen-shapes
+    with pytest.raises(GenError, match=match) as info:
+        gen.generate(prompt, num_inference_steps=1)
+    assert info.value.param == "prompt"

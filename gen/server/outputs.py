@@ -14,7 +14,8 @@ import uuid
 from pathlib import Path
 from typing import Callable
 
-import numpy as np
+from gen.types import write_mp4
+
 
 log = logging.getLogger(__name__)
 OUTPUT_NAME = re.compile(r"[0-9a-f]{32}\.(png|jpeg|webp|mp4)")
@@ -34,20 +35,6 @@ def atomic_write(path: Path, write: Callable[[Path], None]) -> Path:
     return path
 
 
-def encode_mp4(path: Path, frames, fps: int, check: Callable[[], None]) -> None:
-    """H.264 MP4 of `frames` (PIL images), calling `check()` before each frame (it raises to stop)."""
-    import imageio.v2 as imageio
-
-    writer = imageio.get_writer(str(path), format="FFMPEG", fps=fps, codec="libx264", pixelformat="yuv420p",
-                                macro_block_size=1, ffmpeg_log_level="error")
-    try:
-        for frame in frames:
-            check()
-            writer.append_data(np.asarray(frame.convert("RGB")))
-    finally:
-        writer.close()
-
-
 class Outputs:
     """`<output-dir>/outputs/<128-bit hex>.<ext>`: files a client fetches by the name it was given."""
 
@@ -62,7 +49,7 @@ class Outputs:
 
     def save_video(self, frames, fps: int, check: Callable[[], None]) -> str:
         name = f"{uuid.uuid4().hex}.mp4"
-        atomic_write(self.dir / name, lambda tmp: encode_mp4(tmp, frames, fps, check))
+        atomic_write(self.dir / name, lambda tmp: write_mp4(tmp, frames, fps, check))
         return name
 
     def path(self, name: str) -> Path | None:

@@ -20,9 +20,9 @@ from pathlib import Path
 from PIL import Image
 
 from gen.server.jobs import VIDEO_ID, JobStore, StoreUnavailable
-from gen.server.outputs import STALE_TEMP_SECONDS, atomic_write, encode_mp4
+from gen.server.outputs import STALE_TEMP_SECONDS, atomic_write
 from gen.server.queue import SHUTDOWN, Job
-from gen.types import Cancelled, GenError, GenerationRequest
+from gen.types import Cancelled, GenError, GenerationRequest, write_mp4
 
 log = logging.getLogger(__name__)
 PARAMS = ("prompt", "negative_prompt", "seed", "num_inference_steps", "guidance_scale", "true_cfg_scale", "height",
@@ -115,7 +115,7 @@ class VideoJobs:
         deleted meanwhile leaves no file."""
         result = job.result
         path = self.video_path(vid)
-        atomic_write(path, lambda tmp: encode_mp4(tmp, result.frames, result.fps or 16, job.check))
+        atomic_write(path, lambda tmp: write_mp4(tmp, result.frames, result.fps or 16, job.check))
         if not self._persist(self.store.complete, vid, self.worker, str(path.relative_to(self.output_dir)), self.ttl):
             path.unlink(missing_ok=True)
             job.cancel(DELETED)
