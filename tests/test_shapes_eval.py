@@ -177,7 +177,8 @@ def test_table_formatting():
     ]
     doc = eval_model.markdown_doc(results, {"model": "m", "steps": 1, "cfg": 4.0, "device": "cpu", "dtype": "fp32",
                                             "prompt_seed": 5}, "g.png")
-    assert "all met" in doc and "![samples](g.png)" in doc
+    assert "in-distribution color >= 90%, shape >= 80%, position >= 80%: met" in doc and "![samples](g.png)" in doc
+    assert "in-distribution all >= 95%: missed (87.5%)" in doc and "paraphrase all >= 70%: met (100.0%)" in doc
     results[1].scores.update(color=False)
     results[2].scores.update(color=False)
     assert "missed: color 75.0%" in eval_model.markdown_doc(results, {"model": "m", "steps": 1, "cfg": 4.0,
@@ -208,7 +209,7 @@ def test_cli_writes_results_table_grid_and_doc(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(Generator, "from_pretrained", lambda path, **kw: loaded.append((path, kw)) or fake)
     md = tmp_path / "docs" / "SHAPES-EVAL.md"
     assert eval_model.main(["--model", "some/model", "--n-in", "4", "--n-heldout", "4", "--n-paraphrase", "2",
-                            "--steps", "7", "--out", str(tmp_path / "run"), "--markdown", str(md)]) == 0
+                            "--n-synonyms", "0", "--n-two", "0", "--steps", "7", "--out", str(tmp_path / "run"), "--markdown", str(md)]) == 0
     assert loaded == [("some/model", {"device": None, "dtype": None})]
     assert {c[2] for c in fake.calls} == {7} and len(fake.calls) == 10
     data = json.loads((tmp_path / "run" / "results.json").read_text())
@@ -217,3 +218,59 @@ def test_cli_writes_results_table_grid_and_doc(tmp_path, monkeypatch, capsys):
     assert (tmp_path / "run" / "table.md").read_text() in md.read_text()
     assert Image.open(tmp_path / "run" / "grid.png").size == Image.open(md.parent / "shapes-eval-grid.png").size
     assert "| paraphrase | 100.0" in capsys.readouterr().out
+
+
+# ---- two objects, and the enhancer's rows ----------------------------------------------------------
+
+TWO = world.eval_prompts(0, 0, 0, n_two=150, seed=21)
+
+
+@pytest.mark.parametrize("radius, noise", [(0.0, 0.0), (1.5, 6.0)])
+def test_two_objects_read_right_on_renders(radius, noise):
+    rng = np.random.default_rng(5)
+    for _, scene, _ in TWO:
+        image = world.render(scene, rng)
+        if radius:
+            image = degrade(image, rng, radius, noise)
+        background, found = evaluate.analyze_objects(image, 2)
+        assert evaluate.score_objects(scene, background, found)["all"] == 1.0, (scene, found)
+
+
+def test_two_object_scores_count_each_object():
+    scene = TWO[0][1]
+    one = world.Scene(scene.background, scene.objects[:1])
+    background, found = evaluate.analyze_objects(world.render(one), 2)  # the second object is missing
+    scores = evaluate.score_objects(scene, background, found)
+    assert len(found) == 1 and scores["all"] == 0.0 and scores["background"] == 1.0
+    assert scores["color"] == scores["shape"] == 0.5
+    background, found = evaluate.analyze_objects(world.render(scene), 1)  # one detection asked for
+    assert len(found) == 1
+
+
+class EnhancingGenerator(FakeGenerator):
+    """A FakeGenerator whose enhancer rewrites one prompt in three (and draws what the rewrite says)."""
+
+    def enhance(self, prompt, seed=0):
+        if seed % 3:
+            return prompt
+        scene = self.scenes[prompt]
+        rewrite = f"rewritten {prompt}"
+        self.scenes[rewrite] = scene
+        return rewrite
+
+
+def test_evaluate_with_and_without_the_enhancer():
+    rows = world.eval_prompts(3, 0, 3, n_two=3, seed=2)
+    gen = EnhancingGenerator(rows)
+    results = eval_model.evaluate_model(gen, rows, steps=1, log_every=0, enhance="both")
+    assert [r.split for r in results[:2]] == ["in-distribution", "in-distribution +enhance"]
+    assert len(results) == 18 and all(r.scores["all"] for r in results)
+    assert len(gen.calls) == 9 + 3  # a rewrite equal to its prompt reuses the image: rows 0, 3, 6 rewritten
+    assert results[1].original == rows[0][2] and results[1].prompt == "rewritten " + rows[0][2]
+    assert list(eval_model.summary(results)) == ["in-distribution", "in-distribution +enhance", "paraphrase",
+                                                 "paraphrase +enhance", "two objects", "two objects +enhance"]
+    assert json.loads(json.dumps(results[-1].to_json()))["scene"]["objects"][1]["shape"] == rows[-1][1].objects[1].shape
+    only = eval_model.evaluate_model(EnhancingGenerator(rows), rows, steps=1, log_every=0, enhance="on")
+    assert {r.split for r in only} == {"in-distribution +enhance", "paraphrase +enhance", "two objects +enhance"}
+    with pytest.raises(ValueError, match="'sometimes'"):
+        eval_model.evaluate_model(gen, rows, steps=1, enhance="sometimes")

@@ -180,26 +180,49 @@ def test_articles_are_right():
     assert any("an orange star" in t for t in texts) and not any("a orange" in t for t in texts)
 
 
-def test_paraphrase_words_are_not_training_words():
-    for kind in ("size", "shape", "position"):
-        train = {p for options in world.TRAIN_WORDS[kind].values() for p in options}
-        para = {p for options in world.PARAPHRASE_WORDS[kind].values() for p in options}
-        assert not train & para, kind
-        assert set(world.PARAPHRASE_WORDS[kind]) == set(world.TRAIN_WORDS[kind])  # same names covered
-    literal = [re.sub(r"\{\w+\}", "", t) for t in world.PARAPHRASE_TEMPLATES]
-    assert all("background" not in t for t in literal)
-    assert all("backdrop" not in t and "everything else" not in t for t in world.TRAIN_TEMPLATES)
+def _trained(kind: str) -> set[str]:
+    base = world.COLOR_WORDS if kind == "color" else world.TRAIN_WORDS[kind]
+    return {p for table in (base, world.AUGMENT_WORDS[kind]) for options in table.values() for p in options}
 
 
-def test_paraphrase_phrases_containing_a_training_phrase_are_the_known_four():
-    """Known leaks (world.py): these paraphrases hold a whole training phrase, so they are only partly unseen."""
+def test_evaluation_words_are_neither_training_nor_augmentation_words():
+    for kind in ("size", "shape", "position", "color"):
+        held = {p for options in world.EVAL_WORDS[kind].values() for p in options}
+        assert not _trained(kind) & held, kind
+        assert set(world.EVAL_WORDS[kind]) == set(world.AUGMENT_WORDS[kind])  # same names covered
+    literal = [re.sub(r"\{\w+\}", "", t) for t in world.EVAL_TEMPLATES]
+    trained = world.TRAIN_TEMPLATES + world.AUGMENT_TEMPLATES
+    assert not set(world.EVAL_TEMPLATES) & set(trained)
+    assert all(w not in t for t in trained for w in ("canvas", "scene", "the rest is", "i would like"))
+    assert any("canvas" in t for t in literal)
+
+
+def test_held_out_phrases_containing_a_trained_phrase_are_the_known_ones():
+    """Known leaks: these held-out phrases hold a whole training phrase ("high up on the left" holds "on the left"),
+    so they are only partly unseen."""
     leaks = set()
-    for kind in ("size", "shape", "position"):
-        train = {p for options in world.TRAIN_WORDS[kind].values() for p in options}
-        for options in world.PARAPHRASE_WORDS[kind].values():
-            leaks |= {(p, t) for p in options for t in train if re.search(rf"\b{re.escape(t)}\b", p)}
-    assert leaks == {("five-pointed star", "star"), ("at the left edge", "at the left"),
-                     ("at the right edge", "at the right"), ("right in the middle of the picture", "in the middle")}
+    for kind in ("size", "shape", "position", "color"):
+        for options in world.EVAL_WORDS[kind].values():
+            leaks |= {(p, t) for p in options for t in _trained(kind) if re.search(rf"\b{re.escape(t)}\b", p)}
+    assert leaks == {("low down in the middle", "in the middle"), ("high up in the middle", "in the middle"),
+                     ("grass-green", "green"), ("milk-white", "white"), ("pitch-black", "black"),
+                     ("low down on the right", "on the right"), ("high up on the right", "on the right"),
+                     ("on the right-hand side", "on the right"), ("on the left-hand side", "on the left"),
+                     ("low down on the left", "on the left"), ("high up on the left", "on the left")}
+
+
+def test_augmented_captions_mix_training_and_augmentation_words_only():
+    rng = np.random.default_rng(8)
+    captions = [world.training_caption(rng, augment=True) for _ in range(3000)]
+    plain = sum(bool(parse(text)) for text, _ in captions)
+    assert 0.3 < plain / len(captions) < 0.6  # about 1 - AUGMENT_RATE (+ augmented ones drawing only base words)
+    held = {p for kind in ("size", "shape", "position", "color") for o in world.EVAL_WORDS[kind].values() for p in o}
+    held -= {"in the very middle", "dead center"} | {p for p in held if p.startswith(("high up", "low down", "on the"))}
+    for text, _ in captions:
+        assert not any(re.search(rf"\b{re.escape(p)}\b", text) for p in held), text
+    assert any("crimson" in t or "scarlet" in t for t, _ in captions) and any("backdrop" in t for t, _ in captions)
+    rng = np.random.default_rng(8)
+    assert [world.training_caption(rng, augment=True) for _ in range(50)] == captions[:50]  # deterministic by seed
 
 
 def test_issue_example_prompt_is_an_in_distribution_caption():
@@ -210,6 +233,23 @@ def test_issue_example_prompt_is_an_in_distribution_caption():
 
 
 # ---- eval prompts --------------------------------------------------------------------------------
+
+def test_synonym_and_two_object_splits():
+    rows = world.eval_prompts(0, 0, 0, n_synonyms=60, n_two=60, seed=4)
+    assert [r[0] for r in rows] == ["synonyms"] * 60 + ["two objects"] * 60
+    assert rows[:3] == world.eval_prompts(0, 0, 0, n_synonyms=60, seed=4)[:3]
+    held = {p for options in world.EVAL_WORDS["color"].values() for p in options}
+    for split, scene, prompt in rows:
+        assert not world.is_held_out(scene)
+        if split == "synonyms":
+            assert len(scene.objects) == 1 and not parse(prompt)
+            named = [p for p in held if re.search(rf"\b{re.escape(p)}\b", prompt)]
+            assert len(named) >= 2 and not any(re.search(rf"\b{c}\b", prompt) for c in world.COLORS
+                                                if c not in " ".join(named)), prompt
+        else:
+            assert len(scene.objects) == 2 and parse(prompt) == {scene}, prompt
+    assert world.eval_prompts(200, 200, 100) == world.eval_prompts(200, 200, 100, n_synonyms=5, n_two=5)[:500]
+
 
 def test_eval_prompts_sizes_splits_and_determinism():
     rows = world.eval_prompts(200, 200, 100)

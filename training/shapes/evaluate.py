@@ -244,6 +244,38 @@ def analyze(image: np.ndarray) -> Detection:
 
 
 
+def analyze_objects(image: np.ndarray, count: int) -> tuple[str, list[Detection]]:
+    """(background, detections) of the `count` largest objects of a (128, 128, 3) uint8 image, each read as
+    `analyze` reads one object alone: its pixels are those of its own seed component, the rest set to the background.
+    Fewer detections come back when fewer objects stand out."""
+    image = np.asarray(image)
+    if image.shape != (world.SIZE, world.SIZE, 3):
+        raise ValueError(f"expected a ({world.SIZE}, {world.SIZE}, 3) image, got shape {image.shape}")
+    img = image.astype(np.float64)
+    border = np.concatenate([img[0], img[-1], img[1:-1, 0], img[1:-1, -1]])
+    bg_rgb = np.median(border, axis=0)
+    far = np.sqrt(((img - bg_rgb) ** 2).sum(axis=2)) > SEED_DISTANCE
+    rows, starts, ends, comp = label_runs(far)
+    if len(rows) == 0:
+        return nearest_color(bg_rgb), []
+    sizes = np.bincount(comp, weights=ends - starts)
+    found = []
+    for c in np.argsort(-sizes)[:count]:
+        if sizes[c] < MIN_AREA:
+            break
+        own = np.zeros(far.shape, dtype=bool)
+        for r, s0, e in zip(rows[comp == c], starts[comp == c], ends[comp == c]):
+            own[r, s0:e] = True
+        # this object alone: its component grown by 3 px (its soft edge), everything else the background color
+        grown = own.copy()
+        for _ in range(3):
+            p = np.pad(grown, 1)
+            grown = grown | p[:-2, 1:-1] | p[2:, 1:-1] | p[1:-1, :-2] | p[1:-1, 2:]
+        alone = np.where(grown[..., None], img, bg_rgb).round().clip(0, 255).astype(np.uint8)
+        found.append(analyze(alone))
+    return nearest_color(bg_rgb), found
+
+
 def score_detection(scene: world.Scene, det: Detection) -> dict[str, bool]:
     """Per-attribute correctness of a detection for a one-object scene, plus "all"."""
     if len(scene.objects) != 1:
@@ -253,6 +285,28 @@ def score_detection(scene: world.Scene, det: Detection) -> dict[str, bool]:
               "color": det.found and det.color == obj.color, "shape": det.found and det.shape == obj.shape,
               "position": det.found and det.position == obj.position, "size": det.found and det.size == obj.size}
     result["all"] = all(result.values())
+    return result
+
+
+def score_objects(scene: world.Scene, background: str, found: list[Detection]) -> dict[str, float]:
+    """Scores of a scene of any number of objects against the detections: each detection is matched to the object
+    at the nearest position (one to one, the assignment with the most attributes right); an attribute's score is
+    the share of the scene's objects that have it right, "all" is 1.0 when the background and every attribute of
+    every object are right (missing objects are wrong on every attribute)."""
+    import itertools
+
+    objs = scene.objects
+    best, best_right = None, -1
+    for perm in itertools.permutations(range(len(found)), min(len(found), len(objs))):
+        pairs = list(zip(objs, [found[i] for i in perm]))
+        right = sum(getattr(d, a) == getattr(o, a) for o, d in pairs for a in ("color", "shape", "position", "size"))
+        if right > best_right:
+            best, best_right = pairs, right
+    result = {"background": float(background == scene.background)}
+    for a in ("color", "shape", "position", "size"):
+        result[a] = sum(getattr(d, a) == getattr(o, a) for o, d in best or []) / len(objs)
+    result["all"] = float(result["background"] == 1.0 and all(result[a] == 1.0
+                                                                for a in ("color", "shape", "position", "size")))
     return result
 
 

@@ -1,5 +1,6 @@
-"""Write the trained gen-shapes checkpoint (a training call's --out folder) as assets/gen-shapes in the diffusers
-layout: fp16 weights, transformer sharded under 16 MiB a file, the VAE's scaling/shift factors from training.
+"""Write the trained gen-shapes checkpoint (a train or finetune call's --out folder) as assets/gen-shapes in the
+diffusers layout: fp16 weights, transformer sharded under 8 MB a file, the VAE's scaling/shift factors from training,
+and the model's prompt guide (training/shapes/guide.py; with the augmented vocabulary when run.json says so).
 
     python -m training.shapes.export .shapes/run3 [--to assets/gen-shapes]
 """
@@ -13,7 +14,7 @@ import torch
 from safetensors.torch import load_file
 
 from assets.builders.shapes import init_kwargs, write_folder
-from training.shapes import configs
+from training.shapes import configs, guide
 from training.shapes.train import load_dit
 
 ASSETS = Path(__file__).resolve().parents[1]
@@ -28,7 +29,10 @@ def export(run_dir: Path, out_dir: Path) -> Path:
     vae = AutoencoderKL(**dict(init_kwargs(configs.VAE), scaling_factor=stats["scaling_factor"],
                                shift_factor=stats["shift_factor"]))
     vae.load_state_dict(load_file(str(run_dir / "vae.safetensors")))
-    return write_folder(out_dir, dit.to(torch.float16).eval(), vae.to(torch.float16).eval())
+    out = write_folder(out_dir, dit.to(torch.float16).eval(), vae.to(torch.float16).eval())
+    run = json.loads((run_dir / "run.json").read_text()) if (run_dir / "run.json").is_file() else {}
+    guide.write(out, augmented=bool(run.get("augmented")))
+    return out
 
 
 def main() -> None:

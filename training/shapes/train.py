@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
 from training.shapes.configs import ENCODER_LAYER, PROMPT_TEMPLATE, TRANSFORMER, VAE
-from training.shapes.world import training_sample
+from training.shapes.world import caption, render, sample_scene, training_sample
 
 T0 = time.time()
 SAMPLE_PROMPTS = [
@@ -47,18 +47,26 @@ def log(msg: str) -> None:
 
 
 def _render_chunk(args):
-    seed, n = args
+    seed, n, augment, two_object_rate = args
     rng = np.random.default_rng(seed)
     images, texts = np.empty((n, 128, 128, 3), np.uint8), []
     for i in range(n):
-        images[i], text, _ = training_sample(rng)
+        if two_object_rate is None:
+            images[i], text, _ = training_sample(rng, augment)
+        else:
+            scene = sample_scene(rng, "train", two_object_rate)
+            images[i], text = render(scene, rng), caption(scene, rng, "augmented" if augment else "train")
         texts.append(text)
     return images, texts
 
 
-def make_data(n: int, seed: int, workers: int) -> tuple[np.ndarray, list[str]]:
+def make_data(n: int, seed: int, workers: int, augment: bool = False,
+              two_object_rate: float | None = None) -> tuple[np.ndarray, list[str]]:
+    """n rendered training samples and their captions (`augment`: the augmented captions; `two_object_rate`: how often
+    a two-object scene is drawn, before rejection; None: the world's default)."""
     chunk = 2000
-    jobs = [(seed * 100003 + i, min(chunk, n - i * chunk)) for i in range(math.ceil(n / chunk))]
+    jobs = [(seed * 100003 + i, min(chunk, n - i * chunk), augment, two_object_rate)
+            for i in range(math.ceil(n / chunk))]
     with mp.get_context("fork").Pool(workers) as pool:
         parts = pool.map(_render_chunk, jobs)
     return np.concatenate([p[0] for p in parts]), [t for p in parts for t in p[1]]

@@ -161,23 +161,78 @@ TWO_OBJECT_TEMPLATES = (
 )
 OBJECT_PHRASE = "{size} {color} {shape} {position}"
 
-# unseen paraphrases: words and templates that never occur in training captions
-PARAPHRASE_WORDS = {
-    "size": {"small": ["tiny", "little"], "medium": ["mid-sized", "moderate"], "large": ["huge", "giant"]},
-    "shape": {"circle": ["disk", "round dot"], "square": ["box", "block"], "triangle": ["pyramid shape", "wedge"],
-              "star": ["five-pointed star", "starburst"]},
+COLOR_WORDS = {c: [c] for c in COLORS}  # training captions name colors (and backgrounds) by these words
+
+# augmentation (training with --augment): synonyms and sentence forms that the augmented model was trained on, and
+# that the prompt enhancer's instructions and examples may use; each caption mixes them with the words above
+AUGMENT_WORDS = {
+    "size": {"small": ["tiny", "little", "small-sized"], "medium": ["mid-sized", "moderate", "medium-size"],
+             "large": ["huge", "giant", "large-sized"]},
+    "shape": {"circle": ["disk", "round dot", "dot"], "square": ["box", "block", "square shape"],
+              "triangle": ["pyramid shape", "wedge", "triangle shape"],
+              "star": ["five-pointed star", "starburst", "star shape"]},
     "position": {
-        "top left": ["in the upper left corner"], "top": ["near the upper edge"], "top right": ["in the upper right corner"],
-        "left": ["at the left edge"], "center": ["right in the middle of the picture"], "right": ["at the right edge"],
-        "bottom left": ["in the lower left corner"], "bottom": ["near the lower edge"],
-        "bottom right": ["in the lower right corner"],
+        "top left": ["in the upper left corner", "top-left", "at the upper left"],
+        "top": ["near the upper edge", "at the top edge", "up top"],
+        "top right": ["in the upper right corner", "top-right", "at the upper right"],
+        "left": ["at the left edge", "on the left side"],
+        "center": ["right in the middle of the picture", "in the centre", "centered"],
+        "right": ["at the right edge", "on the right side"],
+        "bottom left": ["in the lower left corner", "bottom-left", "at the lower left"],
+        "bottom": ["near the lower edge", "at the bottom edge", "down below"],
+        "bottom right": ["in the lower right corner", "bottom-right", "at the lower right"],
     },
+    "color": {"red": ["crimson", "scarlet"], "orange": ["tangerine", "amber"], "yellow": ["golden", "lemon"],
+              "green": ["lime", "emerald"], "cyan": ["turquoise", "aqua"], "blue": ["navy", "azure"],
+              "purple": ["violet", "grape"], "pink": ["rose", "fuchsia"], "white": ["snow-white", "ivory"],
+              "black": ["jet-black", "charcoal"]},
 }
-PARAPHRASE_TEMPLATES = (
+AUGMENT_TEMPLATES = (
     "{background} backdrop, {size} {color} {shape} {position}",
     "picture of a {size} {color} {shape} {position} against a {background} backdrop",
     "there is a {color} {shape}, {size}, {position}; everything else is {background}",
+    "an image of a {size} {color} {shape} {position}, {background} background",
+    "{size} {color} {shape} {position} over a {background} field",
 )
+AUGMENT_TWO_OBJECT_TEMPLATES = (
+    "{background} backdrop with a {o1} and a {o2}",
+    "picture of a {o1} and a {o2} against a {background} backdrop",
+)
+AUGMENT_RATE = 0.6  # share of augmented captions that use the augmentation templates and words at all
+
+# held out of training AND of the prompt enhancer's instructions and examples: the evaluation's paraphrase split
+# (other sentence forms, other words for size, shape and position) and synonym split (other color words)
+EVAL_WORDS = {
+    "size": {"small": ["minuscule", "petite"], "medium": ["average-sized", "moderately sized"],
+             "large": ["enormous", "massive"]},
+    "shape": {"circle": ["orb", "round disc"], "square": ["tile", "cube"],
+              "triangle": ["three-sided shape", "three-cornered shape"], "star": ["pentagram", "five-pointed figure"]},
+    "position": {
+        "top left": ["in the upper-left area", "high up on the left"],
+        "top": ["high up in the middle", "near the upper border"],
+        "top right": ["in the upper-right area", "high up on the right"],
+        "left": ["against the left border", "on the left-hand side"],
+        "center": ["dead center", "in the very middle"],
+        "right": ["against the right border", "on the right-hand side"],
+        "bottom left": ["in the lower-left area", "low down on the left"],
+        "bottom": ["low down in the middle", "near the lower border"],
+        "bottom right": ["in the lower-right area", "low down on the right"],
+    },
+    "color": {"red": ["ruby", "cherry"], "orange": ["apricot", "pumpkin"], "yellow": ["canary", "mustard"],
+              "green": ["jade", "grass-green"], "cyan": ["teal", "aquamarine"], "blue": ["cobalt", "sapphire"],
+              "purple": ["plum", "amethyst"], "pink": ["bubblegum", "blush"], "white": ["pearl", "milk-white"],
+              "black": ["ebony", "pitch-black"]},
+}
+EVAL_TEMPLATES = (
+    "draw a {size} {color} {shape} {position} on a plain {background} canvas",
+    "a {background} scene with one {size} {color} {shape} {position}",
+    "{position}: a {size} {color} {shape}. the rest is {background}",
+    "i would like a {color} {shape}, {size}, {position}, with a {background} background",
+)
+# what the old names meant: the paraphrase split's words and templates
+PARAPHRASE_WORDS = {k: EVAL_WORDS[k] for k in ("size", "shape", "position")}
+PARAPHRASE_TEMPLATES = EVAL_TEMPLATES
+STYLES = ("train", "augmented", "paraphrase", "synonyms")
 
 
 def _pick(options: list[str], rng: np.random.Generator) -> str:
@@ -189,42 +244,74 @@ def _articles(text: str) -> str:
     return re.sub(r"\ba (?=[aeiou])", "an ", text)
 
 
+def _word(kind: str, name: str, style: str, rng: np.random.Generator, augment: bool) -> str:
+    """A phrase for attribute `name` of `kind` (size, shape, position, color) in a caption of `style`."""
+    if style == "paraphrase" and kind != "color":
+        return _pick(EVAL_WORDS[kind][name], rng)
+    if style == "synonyms" and kind == "color":
+        return _pick(EVAL_WORDS[kind][name], rng)
+    if augment and rng.random() < 0.5:
+        return _pick(AUGMENT_WORDS[kind][name], rng)
+    if kind == "color":
+        return name  # drawing no number: captions of the same seed stay as before colors had synonyms
+    return _pick(TRAIN_WORDS[kind][name], rng)
+
+
 def caption(scene: Scene, rng: np.random.Generator, style: str = "train") -> str:
-    """A caption of the scene: style "train" (training templates and words) or "paraphrase" (unseen ones)."""
-    if style not in ("train", "paraphrase"):
-        raise ValueError(f"style must be 'train' or 'paraphrase', got {style!r}")
-    words = TRAIN_WORDS if style == "train" else PARAPHRASE_WORDS
+    """A caption of the scene in one of STYLES: "train" (the training templates and words), "augmented" (training
+    with augmentation: AUGMENT_RATE of captions mix in the augmentation templates and words), "paraphrase" (held-out
+    templates and words for size, shape and position) or "synonyms" (training templates, held-out color words)."""
+    if style not in STYLES:
+        raise ValueError(f"style must be one of {STYLES}, got {style!r}")
+    augment = style == "augmented" and rng.random() < AUGMENT_RATE
 
     def fields(o: Obj) -> dict:
-        return {"size": _pick(words["size"][o.size], rng), "color": o.color,
-                "shape": _pick(words["shape"][o.shape], rng), "position": _pick(words["position"][o.position], rng)}
+        return {k: _word(k, getattr(o, k), style, rng, augment) for k in ("size", "color", "shape", "position")}
 
+    background = _word("color", scene.background, style, rng, augment)
     if len(scene.objects) == 1:
-        templates = TRAIN_TEMPLATES if style == "train" else PARAPHRASE_TEMPLATES
-        return _articles(_pick(list(templates), rng).format(background=scene.background, **fields(scene.objects[0])))
-    if style != "train":
+        templates = {"paraphrase": EVAL_TEMPLATES}.get(style, TRAIN_TEMPLATES)
+        if augment:
+            templates = TRAIN_TEMPLATES + AUGMENT_TEMPLATES
+        return _articles(_pick(list(templates), rng).format(background=background, **fields(scene.objects[0])))
+    if style == "paraphrase":
         raise ValueError("paraphrase captions describe one-object scenes only")
+    templates = TWO_OBJECT_TEMPLATES + (AUGMENT_TWO_OBJECT_TEMPLATES if augment else ())
     o1, o2 = (OBJECT_PHRASE.format(**fields(o)) for o in scene.objects)
-    return _articles(_pick(list(TWO_OBJECT_TEMPLATES), rng).format(background=scene.background, o1=o1, o2=o2))
+    return _articles(_pick(list(templates), rng).format(background=background, o1=o1, o2=o2))
 
 
-def training_sample(rng: np.random.Generator) -> tuple[np.ndarray, str, Scene]:
-    """(image, caption, scene) for training: a train-split scene, jittered, with a training caption."""
+def training_caption(rng: np.random.Generator, augment: bool = False) -> tuple[str, Scene]:
+    """(caption, scene) of a train-split scene, without rendering it (training_sample draws the same)."""
     scene = sample_scene(rng, "train")
-    return render(scene, rng), caption(scene, rng, "train"), scene
+    return caption(scene, rng, "augmented" if augment else "train"), scene
 
 
-def eval_prompts(n_in: int = 200, n_heldout: int = 200, n_paraphrase: int = 100, seed: int = 1234
-                 ) -> list[tuple[str, Scene, str]]:
-    """(split, scene, prompt) rows for evaluation; all one-object scenes. Splits: "in-distribution" (train
-    combinations, train templates), "held-out" (held-out combinations, train templates) and "paraphrase" (train
-    combinations, unseen templates and words)."""
+def training_sample(rng: np.random.Generator, augment: bool = False) -> tuple[np.ndarray, str, Scene]:
+    """(image, caption, scene) for training: a train-split scene, jittered, with a training caption (`augment`:
+    the augmented captions)."""
+    scene = sample_scene(rng, "train")
+    return render(scene, rng), caption(scene, rng, "augmented" if augment else "train"), scene
+
+
+def eval_prompts(n_in: int = 200, n_heldout: int = 200, n_paraphrase: int = 100, seed: int = 1234,
+                 n_synonyms: int = 0, n_two: int = 0) -> list[tuple[str, Scene, str]]:
+    """(split, scene, prompt) rows for evaluation. Splits, in this order: "in-distribution" (train combinations, train
+    templates), "held-out" (held-out combinations, train templates), "paraphrase" (train combinations, held-out
+    templates and words), "synonyms" (train combinations, train templates, held-out color words) and "two objects"
+    (two-object train scenes, train templates). Rows of the first three do not depend on the counts of the last two."""
     rng = np.random.default_rng(seed)
     rows = []
     for split, n, scene_split, style in (("in-distribution", n_in, "train", "train"),
                                           ("held-out", n_heldout, "heldout", "train"),
-                                          ("paraphrase", n_paraphrase, "train", "paraphrase")):
+                                          ("paraphrase", n_paraphrase, "train", "paraphrase"),
+                                          ("synonyms", n_synonyms, "train", "synonyms")):
         for _ in range(n):
             scene = sample_scene(rng, scene_split, two_object_rate=0.0)
             rows.append((split, scene, caption(scene, rng, style)))
+    for _ in range(n_two):
+        scene = sample_scene(rng, "train", two_object_rate=1.0)
+        while len(scene.objects) != 2:
+            scene = sample_scene(rng, "train", two_object_rate=1.0)
+        rows.append(("two objects", scene, caption(scene, rng, "train")))
     return rows

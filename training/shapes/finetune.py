@@ -1,0 +1,294 @@
+"""Fine-tune gen-shapes from its shipped weights on one GPU in one device call (about 6 minutes): the DiT on augmented
+captions (synonyms, paraphrased sentence forms, more two-object scenes; world.AUGMENT_*), the VAE's decoder on fresh
+renders (the corner blot), starting from assets/gen-shapes. Needs no diffusers and no gguf there: our DiT
+(gen/models/qwen_image.py), the training VAE (training/shapes/vae.py), the encoder pack (training/shapes/encoder_pack.py).
+
+The pack is in two parts (13 and 14 MiB) because the repository and one part are what one call can carry: the first,
+short call stashes part 0 on the machine, the second (on the still-warm machine, within its 30 s) carries part 1 and
+trains. Here, once:
+
+    python -m training.shapes.encoder_pack .shapes/pack
+There (device calls, in this order, the second right after the first; `carry` names the part):
+
+    python -m training.shapes.finetune stash .shapes/pack/part-0                       # carry .shapes/pack/part-0
+    python -m training.shapes.finetune train --pack .shapes/pack/part-1 --out $OUT      # carry .shapes/pack/part-1
+Here again: `python -m training.shapes.export RUN_DIR` (writes assets/gen-shapes and its prompt guide). Another call
+of `train` after the export continues from the exported weights.
+
+Writes under --out: dit-{0,1,2}.safetensors (EMA weights, fp32), vae.safetensors, vae_stats.json, run.json and
+meta.tar (log.json, samples.png): 7 files under 16 MiB each.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import dataclasses
+import io
+import json
+import os
+import shutil
+import tarfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+
+from training.shapes import configs
+from training.shapes.train import (SAMPLE_PROMPTS, encode_texts, grid_png, log, make_data, pack2x2, save_dit,
+                                   to_pixels, unpack2x2)
+
+ROOT = Path(__file__).resolve().parents[2]
+STASH = Path("/tmp/shapes-pack")
+SAMPLE_PROMPTS_FT = SAMPLE_PROMPTS + [
+    "a tiny scarlet disk in the upper left corner, navy backdrop",
+    "a small crimson disk at the upper left over a navy backdrop",
+]
+
+
+def stash(part: Path, to: Path = STASH) -> Path:
+    """Copy a pack part to this machine's /tmp, where a later call of `train` finds it."""
+    dest = to / part.name
+    if dest.exists():
+        shutil.rmtree(dest)
+    shutil.copytree(part, dest)
+    return dest
+
+
+def pack_parts(given: list[Path], stash_dir: Path = STASH) -> list[Path]:
+    """The given part folders plus those stashed earlier on this machine (a given part wins over a stashed one)."""
+    names = {p.name for p in given}
+    stashed = sorted(p for p in stash_dir.glob("part-*") if p.name not in names) if stash_dir.is_dir() else []
+    return list(given) + stashed
+
+
+def load_dit(model_dir: Path, device):
+    """Our QwenImageTransformer with the model folder's transformer weights, fp32, for training."""
+    from gen.models.qwen_image import QwenImageConfig, QwenImageTransformer
+
+    cfg = json.loads((model_dir / "transformer" / "config.json").read_text())
+    fields = {f.name for f in dataclasses.fields(QwenImageConfig)}
+    cfg = {k: tuple(v) if isinstance(v, list) else v for k, v in cfg.items() if k in fields}
+    model = QwenImageTransformer(QwenImageConfig(**cfg))
+    state = {}
+    for f in sorted((model_dir / "transformer").glob("*.safetensors")):
+        state.update(load_file(str(f)))
+    model.load_state_dict({k: v.float() for k, v in state.items()}, strict=True)
+    return model.to(device)
+
+
+def load_vae(model_dir: Path, device):
+    """The training VAE with the model folder's weights (fp32) and its latent statistics."""
+    from training.shapes.vae import AutoencoderKL
+
+    cfg = json.loads((model_dir / "vae" / "config.json").read_text())
+    vae = AutoencoderKL(cfg)
+    state = {}
+    for f in sorted((model_dir / "vae").glob("*.safetensors")):
+        state.update(load_file(str(f)))
+    vae.load_state_dict({k: v.float() for k, v in state.items()}, strict=True)
+    return vae.to(device), {"scaling_factor": cfg["scaling_factor"], "shift_factor": cfg["shift_factor"]}
+
+
+@torch.no_grad()
+def latents_of(vae, images: np.ndarray, device, chunk: int = 1024) -> torch.Tensor:
+    """Posterior means (N, z, h, w) float32 of uint8 images."""
+    out = []
+    for i in range(0, len(images), chunk):
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            out.append(vae.encode(to_pixels(images[i:i + chunk], device))[0].float())
+    return torch.cat(out)
+
+
+def finetune_decoder(vae, images: np.ndarray, seconds: float, device, history: list, batch: int = 64,
+                     lr: float = 1e-4, min_steps: int = 0) -> int:
+    """Train the decoder (and post_quant_conv) on the frozen encoder's latents, slightly noised (the DiT's latents
+    are never exact): L1 + MSE + the mean of each image's worst 1% of pixels (small local blots weigh in)."""
+    params = list(vae.decoder.parameters()) + list(vae.post_quant_conv.parameters())
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    vae.encoder.requires_grad_(False)
+    vae.quant_conv.requires_grad_(False)
+    g = torch.Generator().manual_seed(7)
+    step, start = 0, time.time()
+    while time.time() - start < seconds or step < min_steps:
+        idx = torch.randint(0, len(images), (batch,), generator=g).numpy()
+        x = to_pixels(images[idx], device)
+        with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            mean, logvar = vae.encode(x)
+        z = mean.float() + 0.05 * mean.float().std() * torch.randn_like(mean.float())
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            rec = vae.decode(z).float()
+        err = (rec - x).abs().mean(1).flatten(1)  # (B, H*W)
+        worst = err.topk(max(1, err.shape[1] // 100), dim=1).values.mean()
+        l1, l2 = err.mean(), ((rec - x) ** 2).mean()
+        loss = l1 + l2 + 0.1 * worst
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        if step % 100 == 0:
+            history.append({"stage": "vae_decoder", "step": step, "l1": l1.item(), "mse": l2.item(),
+                            "worst1pct": worst.item(), "t": round(time.time() - start, 1)})
+            log(f"decoder step {step} l1 {l1.item():.4f} mse {l2.item():.5f} worst1% {worst.item():.3f}")
+        step += 1
+    vae.requires_grad_(False)
+    return step
+
+
+@torch.no_grad()
+def sample_grid(dit, vae, llm, stats, device, prompts: list[str], steps: int = 20, cfg: float = 4.0):
+    """Euler samples with norm-preserving true CFG (the pipeline's sampler) -> (N, 3, 128, 128) in [-1, 1]."""
+    n = len(prompts)
+    layer = configs.ENCODER_LAYER
+    cond = llm.encode([configs.PROMPT_TEMPLATE.format(p) for p in prompts], hidden_layer=layer)
+    unc = llm.encode([configs.PROMPT_TEMPLATE.format("")] * n, hidden_layer=layer)
+    g = torch.Generator(device="cpu").manual_seed(0)
+    x = pack2x2(torch.randn(n, configs.LATENT_CHANNELS, 16, 16, generator=g)).to(device)
+    sig = torch.linspace(1, 0, steps + 1)
+    for i in range(steps):
+        t = torch.full((n,), float(sig[i]), device=device)
+        preds = []
+        for e in (cond, unc):
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+                preds.append(dit(hidden_states=x, encoder_hidden_states=e.hidden.to(device),
+                                 encoder_hidden_states_mask=e.mask.to(device), timestep=t,
+                                 img_shapes=[[(1, 8, 8)]] * n).float())
+        c, u = preds
+        v = u + cfg * (c - u)
+        v = v * (c.norm(dim=-1, keepdim=True) / v.norm(dim=-1, keepdim=True))
+        x = x + (sig[i + 1] - sig[i]) * v
+    z = unpack2x2(x, 16, 16) / stats["scaling_factor"] + stats["shift_factor"]
+    return vae.decode(z).float().clamp(-1, 1)
+
+
+def train(args) -> dict:
+    from gen.device import resolve_device
+    from training.shapes.encoder_pack import load_pack
+
+    t0 = time.time()
+    device = resolve_device(args.device)
+    torch.backends.cuda.matmul.allow_tf32 = False  # the encoder's states match the CPU's fp32 ones
+    parts = pack_parts(args.pack, args.stash)
+    try:
+        llm = load_pack(parts, device)
+    except (ValueError, FileNotFoundError) as e:
+        raise SystemExit(f"{e}; stashed parts in {args.stash}: "
+                         f"{sorted(p.name for p in args.stash.glob('part-*')) if args.stash.is_dir() else 'none'}. "
+                         "Run `finetune stash` with the other part first (the machine keeps it only while warm).")
+    args.out.mkdir(parents=True, exist_ok=True)
+    history: list = []
+    images, texts = make_data(args.samples, seed=args.seed, workers=min(16, os.cpu_count() or 1), augment=True,
+                              two_object_rate=args.two_object_rate)
+    log(f"rendered {len(images)} images ({time.time() - t0:.0f} s)")
+    emb, mask = encode_texts(llm, texts, args.t_max, device)
+    empty_emb, empty_mask = encode_texts(llm, [""], args.t_max, device)
+    log(f"encoded captions {tuple(emb.shape)}, longest {int(mask.sum(1).max())} tokens ({time.time() - t0:.0f} s)")
+
+    vae, stats = load_vae(args.model, device)
+    dec_steps = finetune_decoder(vae, images, args.vae_s, device, history, batch=args.vae_batch,
+                                 min_steps=int(args.tiny)) if args.vae_s > 0 else 0
+    vae.eval()
+    latents = (latents_of(vae, images, device) - stats["shift_factor"]) * stats["scaling_factor"]
+    latents = pack2x2(latents).to(torch.bfloat16)  # (N, 64, 32)
+    del images
+    log(f"latents {tuple(latents.shape)} std {latents.float().std().item():.3f} ({time.time() - t0:.0f} s)")
+
+    dit = load_dit(args.model, device)
+    ema = copy.deepcopy(dit).requires_grad_(False)
+    opt = torch.optim.AdamW(dit.parameters(), lr=args.lr, weight_decay=0.0, betas=(0.9, 0.99))
+    n, b = len(latents), args.batch
+    img_shapes = [[(1, 8, 8)]] * b
+    g = torch.Generator(device=device).manual_seed(args.seed)
+    step, running, t_last = 0, [], time.time()
+    stop_at = args.budget_s - args.reserve_s
+    dit.train()
+    while time.time() - t0 < stop_at or step < 2 * int(args.tiny):
+        idx = torch.randint(0, n, (b,), device=device, generator=g)
+        e, m = emb[idx], mask[idx]
+        drop = torch.rand(b, device=device, generator=g) < 0.1  # caption dropout: the unconditional input
+        e = torch.where(drop[:, None, None], empty_emb, e)
+        m = torch.where(drop[:, None], empty_mask, m)
+        x0 = latents[idx].float()
+        sigma = torch.sigmoid(torch.randn(b, device=device, generator=g))
+        noise = torch.randn(x0.shape, device=device, generator=g)
+        xt = (1 - sigma[:, None, None]) * x0 + sigma[:, None, None] * noise
+        for group in opt.param_groups:
+            group["lr"] = args.lr * min(1.0, (step + 1) / 100)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            v = dit(hidden_states=xt, encoder_hidden_states=e, encoder_hidden_states_mask=m, timestep=sigma,
+                    img_shapes=img_shapes)
+        loss = F.mse_loss(v.float(), noise - x0)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(dit.parameters(), 1.0)
+        opt.step()
+        with torch.no_grad():
+            torch._foreach_lerp_(list(ema.parameters()), list(dit.parameters()), 1 - args.ema)
+        running.append(loss.detach())
+        step += 1
+        if step % args.log_every == 0:
+            mean = torch.stack(running).mean().item()
+            running, rate, t_last = [], args.log_every / (time.time() - t_last), time.time()
+            history.append({"stage": "dit", "step": step, "loss": mean, "it_s": round(rate, 2),
+                            "t": round(time.time() - t0, 1)})
+            log(f"dit step {step} loss {mean:.4f} {rate:.1f} it/s")
+    log(f"trained {step} DiT steps, {dec_steps} decoder steps ({time.time() - t0:.0f} s)")
+    ema.eval()
+    save_dit(ema, args.out)
+    save_file({k: v.float().cpu().contiguous() for k, v in vae.state_dict().items()}, str(args.out / "vae.safetensors"))
+    (args.out / "vae_stats.json").write_text(json.dumps(stats))
+    run = {"augmented": True, "from": str(args.model), "dit_steps": step, "decoder_steps": dec_steps,
+           "samples": args.samples, "batch": b, "lr": args.lr, "seconds": round(time.time() - t0, 1)}
+    (args.out / "run.json").write_text(json.dumps(run))
+    prompts = SAMPLE_PROMPTS_FT[-2:] if args.tiny else SAMPLE_PROMPTS_FT
+    samples = sample_grid(ema, vae, llm, stats, device, prompts, steps=args.sample_steps)
+    with tarfile.open(args.out / "meta.tar", "w") as tar:
+        for name, data in (("log.json", json.dumps(history).encode()), ("samples.png", grid_png(samples))):
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    log(f"done in {time.time() - t0:.0f} s: {args.out}")
+    return run
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    sub = ap.add_subparsers(dest="command", required=True)
+    s = sub.add_parser("stash", help="copy a pack part to this machine's /tmp for a later `train` call")
+    s.add_argument("part", type=Path)
+    s.add_argument("--to", type=Path, default=STASH)
+    t = sub.add_parser("train", help="fine-tune from --model's weights and write the result under --out")
+    t.add_argument("--pack", type=Path, nargs="+", required=True, help="pack part folders carried by this call")
+    t.add_argument("--stash", type=Path, default=STASH, help="where `stash` left the other parts")
+    t.add_argument("--model", type=Path, default=ROOT / "assets" / configs.MODEL_DIR)
+    t.add_argument("--out", type=Path, required=True)
+    t.add_argument("--budget-s", type=float, default=330, help="the whole call, rendering and saving included")
+    t.add_argument("--reserve-s", type=float, default=25, help="left at the end to save and draw the samples")
+    t.add_argument("--vae-s", type=float, default=60, help="seconds of decoder fine-tuning (0: none)")
+    t.add_argument("--samples", type=int, default=120_000)
+    t.add_argument("--two-object-rate", type=float, default=0.45, help="before rejection (the world's: 0.3)")
+    t.add_argument("--batch", type=int, default=256)
+    t.add_argument("--lr", type=float, default=1e-4)
+    t.add_argument("--ema", type=float, default=0.998)
+    t.add_argument("--t-max", type=int, default=64)
+    t.add_argument("--seed", type=int, default=11)
+    t.add_argument("--sample-steps", type=int, default=20)
+    t.add_argument("--log-every", type=int, default=200)
+    t.add_argument("--vae-batch", type=int, default=64)
+    t.add_argument("--device", default=None, help="default: the accelerator if there is one (gen.device)")
+    t.add_argument("--tiny", action="store_true", help="a seconds-long CPU check of the whole path (tests)")
+    args = ap.parse_args(argv)
+    if args.command == "train" and args.tiny:
+        for k, v in dict(samples=16, batch=2, vae_batch=2, vae_s=0.1, budget_s=0, reserve_s=0, sample_steps=1,
+                         log_every=1, device=args.device or "cpu").items():
+            setattr(args, k, v)
+    if args.command == "stash":
+        print(f"stashed {stash(args.part, args.to)}")
+    else:
+        print(json.dumps(train(args)))
+
+
+if __name__ == "__main__":
+    main()
