@@ -209,6 +209,8 @@ class Generator:
 
     def _run(self, req: GenerationRequest, progress: ProgressFn | None,
              cancel: CancelFn | None) -> GenerationResult:
+        if (warning := self.domain_warning(req.prompt)) is not None:
+            log.warning(warning)
         if not req.enhance_prompt:
             return self.pipeline(req, progress=progress, cancel=cancel)
         start = time.perf_counter()
@@ -227,4 +229,19 @@ class Generator:
             raise GenError("prompt must be a non-empty string", param="prompt")
         llm = load_enhancer(self.prompt_enhancer, self.pipeline.device, self.pipeline.dtype)
         kind = "video" if self.modality == "video" else ("edit" if has_images else "image")
-        return enhance_prompt(llm, prompt, kind, seed)
+        return enhance_prompt(llm, prompt, kind, seed, guide=self.prompt_guide)
+
+    @property
+    def prompt_guide(self):
+        """The model's prompt_guide.json (stages/enhance_prompt.PromptGuide: how its prompts are rewritten, what it
+        cannot draw); None when it declares none."""
+        if not hasattr(self, "_prompt_guide"):
+            from stages.enhance_prompt import PromptGuide
+
+            self._prompt_guide = PromptGuide.load(self.model_path)
+        return self._prompt_guide
+
+    def domain_warning(self, prompt: str) -> str | None:
+        """The model's warning for a prompt outside what it can draw (its prompt guide's domain), else None."""
+        guide = self.prompt_guide
+        return None if guide is None or not isinstance(prompt, str) else guide.out_of_domain(prompt)

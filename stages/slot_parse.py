@@ -1,0 +1,284 @@
+"""Reads a prompt into a model's attribute slots (objects with size, color, shape, position; a background), from the
+vocabulary the model declares (stages/enhance_prompt.PromptGuide `slots`), and writes it back in the model's words.
+
+Words the model knows are matched as whole phrases (longest first); a word that belongs to phrases of one value only
+is a cue for it ("round" of "round dot": circle), positions are put together from their parts ("upper" + "left").
+Words it does not know are mapped by an LLM of the in-process runtime, one word at a time, onto the values of the slot
+the sentence puts them in (the word before the shape is its color, ...): few-shot "word = value" lines, scored over
+the closed list of values and calibrated against a neutral word (small LLMs prefer some values whatever the word).
+Which color is the background comes from the words around it that the model knows ("... background", "everything
+else is ..."), else from the distance to the shapes. Not the LLM itself nor the image model.
+"""
+from __future__ import annotations
+
+import re
+import threading
+from dataclasses import dataclass
+
+import torch
+
+KINDS = ("size", "color", "shape")  # object slots named by words; "position" is put together from its parts
+_PUNCT = {",", ".", ";", ":", "!", "?"}
+
+
+def tokens(text: str) -> list[str]:
+    """Lower-case words (hyphens kept) and punctuation marks; "an" read as "a"."""
+    words = re.findall(r"[a-z0-9'-]+|[^\sa-z0-9'-]", text.lower())
+    return ["a" if w == "an" else w for w in words]
+
+
+@dataclass
+class Mention:
+    start: int
+    end: int  # token span [start, end)
+    kind: str  # size, color, shape, position
+    value: str  # a slot value; for position, a value or a part ("top", "bottom", "left", "right", "center")
+    known: bool = True  # False: mapped by the LLM
+
+
+class SlotReader:
+    """A model's slot vocabulary (the guide's `slots` data) and, optionally, an LLM for the words it does not know."""
+
+    def __init__(self, spec: dict, llm=None):
+        self.spec, self.llm = spec, llm
+        self.lexicon = spec["lexicon"]  # kind -> value -> phrases
+        self.parts = {v: tuple(p) for v, p in spec["position_parts"].items()}  # position value -> its parts
+        self.phrases = []  # (tokens, kind, value), longest first
+        for kind, table in self.lexicon.items():
+            for value, phrases in table.items():
+                self.phrases += [(tuple(tokens(p)), kind, value) for p in phrases]
+        self.phrases.sort(key=lambda p: -len(p[0]))
+        self.cues = self._cues()
+        markers = spec.get("background_markers", {})
+        self.after = [tuple(tokens(m)) for m in markers.get("after", [])]
+        self.before = [tuple(tokens(m)) for m in markers.get("before", [])]
+        # words the model knows that name no value (its sentences' other words, and those inside its phrases)
+        self.known = set(spec.get("fillers", [])) | {w for p, _, _ in self.phrases for w in p}
+        self._scores: dict = {}
+        self._baseline: dict = {}
+        self._scorers: dict = {}
+        self._lock = threading.Lock()
+
+    def _cues(self) -> dict[str, tuple[str, str]]:
+        """word -> (kind, value) for words of the known phrases that belong to one value only; position words to
+        the part (top, bottom, left, right, center) that at least two thirds of the position phrases holding them
+        share."""
+        seen: dict[str, set] = {}
+        for toks, kind, value in self.phrases:
+            for w in set(toks):
+                seen.setdefault(w, set()).add((kind, value))
+        cues = {}
+        for w, owners in seen.items():
+            kinds = {k for k, _ in owners}
+            if len(kinds) != 1:
+                continue
+            kind = kinds.pop()
+            values = [v for _, v in owners]
+            if kind != "position":
+                if len(values) == 1:
+                    cues[w] = (kind, values[0])
+                continue
+            counts: dict[str, int] = {}
+            for v in values:
+                for part in self.parts[v] or ("center",):
+                    counts[part] = counts.get(part, 0) + 1
+            top = max(counts, key=counts.get)
+            if counts[top] >= 2 * len(values) / 3 and list(counts.values()).count(counts[top]) == 1:
+                cues[w] = ("position", top)  # e.g. "right": right in most of the position phrases holding it
+        return cues
+
+    # ---- reading
+
+    def mentions(self, toks: list[str]) -> tuple[list[Mention], list[int]]:
+        """Known phrases and cue words, and the indices of the words left unknown (punctuation and fillers aside)."""
+        found, unknown = [], []
+        i = 0
+        while i < len(toks):
+            match = next(((len(p), k, v) for p, k, v in self.phrases if tuple(toks[i:i + len(p)]) == p), None)
+            if match is not None:
+                n, kind, value = match
+                found.append(Mention(i, i + n, kind, value))
+                i += n
+                continue
+            w = toks[i]
+            if "-" in w.strip("-") and w not in self.cues:  # "upper-left": its parts
+                toks[i:i + 1] = [p for p in w.split("-") if p]
+                continue
+            cue = self.cues.get(w)
+            if cue is None:  # "moderately": the cue "moderate"
+                cue = next((kv for c, kv in self.cues.items() if len(c) >= 5 and w.startswith(c)
+                            and kv[0] != "position"), None)
+            if cue is not None:
+                found.append(Mention(i, i + 1, *cue))
+            elif w not in _PUNCT and w not in self.known:
+                unknown.append(i)
+            i += 1
+        return found, unknown
+
+    def read(self, prompt: str) -> dict | None:
+        """{"objects": [{size, color, shape, position}], "background": color} read off the prompt (None: no shape)."""
+        toks = tokens(prompt)
+        found, unknown = self.mentions(toks)
+        used = set()
+
+        def take_unknown(near: int, kind: str, window: range) -> Mention | None:
+            """The unknown word in `window` the LLM maps best onto `kind` (None without an LLM or a word)."""
+            cands = [j for j in window if j in unknown and j not in used and 0 <= j < len(toks)]
+            if not cands or self.llm is None:
+                return None
+            scored = [(self.map_word(toks[j], kind), j) for j in cands]
+            (value, score), j = max(scored, key=lambda s: (s[0][1], -abs(s[1] - near)))
+            used.add(j)
+            return Mention(j, j + 1, kind, value, known=False)
+
+        shapes = [m for m in found if m.kind == "shape"][:2]
+        colors = [m for m in found if m.kind == "color"]
+        background = self._background(toks, colors, shapes, take_unknown)
+        if not shapes:  # the word after a color (sizes aside), else any unknown word the LLM reads as a shape
+            after_color = [self._next_word(toks, c.end, found) for c in colors if c is not background]
+            window = [j for j in after_color if j is not None] or unknown
+            m = take_unknown(len(toks), "shape", window)
+            if m is None:
+                return None
+            shapes = [m]
+            if background is None:
+                background = self._background(toks, colors, shapes, take_unknown)
+        objects = []
+        for k, shape in enumerate(shapes):
+            def near(kind: str) -> list[Mention]:
+                return [m for m in found if m.kind == kind and m is not background
+                        and min(range(len(shapes)), key=lambda s: _distance(m, shapes[s])) == k]
+
+            obj = {"shape": shape.value}
+            color = min(near("color"), key=lambda m: _distance(m, shape), default=None)
+            if color is None:  # the word before the shape (a size word aside)
+                j = shape.start - 1
+                while j >= 0 and any(m.kind == "size" and m.start <= j < m.end for m in found):
+                    j -= 1
+                color = take_unknown(shape.start, "color", range(j, j + 1))
+            size = min(near("size"), key=lambda m: _distance(m, shape), default=None)
+            if size is None:
+                size = take_unknown(shape.start, "size", range(shape.start - 4, shape.end + 5))
+            obj["color"] = color.value if color else None
+            obj["size"] = size.value if size else None
+            obj["position"] = self._position([m.value for m in near("position")])
+            objects.append(obj)
+        return {"objects": objects, "background": background.value if background else None}
+
+    def _next_word(self, toks: list[str], j: int, found: list[Mention]) -> int | None:
+        while j < len(toks) and any(m.kind == "size" and m.start <= j < m.end for m in found):
+            j += 1
+        return j if j < len(toks) and toks[j] not in _PUNCT else None
+
+    def _background(self, toks, colors, shapes, take_unknown) -> Mention | None:
+        """The background color: a color (known, or an unknown word the LLM maps) next to a background marker, else
+        the known color farthest from every shape word when there are more colors than objects need."""
+        for m in colors:
+            if any(tuple(toks[m.end:m.end + len(a)]) == a for a in self.after) or \
+                    any(tuple(toks[max(0, m.start - len(b)):m.start]) == b for b in self.before):
+                return m
+        for a in self.after:
+            for j in range(len(toks)):
+                if tuple(toks[j + 1:j + 1 + len(a)]) == a:
+                    if (m := take_unknown(j, "color", range(j, j + 1))) is not None:
+                        return m
+        for b in self.before:
+            for j in range(len(b), len(toks)):
+                if tuple(toks[j - len(b):j]) == b:
+                    if (m := take_unknown(j, "color", range(j, j + 1))) is not None:
+                        return m
+        if not shapes or len(colors) <= len(shapes):
+            return None
+        return max(colors, key=lambda m: min(_distance(m, s) for s in shapes))
+
+    def _position(self, values: list[str]) -> str | None:
+        """A position value from the position phrases and parts near an object (None: none named)."""
+        if not values:
+            return None
+        parts = [p for v in values for p in (self.parts.get(v, (v,)) if v != "center" else ())]
+        vertical = next((p for p in parts if p in ("top", "bottom")), None)
+        horizontal = next((p for p in parts if p in ("left", "right")), None)
+        name = " ".join(p for p in (vertical, horizontal) if p) or "center"
+        return name if name in self.parts else "center"
+
+    # ---- the LLM, one word at a time
+
+    def map_word(self, word: str, kind: str) -> tuple[str, float]:
+        """(value, calibrated log-probability) of `word` read as a `kind` value by the LLM."""
+        key = (word, kind)
+        with self._lock:
+            if key not in self._scores:
+                values = list(self.lexicon[kind])
+                if kind not in self._scorers:  # the few-shot lines run once per kind; a neutral word's answer too
+                    shots = "".join(f"{w} = {v}\n" for w, v in self.spec["word_examples"][kind])
+                    scorer = self._scorers[kind] = PrefixScorer(self.llm, shots)
+                    self._baseline[kind] = scorer.score("it =", values)
+                s = self._scorers[kind].score(f"{word} =", values) - self._baseline[kind]
+                best = int(s.argmax())
+                self._scores[key] = (values[best], float(s[best]))
+            return self._scores[key]
+
+    # ---- writing
+
+    def write(self, read: dict) -> str:
+        """The model's own sentence for what was read; unnamed slots take the declared defaults."""
+        answer = self.spec["answer"]
+        defaults = self.spec["defaults"]
+        objects = read["objects"]
+        colors = [o["color"] for o in objects]
+        background = read["background"]
+        if background is None or background in colors:
+            background = next(c for c in defaults["background"] if c not in colors)
+        fields = {"background": answer.get("phrases", {}).get("background", {}).get(background, background)}
+        for k, obj in enumerate(objects, 1):
+            for slot in ("size", "color", "shape", "position"):
+                value = obj.get(slot) or defaults.get(slot)
+                if value is None:  # an object color named nowhere: one that is not the background
+                    value = next(c for c in defaults["background"][::-1] if c != background)
+                fields[f"{slot}{k}"] = answer.get("phrases", {}).get(slot, {}).get(value, value)
+        return answer["one" if len(objects) == 1 else "two"].format(**fields)
+
+
+def _distance(a: Mention, b: Mention) -> int:
+    return b.start - a.end + 1 if a.end <= b.start else a.start - b.end + 1 if b.end <= a.start else 0
+
+
+class PrefixScorer:
+    """Scores closed lists of continuations after a fixed prefix (the few-shot lines) with a gen.llm.LLM's model: the
+    prefix runs once into a KV cache of our own; each call runs its own text and then every option from a copy."""
+
+    def __init__(self, llm, prefix: str):
+        self.llm = llm
+        self.n = len(self.ids(prefix))
+        self.head = self._run(self.ids(prefix), None, 0)[1] if self.n else None
+        self.prefix = prefix
+
+    def ids(self, text: str) -> list[int]:
+        return self.llm.tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    def _run(self, ids: list[list[int]] | list[int], cache, offset: int, room: int = 0):
+        """Log-probs (B, T, V) after each token of `ids` (one row, or equal-length rows), and the cache holding them."""
+        model, dev = self.llm.model, self.llm.device
+        rows = ids if ids and isinstance(ids[0], list) else [ids]
+        b, t = len(rows), len(rows[0])
+        new = model.new_cache(b, offset + t + room, dev, self.llm.dtype)
+        if cache is not None:
+            new.k[:, :, :, :offset] = cache.k[:, :1, :, :offset]
+            new.v[:, :, :, :offset] = cache.v[:, :1, :, :offset]
+        pos = (offset + torch.arange(t, device=dev))[None].expand(b, t)
+        h, _ = model(torch.tensor(rows, device=dev), pos, torch.ones(b, offset + t, dtype=torch.bool, device=dev),
+                     new, offset)
+        return torch.log_softmax(model.compute_logits(h), dim=-1).cpu(), new
+
+    @torch.inference_mode()
+    def score(self, text: str, options: list[str]) -> torch.Tensor:
+        """log P(" " + option | prefix + text), summed over each option's tokens."""
+        ids = self.ids(self.prefix + text)[self.n:]  # the text's tokens as they fall after the prefix
+        lp, cache = self._run(ids, self.head, self.n)
+        first = lp[0, -1]
+        opts = [self.ids(" " + o) for o in options]
+        width = max(map(len, opts))
+        rows = [o + [o[-1]] * (width - len(o)) for o in opts]  # padding after an option is never read
+        lp, _ = self._run(rows, cache, self.n + len(ids))
+        return torch.stack([first[o[0]] + sum(lp[i, j - 1, o[j]] for j in range(1, len(o)))
+                            for i, o in enumerate(opts)])
