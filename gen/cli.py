@@ -19,7 +19,12 @@ COMMANDS = {
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model-path", help="diffusers-layout model folder (default: the embedded default model)")
-    p.add_argument("--prompt", required=True, help="what to generate")
+    what = p.add_mutually_exclusive_group(required=True)
+    what.add_argument("--prompt", help="what to generate")
+    what.add_argument("--prompts-file", metavar="FILE",
+                      help="one prompt a line (blank lines skipped); all made with one load, outputs numbered")
+    p.add_argument("--num-images", type=int, default=1, metavar="N",
+                   help="outputs per prompt, with seeds seed, seed+1, ... (one load; outputs numbered)")
     p.add_argument("--negative-prompt", help="what to steer away from (true CFG)")
     p.add_argument("--seed", type=int, help="random seed (default: random; printed)")
     p.add_argument("--num-inference-steps", type=int, help="denoising steps (default: the model family's)")
@@ -108,36 +113,114 @@ def parallel_kwargs(args: argparse.Namespace) -> dict:
                 cfg_parallel=args.cfg_parallel)
 
 
+MAX_OUTPUTS = 1000  # outputs of one `gen generate` call
+OUTPUT_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".mp4")
+
+
+def read_prompts(args: argparse.Namespace) -> list[str]:
+    """The prompts of --prompt or --prompts-file; bytes that are not UTF-8 are replaced (U+FFFD), with a note."""
+    if args.prompts_file is not None:
+        try:
+            with open(args.prompts_file, "rb") as f:
+                data = f.read()
+        except OSError as e:
+            raise GenError(f"prompts file {args.prompts_file!r} cannot be read ({e.strerror})", param="prompt") from None
+        text = data.decode("utf-8", errors="replace")
+        replaced = text.count("\ufffd") > data.decode("utf-8", errors="ignore").count("\ufffd")
+        prompts = [line.strip() for line in text.splitlines() if line.strip()]
+        if not prompts:
+            raise GenError(f"prompts file {args.prompts_file!r} holds no prompt (one a line)", param="prompt")
+    else:
+        # the shell hands undecodable bytes over as surrogate escapes: back to bytes, then replaced
+        fixed = args.prompt.encode("utf-8", errors="surrogateescape").decode("utf-8", errors="replace")
+        replaced, prompts = fixed != args.prompt, [fixed]
+    if replaced:
+        print("note: bytes of the prompt that are not UTF-8 were replaced with U+FFFD", file=sys.stderr)
+    return prompts
+
+
+def check_request(args: argparse.Namespace, prompts: list[str]) -> None:
+    """Every check that needs no model, before it is loaded: the request's values against the limits every model
+    shares (the same messages as the model's own validation, which runs again after loading), the output count,
+    suffix and folder."""
+    from dataclasses import replace
+
+    from gen.types import GenerationRequest, check_writable
+    from stages.validate import FamilyDefaults, validate_request
+
+    if args.num_images < 1 or len(prompts) * args.num_images > MAX_OUTPUTS:
+        raise GenError(f"num-images must be between 1 and {MAX_OUTPUTS // len(prompts)} for {len(prompts)} "
+                       f"prompt(s), got {args.num_images}", param="n")
+    loose = FamilyDefaults(num_inference_steps=1, guidance_scale=0.0, height=16, width=16, num_frames=1, fps=1)
+    req = GenerationRequest(prompt=prompts[0], negative_prompt=args.negative_prompt, seed=args.seed,
+                            num_inference_steps=args.num_inference_steps, guidance_scale=args.guidance_scale,
+                            true_cfg_scale=args.true_cfg_scale, height=args.height, width=args.width,
+                            num_frames=args.num_frames, fps=args.fps)
+    for prompt in prompts:
+        validate_request(replace(req, prompt=prompt), loose, video=args.num_frames is not None)
+    if args.output is not None:
+        if not args.output.lower().endswith(OUTPUT_SUFFIXES):
+            raise GenError(f"image output must end in .png, .jpg or .webp, video output in .mp4, got "
+                           f"{args.output!r}", param="output")
+        for path in output_paths(args.output, len(prompts) * args.num_images):
+            check_writable(path)
+
+
+def output_paths(output: str, count: int) -> list[str]:
+    """`output` itself for one output; out-1.png, out-2.png, ... (numbers padded to one width) for several."""
+    if count == 1:
+        return [output]
+    from pathlib import Path
+
+    path = Path(output)
+    width = len(str(count))
+    return [str(path.with_name(f"{path.stem}-{k:0{width}d}{path.suffix}")) for k in range(1, count + 1)]
+
+
 def run(args: argparse.Namespace) -> int:
-    from gen.generator import Generator, load_image
+    import random
+
     from gen.types import check_writable
 
+    prompts = read_prompts(args)
+    check_request(args, prompts)  # before torch is even imported
+
+    from gen.generator import Generator, load_image
+
     images = [load_image(p) for p in args.image]  # fail on bad images before loading the model
-    if args.output:
-        check_writable(args.output)
     gen = Generator.from_pretrained(args.model_path, **model_kwargs(args))
     offload = gen.pipeline.transforms.get("offload") if getattr(gen.pipeline, "transforms", None) else None
     if offload is not None:
         print(f"offload: {offload.detail}", file=sys.stderr)
-    output = args.output or ("out.mp4" if gen.modality == "video" else "out.png")
     adapters = getattr(gen.pipeline, "loras", None)
     if adapters is not None and adapters.active:
         shown = ", ".join(f"{d['path']} ({d['format']}, rank {d['rank']}, scale {d['scale']:g})"
                           for d in adapters.describe())
         print(f"LoRAs{' (fused)' if adapters.fuse else ''}: {shown}", file=sys.stderr)
-    check_writable(output)
-    bar = _ProgressBar()
-    result = gen.generate(prompt=args.prompt, negative_prompt=args.negative_prompt, seed=args.seed,
-                          num_inference_steps=args.num_inference_steps, guidance_scale=args.guidance_scale,
-                          true_cfg_scale=args.true_cfg_scale, height=args.height, width=args.width,
-                          num_frames=args.num_frames, fps=args.fps, images=images,
-                          enhance_prompt=args.enhance_prompt, progress=bar)
-    bar.close()
-    if result.revised_prompt is not None:
-        print(f"revised prompt: {result.revised_prompt}")
-    path = result.save(output)
-    timings = ", ".join(f"{k} {v:.2f}s" for k, v in result.timings.items())
-    print(f"wrote {path} (seed {result.seed}; {timings})")
+    output = args.output or ("out.mp4" if gen.modality == "video" else "out.png")
+    if gen.modality == "video" and not output.lower().endswith(".mp4"):
+        raise GenError(f"video output must be written to a .mp4 file, got {output!r}", param="output")
+    if gen.modality != "video" and output.lower().endswith(".mp4"):
+        raise GenError(f"image output must end in .png, .jpg or .webp, got {output!r}", param="output")
+    paths = output_paths(output, len(prompts) * args.num_images)
+    for path in paths:
+        check_writable(path)
+    several = len(paths) > 1
+    base_seed = args.seed if args.seed is not None or not several else random.randint(0, 2**31 - 1)
+    jobs = [(prompt, None if base_seed is None else base_seed + j) for prompt in prompts for j in range(args.num_images)]
+    for (prompt, seed), path in zip(jobs, paths):
+        bar = _ProgressBar()
+        result = gen.generate(prompt=prompt, negative_prompt=args.negative_prompt, seed=seed,
+                              num_inference_steps=args.num_inference_steps, guidance_scale=args.guidance_scale,
+                              true_cfg_scale=args.true_cfg_scale, height=args.height, width=args.width,
+                              num_frames=args.num_frames, fps=args.fps, images=images,
+                              enhance_prompt=args.enhance_prompt, progress=bar)
+        bar.close()
+        if result.revised_prompt is not None:
+            print(f"revised prompt: {result.revised_prompt}")
+        written = result.save(path)
+        timings = ", ".join(f"{k} {v:.2f}s" for k, v in result.timings.items())
+        print(f"wrote {written} (seed {result.seed}; {timings})")
     return 0
 
 
@@ -166,20 +249,29 @@ class _Parser(argparse.ArgumentParser):
         raise SystemExit(2)
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
+    """The `gen` parser. Given the command line, only the named subcommand's module is imported (the others are
+    listed by name and help line): `gen generate` with a bad value answers before torch is imported."""
+    from gen import __version__
+
     parser = _Parser(prog="gen", description="Diffusion generation: FLUX, Wan, Qwen-Image.")
     parser.add_argument("-v", "--verbose", action="store_true", help="log what is loaded and how")
+    parser.add_argument("--version", action="version", version=f"gen {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    named = next((a for a in argv if not a.startswith("-")), None) if argv is not None else None
     for name, (module_name, help_line) in COMMANDS.items():
-        module = importlib.import_module(module_name)
         p = sub.add_parser(name, help=help_line)
+        if named in COMMANDS and name != named:
+            continue
+        module = importlib.import_module(module_name)
         module.add_arguments(p)
         p.set_defaults(_run=module.run)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = build_parser(argv).parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
     try:
         return args._run(args)

@@ -48,6 +48,16 @@ WAN_DIT = DiT(
 WAN_DEFAULTS = FamilyDefaults(num_inference_steps=50, guidance_scale=5.0, height=480, width=832, num_frames=81, fps=16)
 
 
+def checkpoint_defaults(path, defaults: dict) -> dict:
+    """model_index.json's "defaults" (a tiny test checkpoint's small size, frames and steps), checked by name."""
+    allowed = {"height", "width", "num_frames", "fps", "num_inference_steps", "guidance_scale"}
+    if not isinstance(defaults, dict) or any(k not in allowed or isinstance(v, bool) or not isinstance(v, (int, float))
+                                             for k, v in defaults.items()):
+        raise GenError(f"{path}: model_index.json defaults must map {sorted(allowed)} to numbers, got {defaults!r}",
+                       param="model_path")
+    return defaults
+
+
 def prompt_clean(text: str) -> str:
     """Unescape HTML entities (twice) and collapse whitespace, as the reference pipeline does."""
     return re.sub(r"\s+", " ", html.unescape(html.unescape(text)).strip()).strip()
@@ -144,7 +154,8 @@ class WanPipeline(Pipeline):
         self.spatial = self.vae.config.scale_factor_spatial
         _, ph, pw = self.transformer.config.patch_size
         self.patch = (ph, pw)
-        self.defaults = dataclasses.replace(WAN_DEFAULTS, size_multiple=self.spatial * max(ph, pw))
+        self.defaults = dataclasses.replace(WAN_DEFAULTS, size_multiple=self.spatial * max(ph, pw),
+                                            **checkpoint_defaults(c.index.path, extra.get("defaults", {})))
 
     def validate(self, req: GenerationRequest) -> GenerationRequest:
         if req.num_outputs != 1:

@@ -1,6 +1,7 @@
 """Tiny Wan2.1 T2V, Wan2.1 I2V and Wan2.2 A14B (two-expert) checkpoints, written by diffusers' own save_pretrained."""
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import torch
@@ -43,6 +44,20 @@ def unipc(flow_shift: float) -> UniPCMultistepScheduler:
                                    lower_order_final=True, final_sigmas_type="zero", timestep_spacing="linspace")
 
 
+# what the tiny checkpoints run when a request names no size, frames or steps: seconds on a CPU, not Wan's
+# 832 x 480 x 81 frames x 50 steps (model_index.json "defaults", read by pipelines/wan.py)
+TINY_DEFAULTS = {"height": 32, "width": 48, "num_frames": 9, "num_inference_steps": 4}
+
+
+def save(pipe, out: Path) -> Path:
+    """save_pretrained, plus the tiny defaults in model_index.json."""
+    pipe.save_pretrained(out, safe_serialization=True)
+    index = out / "model_index.json"
+    index.write_text(json.dumps(dict(json.loads(index.read_text()), defaults=TINY_DEFAULTS), indent=2, sort_keys=True)
+                     + "\n")
+    return out
+
+
 def text_parts() -> dict:
     torch.manual_seed(0)
     tok = tiny_t5_tokenizer(max_length=512)
@@ -51,8 +66,7 @@ def text_parts() -> dict:
 
 def build_t2v(out: Path) -> Path:
     pipe = WanPipeline(**text_parts(), scheduler=unipc(3.0), transformer=tiny_transformer(1))
-    pipe.save_pretrained(out, safe_serialization=True)
-    return out
+    return save(pipe, out)
 
 
 def build_i2v(out: Path) -> Path:
@@ -65,16 +79,14 @@ def build_i2v(out: Path) -> Path:
     transformer = tiny_transformer(3, in_channels=16 + 4 + 16, image_dim=IMAGE_DIM, added_kv_proj_dim=HEADS * HEAD_DIM)
     pipe = WanImageToVideoPipeline(**parts, scheduler=unipc(3.0), image_encoder=clip, image_processor=processor,
                                    transformer=transformer)
-    pipe.save_pretrained(out, safe_serialization=True)
-    return out
+    return save(pipe, out)
 
 
 def build_a14b(out: Path) -> Path:
     """Wan2.2 T2V A14B: a high-noise expert (`transformer`) and a low-noise one (`transformer_2`)."""
     pipe = WanPipeline(**text_parts(), scheduler=unipc(12.0), transformer=tiny_transformer(4),
                        transformer_2=tiny_transformer(5), boundary_ratio=0.875)
-    pipe.save_pretrained(out, safe_serialization=True)
-    return out
+    return save(pipe, out)
 
 
 def build(root: Path) -> list[Path]:
