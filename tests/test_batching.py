@@ -53,7 +53,7 @@ def test_batched_generations_equal_each_alone(name):
     requests = [GenerationRequest(prompt=p, seed=10 + i, **kw) for i, p in enumerate(PROMPTS)]
     alone = Generator.from_pretrained(ASSETS / folder, device="cpu")
     expected = [pictures(alone.run(r)) for r in requests]
-    gen = Generator.from_pretrained(ASSETS / folder, device="cpu", max_batch=4, batch_wait_ms=2000)
+    gen = Generator.from_pretrained(ASSETS / folder, device="cpu", max_batch=4, batch_wait_ms=300)
     results = run_threads(gen, requests)
     stats = gen.batch_group.stats
     assert stats["batched_calls"] > 0 and stats["forwards"] < stats["calls"], stats  # calls were shared

@@ -7,8 +7,10 @@ other generations whose signature matches: same non-batched arguments (values; t
 shapes past the batch dimension for the batched ones (`DiT.batch_args`, concatenated along dim 0) and, for a padded
 text argument (`DiT.batch_pad`: text -> its mask argument), any length: shorter texts are padded with zeros and
 masked out. Timesteps are batched arguments, so generations at different steps (or with different step counts) still
-share calls. The first caller of a signature waits up to `wait_s` for the others (not at all when it is the only
-generation in flight), at most `max_batch` calls go together; every caller gets back its own rows.
+share calls. One forward of a DiT runs at a time: calls that arrive while it runs wait and go together in the next
+one (so generations fall into step with each other), and the caller that finds the DiT free waits up to `wait_s`
+for the other generations in flight (not at all when it is the only one); at most `max_batch` calls go together;
+every caller gets back its own rows.
 
 Outputs equal those of unbatched calls up to the kernels' batch-size-dependent rounding (and, for padded texts, the
 masked attention kernel's). Not with the step cache (it keys its state by the text tensor of each call).
@@ -20,7 +22,7 @@ import inspect
 import logging
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable
 
 import torch
@@ -60,14 +62,14 @@ class BatchGroup:
                 self.cond.notify_all()  # a leader waiting for this generation's calls need not wait any longer
 
 
-@dataclass
-class _Pending:
-    """Calls of one signature waiting to run together; the first caller leads."""
+@dataclass(eq=False)  # compared by identity (its call holds tensors)
+class _Entry:
+    """One DiT call waiting to run, alone or in a batch; the caller that finds the DiT free runs a batch."""
 
-    calls: list[dict] = field(default_factory=list)
-    closed: bool = False
-    done: threading.Event = field(default_factory=threading.Event)
-    outputs: list[Any] = field(default_factory=list)
+    call: dict
+    key: Any
+    done: bool = False
+    output: Any = None
     error: BaseException | None = None
 
 
@@ -96,7 +98,8 @@ class CallBatcher:
                  batch_pad: tuple[tuple[str, str], ...] = ()):
         self.model, self.group = model, group
         self.batch_args, self.batch_pad = set(batch_args), dict(batch_pad)
-        self.pending: dict[Any, _Pending] = {}
+        self.queue: list[_Entry] = []  # calls waiting for this DiT
+        self.busy = False  # a forward of this DiT is running
 
         def make(inner):
             self.forward, self.signature = inner, inspect.signature(inner)
@@ -126,39 +129,57 @@ class CallBatcher:
         masks = set(self.batch_pad.values())
         key = tuple((name, _key_of(v, name in self.batch_args, name in self.batch_pad))
                     for name, v in call.items() if name not in masks)  # a missing mask means all tokens count
+        entry = _Entry(call, key)
         with group.cond:
-            pending = self.pending.get(key)
-            if pending is not None and not pending.closed and self._same_constants(pending.calls[0], call):
-                index = len(pending.calls)
-                pending.calls.append(call)
+            self.queue.append(entry)
+            group.cond.notify_all()  # a runner gathering its batch may be waiting for this call
+            while not entry.done:
+                if not self.busy:  # this DiT is free: run the waiting calls that go with this one
+                    self.busy = True
+                    try:
+                        deadline = time.monotonic() + group.wait_s
+                        while (len(self._batch_for(entry)) < min(group.max_batch, group.active)
+                               and (left := deadline - time.monotonic()) > 0):
+                            group.cond.wait(left)  # the others are between two calls (a scheduler step): they come
+                        batch = self._batch_for(entry)
+                        for e in batch:
+                            self.queue.remove(e)
+                    except BaseException:  # leave the DiT free for the others, then let the error go on
+                        self.busy = False
+                        self.queue.remove(entry)
+                        group.cond.notify_all()
+                        raise
+                    group.stats["forwards"] += 1
+                    if len(batch) > 1:
+                        group.stats["batched_calls"] += len(batch)
+                    break
+                group.cond.wait()
+            else:  # another caller's forward ran this call
+                if entry.error is not None:
+                    raise entry.error
+                return entry.output
+        try:
+            outputs = self._run([e.call for e in batch])
+            for e, out in zip(batch, outputs):
+                e.output = out
+        except BaseException as err:  # every caller of the batch gets the error
+            for e in batch:
+                e.error = err
+        finally:
+            with group.cond:
+                for e in batch:
+                    e.done = True
+                self.busy = False
                 group.cond.notify_all()
-                leader = False
-            else:
-                pending = _Pending(calls=[call])
-                self.pending[key] = pending
-                index, leader = 0, True
-                deadline = time.monotonic() + group.wait_s
-                while (len(pending.calls) < min(group.max_batch, group.active)
-                       and (left := deadline - time.monotonic()) > 0):
-                    group.cond.wait(left)
-                pending.closed = True
-                if self.pending.get(key) is pending:
-                    del self.pending[key]
-                group.stats["forwards"] += 1
-                if len(pending.calls) > 1:
-                    group.stats["batched_calls"] += len(pending.calls)
-        if leader:
-            try:
-                pending.outputs = self._run(pending.calls)
-            except BaseException as e:  # every caller of the batch gets the error
-                pending.error = e
-            finally:
-                pending.done.set()
-        else:
-            pending.done.wait()
-        if pending.error is not None:
-            raise pending.error
-        return pending.outputs[index]
+        if entry.error is not None:
+            raise entry.error
+        return entry.output
+
+    def _batch_for(self, entry: "_Entry") -> list["_Entry"]:
+        """The waiting calls that can run with `entry` (itself first), at most max_batch."""
+        same = [e for e in self.queue if e is not entry and e.key == entry.key
+                and self._same_constants(entry.call, e.call)]
+        return [entry, *same][: self.group.max_batch]
 
     def _same_constants(self, first: dict, call: dict) -> bool:
         """Non-batched tensors equal in content (positions ids, ...) — same shapes are already in the key."""
