@@ -174,7 +174,7 @@ def test_postgres_outage_is_503_then_heals_with_no_job_lost(cluster, postgres):
 def test_killed_replica_job_is_rerun_by_another(cluster, postgres):
     victim_pids = {r.proc.pid: r for r in cluster}
     survivor = cluster[0]
-    ids = [survivor.http.post("/v1/videos", json={**V, "num_frames": 21, "num_inference_steps": 6, "seed": i}).json()
+    ids = [survivor.http.post("/v1/videos", json={**V, "num_frames": 17, "num_inference_steps": 8, "seed": i}).json()
            ["id"] for i in range(3)]
     deadline = time.monotonic() + 120
     victim = None

@@ -48,7 +48,7 @@ def slow(flux, monkeypatch):
 def wait_idle(app, timeout=10.0):
     queue = app.state.queue
     deadline = time.monotonic() + timeout
-    while queue.running is not None or queue.queue_depth:
+    while queue.running or queue.queue_depth:
         assert time.monotonic() < deadline, "the queue did not go idle"
         time.sleep(0.02)
 
@@ -106,7 +106,7 @@ def test_deadline_cuts_an_admitted_request_and_frees_the_worker(flux, tmp_path, 
         answered = time.monotonic() - start
         assert r.status_code == 504 and r.json()["error"]["code"] == "timeout"
         assert answered < 1.5 + 0.5  # answered at the deadline, not when the work stops
-        wait_for(lambda: app.state.queue.running is None, timeout=0.5)  # the worker is free within about one step
+        wait_for(lambda: not app.state.queue.running, timeout=0.5)  # the worker is free within about one step
         assert len(slow) < 20
         assert metric(url, 'gen_generations_total{outcome="cancelled"}') == 1
         assert httpx.post(f"{url}/v1/images/generations", json=SMALL, timeout=30).status_code == 200
@@ -117,11 +117,11 @@ def test_disconnected_waiting_client_frees_its_slot(flux, tmp_path, slow):
     body = {**SMALL, "num_inference_steps": 15}
     with serve_in_thread(app) as url, concurrent.futures.ThreadPoolExecutor(1) as pool:
         running = pool.submit(httpx.post, f"{url}/v1/images/generations", json=body, timeout=60)
-        wait_for(lambda: app.state.queue.running is not None)
+        wait_for(lambda: app.state.queue.running)
         with pytest.raises(httpx.ReadTimeout):  # waits in the one slot, then gives up
             httpx.post(f"{url}/v1/images/generations", json=body, timeout=0.5)
         wait_for(lambda: app.state.queue.queue_depth == 0, timeout=1.0)  # the slot is free at once
-        assert app.state.queue.running is not None  # while the first still runs
+        assert app.state.queue.running  # while the first still runs
         r = httpx.post(f"{url}/v1/images/generations", json=SMALL, timeout=60)
         assert r.status_code == 200 and running.result().status_code == 200
 
@@ -131,7 +131,7 @@ def test_full_queue_is_429_with_retry_after(flux, tmp_path, slow):
     with serve_in_thread(app) as url, concurrent.futures.ThreadPoolExecutor(2) as pool:
         body = {**SMALL, "num_inference_steps": 5}
         running = pool.submit(httpx.post, f"{url}/v1/images/generations", json=body, timeout=60)
-        while app.state.queue.running is None:
+        while not app.state.queue.running:
             time.sleep(0.01)
         waiting = pool.submit(httpx.post, f"{url}/v1/images/generations", json=body, timeout=60)
         while app.state.queue.queue_depth == 0:
@@ -147,7 +147,7 @@ def test_shutdown_drains_running_and_refuses_new(flux, tmp_path, slow):
     with serve_in_thread(app) as url, concurrent.futures.ThreadPoolExecutor(3) as pool:
         body = {**SMALL, "num_inference_steps": 10}
         running = pool.submit(httpx.post, f"{url}/v1/images/generations", json=body, timeout=60)
-        wait_for(lambda: app.state.queue.running is not None)
+        wait_for(lambda: app.state.queue.running)
         queued = pool.submit(httpx.post, f"{url}/v1/images/generations", json=body, timeout=60)
         wait_for(lambda: app.state.queue.queue_depth == 1)
         draining = pool.submit(app.state.drain)  # what SIGTERM does first (see gen/server/cli.py)
@@ -168,7 +168,7 @@ def test_shutdown_timeout_cancels_the_running_generation_with_json(flux, tmp_pat
     with serve_in_thread(app) as url, concurrent.futures.ThreadPoolExecutor(1) as pool:
         running = pool.submit(httpx.post, f"{url}/v1/images/generations", json={**SMALL, "num_inference_steps": 40},
                               timeout=60)
-        wait_for(lambda: app.state.queue.running is not None)
+        wait_for(lambda: app.state.queue.running)
         app.state.drain()
         r = running.result(timeout=5)
         assert r.status_code == 503 and r.json()["error"]["code"] == "shutting_down"

@@ -112,7 +112,7 @@ def test_delete_during_the_write_leaves_no_file(wan, tmp_path, monkeypatch):
             assert time.monotonic() < deadline
             time.sleep(0.01)
         assert http.delete(f"/v1/videos/{vid}").json()["deleted"] is True
-        while app.state.queue.running is not None:
+        while app.state.queue.running:
             time.sleep(0.02)
         assert http.get(f"/v1/videos/{vid}").status_code == 404
         assert files(tmp_path / "videos") == []
@@ -138,7 +138,7 @@ def test_restart_reconciles_files_and_rows(wan, tmp_path):
         assert http.get(f"/v1/videos/{kept}/content").content[4:8] == b"ftyp"
         video = http.get(f"/v1/videos/{lost}").json()
         assert video["status"] == "failed" and video["error"]["code"] == "content_lost"
-        assert files(videos) == [f"{kept}.mp4"]
+        assert files(videos) == [f"{kept}.mp4", f"{kept}.webp"]  # the video and its thumbnail
 
 
 def test_lease_expiry_requeues_once_then_fails(wan, tmp_path):
@@ -202,9 +202,10 @@ def test_disk_cap_removes_oldest_first(wan, tmp_path):
             ids.append(http.post("/v1/videos", json={**V, "seed": seed}).json()["id"])
             assert wait_status(http, ids[-1])["status"] == "completed"
             time.sleep(0.05)
-        sizes = [(tmp_path / "videos" / f"{vid}.mp4").stat().st_size for vid in ids]
+        sizes = [sum((tmp_path / "videos" / f"{vid}.{ext}").stat().st_size for ext in ("mp4", "webp"))
+                 for vid in ids]  # each video and its thumbnail
         retention = app.state.retention
         retention.max_bytes = sizes[1] + sizes[2]  # room for the two newest
-        assert retention.sweep()["disk_cap"] == 1
+        assert retention.sweep()["disk_cap"] == 2  # the oldest video and its thumbnail
         assert http.get(f"/v1/videos/{ids[0]}").status_code == 404
         assert [http.get(f"/v1/videos/{vid}/content").status_code for vid in ids[1:]] == [200, 200]

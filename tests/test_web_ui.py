@@ -38,7 +38,7 @@ def server(tmp_path_factory):
 @pytest.fixture
 def slow(server, monkeypatch):
     """Every denoising step of the served model takes at least 0.1 s; returns the list of steps run."""
-    transformer = server[1].state.service.generator.pipeline.transformer
+    transformer = server[1].state.service.default.generator.pipeline.transformer
     forward = transformer.forward
     calls = []
 
@@ -67,9 +67,9 @@ def wait_for(predicate, timeout=30.0):
         time.sleep(0.02)
 
 
-# prompt, negative, seed, randomize, width, height, steps, guidance, frames, fps, image, enhance
+# prompt, negative, seed, randomize, width, height, steps, guidance, frames, fps, image, enhance, loras, lora scale
 def args(prompt="a red circle on the left on a blue background", width=64, height=48, steps=2, seed=42):
-    return (prompt, "", seed, False, width, height, steps, 3.5, 5, 16, None, False)
+    return (prompt, "", seed, False, width, height, steps, 3.5, 5, 16, None, False, [], 1.0)
 
 
 def test_gradio_client_generates(server):
@@ -101,7 +101,7 @@ def test_ui_shares_the_queue_and_its_cancel_stops_the_generation(server, slow):
     client = gradio_client.Client(f"{url}/ui/", verbose=False)
     before = outcomes(app).get("cancelled", 0)
     job = client.submit(*args(steps=50), api_name="/generate")
-    wait_for(lambda: queue.running is not None)
+    wait_for(lambda: queue.running)
     # the one queue slot (max_queue=1) taken by a REST request: the UI and REST are refused alike
     with httpx.Client(base_url=url, timeout=60) as http:
         import concurrent.futures
@@ -115,7 +115,7 @@ def test_ui_shares_the_queue_and_its_cancel_stops_the_generation(server, slow):
             assert http.post("/v1/images/generations", json={"prompt": "x"}).status_code == 429
             job.cancel()  # what the page does when the run is stopped or the tab closes
             assert waiting.result(timeout=30).status_code == 200
-    wait_for(lambda: queue.running is None)
+    wait_for(lambda: not queue.running)
     assert len(slow) < 50 and outcomes(app)["cancelled"] == before + 1
 
 
@@ -139,9 +139,10 @@ def test_browser_generates_and_screenshots(server, tmp_path):
             page.locator("#randomize input").uncheck()
             page.locator("#seed input").fill("1")
             page.locator("#generate").click()
-            page.locator("#result img").first.wait_for(state="visible", timeout=90_000)
+            final = page.locator("#result img[alt^=output]")  # previews (alt "preview") come before it
+            final.first.wait_for(state="visible", timeout=90_000)
             assert page.locator("#result img").count() == 1
-            assert page.locator("#result img").first.evaluate("img => img.naturalWidth") == 128
+            assert final.first.evaluate("img => img.naturalWidth") == 128
             page.screenshot(path=str(shot), full_page=True)
         finally:
             browser.close()
@@ -167,13 +168,13 @@ def test_closing_the_tab_cancels_the_generation(server, slow):
             page.close()
         finally:
             browser.close()
-    wait_for(lambda: app.state.queue.running is None, timeout=15)
+    wait_for(lambda: not app.state.queue.running, timeout=15)
     assert len(slow) < 50 and outcomes(app)["cancelled"] == before + 1
 
 
 def test_ui_asks_for_the_api_key_when_one_is_set(server, tmp_path):
     _, app = server
-    keyed = create_app(app.state.service.generator, output_dir=tmp_path, api_key="s3cret")
+    keyed = create_app(app.state.service.default.generator, output_dir=tmp_path, api_key="s3cret")
     with serve_in_thread(keyed) as url:
         assert httpx.get(f"{url}/ui/config").status_code == 401
         with pytest.raises(Exception):
@@ -188,7 +189,7 @@ def test_gradio_client_video(tmp_path):
     wan = Generator.from_pretrained(ROOT / "assets" / "wan-t2v-tiny")
     with serve_in_thread(create_app(wan, output_dir=tmp_path)) as url:
         client = gradio_client.Client(f"{url}/ui/", verbose=False)
-        html, seed, _ = client.predict("waves", "", 5, False, 64, 64, 2, 5.0, 5, 8, None, False,
+        html, seed, _ = client.predict("waves", "", 5, False, 64, 64, 2, 5.0, 5, 8, None, False, [], 1.0,
                                        api_name="/generate")
         link = sources(html)[0]
         assert seed == 5 and "<video" in html and re.fullmatch(r"\.\./outputs/[0-9a-f]{32}\.mp4", link)

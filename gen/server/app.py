@@ -32,7 +32,8 @@ from gen.server.outputs import MEDIA, Outputs, Retention, atomic_write
 from gen.server.queue import SHUTDOWN, Job, QueueClosed, RequestQueue
 from gen.server.schemas import (ApiError, ImageBody, VideoBody, decode_image, encode_image, parse_json,
                                 validation_error)
-from gen.server.service import Service, job_api_error, queue_error
+from gen.server.service import Served, Service, job_api_error, queue_error
+from gen.server.stream import ImageStream
 from gen.server.videos import VideoJobs
 from gen.server.webhooks import WebhookPolicy, WebhookSender
 from gen.types import GenError, GenerationRequest
@@ -56,7 +57,8 @@ class ServeOptions:
     read_timeout: float = 30.0
     cors_origins: list[str] = field(default_factory=list)
     ui: bool = True
-    limits: Limits | None = None  # None: Limits.for_model(generator)
+    limits: Limits | dict | None = None  # None: Limits.for_model(generator); a dict: per model name
+    max_running: int | None = None  # generations running at once, all models together (None: their slots summed)
     public_url: str | None = None
     output_ttl: float | None = 86400.0  # None: outputs and finished jobs are kept
     max_output_gb: float | None = None
@@ -74,7 +76,8 @@ class ServeOptions:
                   "shutdown_timeout": self.shutdown_timeout >= 0, "read_timeout": self.read_timeout > 0,
                   "output_ttl": self.output_ttl is None or self.output_ttl > 0,
                   "max_output_gb": self.max_output_gb is None or self.max_output_gb > 0,
-                  "job_lease": self.job_lease > 0, "job_retries": self.job_retries >= 0}
+                  "job_lease": self.job_lease > 0, "job_retries": self.job_retries >= 0,
+                  "max_running": self.max_running is None or self.max_running >= 1}
         for name, ok in checks.items():
             if not ok:
                 raise GenError(f"--{name.replace('_', '-')} got {getattr(self, name)!r}, which is out of range",
@@ -84,14 +87,21 @@ class ServeOptions:
                            param="public_url")
 
 
-def create_app(generator, **options) -> FastAPI:
-    """An app serving `generator` (a loaded gen.Generator); `options` are ServeOptions' fields."""
+def create_app(models, **options) -> FastAPI:
+    """An app serving `models`: a loaded gen.Generator, or {name: Generator} (several models on one queue; the first
+    is the default); `options` are ServeOptions' fields."""
     opts = ServeOptions(**options)
     output_dir = Path(opts.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
-    model_id = opts.model_id or Path(generator.model_path).name
+    if not isinstance(models, dict):
+        models = {opts.model_id or Path(models.model_path).name: models}
+    elif opts.model_id is not None:
+        raise GenError("model_id names the one model of a single-model server; name several models by their keys",
+                       param="model_id")
+    if not models:
+        raise GenError("a server needs at least one model", param="model_path")
     metrics = Metrics()
-    limits = opts.limits or Limits.for_model(generator)
+    served = {name: Served(name, g, Budget(g, _limits_of(opts.limits, name, g))) for name, g in models.items()}
     policy = WebhookPolicy(opts.webhook_hosts, opts.webhook_secret)
     store = opts.job_store if isinstance(opts.job_store, JobStore) else open_store(opts.job_store, output_dir)
     try:
@@ -100,18 +110,19 @@ def create_app(generator, **options) -> FastAPI:
         store.close()
         raise
     ttl = opts.output_ttl
-    videos = VideoJobs(store, output_dir, model_id, timeout=opts.timeout, lease=opts.job_lease,
+    video_models = {name: g for name, g in models.items() if g.modality == "video"}
+    videos = VideoJobs(store, output_dir, video_models, timeout=opts.timeout, lease=opts.job_lease,
                        retries=opts.job_retries, ttl=ttl, metrics=metrics)
     videos.recover()
     videos.reconcile()
-    queue = RequestQueue(generator, max_queue=opts.max_queue, timeout=opts.timeout, metrics=metrics,
-                         claim=videos.claim if generator.modality == "video" else None)
+    queue = RequestQueue(models, max_queue=opts.max_queue, timeout=opts.timeout, metrics=metrics,
+                         claim=videos.claim if video_models else None, max_running=opts.max_running)
     outputs = Outputs(output_dir)
-    service = Service(generator, model_id, Budget(generator, limits), queue, outputs, videos, store, policy, opts)
+    service = Service(served, queue, outputs, videos, store, policy, opts)
     retention = Retention(output_dir, ttl, int(opts.max_output_gb * 2**30) if opts.max_output_gb else None,
                           videos.expire, videos.drop_file, metrics)
     upkeep = Upkeep(service, retention, opts)
-    metrics.track_queue(queue, service.cluster)
+    metrics.track_queue(queue, service.cluster_total)
     sender = WebhookSender(store, policy, backoff=opts.webhook_backoff, metrics=metrics) if policy.hosts else None
 
     def drain() -> None:
@@ -160,6 +171,13 @@ def create_app(generator, **options) -> FastAPI:
 
 
 VOLUME_MARKER = ".gen-volume"
+
+
+def _limits_of(limits, name: str, generator) -> Limits:
+    """ServeOptions.limits for model `name`: one Limits for every model, {name: Limits}, or None (sized to it)."""
+    if isinstance(limits, dict):
+        limits = limits.get(name)
+    return limits or Limits.for_model(generator)
 
 
 def check_volume(store: JobStore, output_dir: Path) -> None:
@@ -216,16 +234,21 @@ class Upkeep:
                 return
 
     def _beat(self) -> None:
+        """One row per served model (`<replica>/<model>`): its waiting and running generations here."""
         s = self.service
-        own = s.queue.queue_depth
-        s.store.beat(self.replica, s.model_id, own, 1 if s.queue.running is not None else 0)
-        s.view = {**s.store.cluster(s.model_id, self.ALIVE), "own": own}
+        views = {}
+        for name in s.models:
+            own = s.queue.depth_of(name)
+            s.store.beat(f"{self.replica}/{name}", name, own, s.queue.running_of(name))
+            views[name] = {**s.store.cluster(name, self.ALIVE), "own": own}
+        s.views = views
 
     def close(self) -> None:
         self._stop.set()
         self._thread.join(10)
         try:
-            self.service.store.leave(self.replica)
+            for name in self.service.models:
+                self.service.store.leave(f"{self.replica}/{name}")
         except StoreUnavailable as e:
             log.warning("could not remove this replica from the job store: %s", e)
 
@@ -245,6 +268,7 @@ class Api:
         r.get("/outputs/{name}")(self.output)
         v1 = APIRouter(prefix="/v1", dependencies=key_check)
         v1.get("/models")(self.models)
+        v1.get("/loras")(self.loras)
         v1.post("/images/generations")(self.images_generations)
         v1.post("/images/edits")(self.images_edits)
         v1.post("/videos")(self.create_video)
@@ -270,22 +294,37 @@ class Api:
         except StoreUnavailable as e:
             raise ApiError(503, f"the job store is unreachable: {e}", None, "store_unavailable",
                            "server_error") from None
-        return {"status": "ready", "model": self.s.model_id, "queue_depth": q.queue_depth}
+        return {"status": "ready", "model": self.s.default.name, "models": list(self.s.models),
+                "queue_depth": q.queue_depth}
 
     async def metrics(self, request: Request):
         return Response(request.app.state.metrics.render(), media_type=CONTENT_TYPE)
 
     async def models(self):
-        g = self.s.generator
-        return {"object": "list", "data": [{"id": self.s.model_id, "object": "model", "created": self.created,
-                                            "owned_by": "gen", "family": g.family, "modality": g.modality,
-                                            "limits": self.s.budget.limits.describe()}]}
+        return {"object": "list", "data": [{"id": m.name, "object": "model", "created": self.created,
+                                            "owned_by": "gen", "family": m.generator.family,
+                                            "modality": m.modality, "loras": m.loras is not None,
+                                            "limits": m.budget.limits.describe()}
+                                           for m in self.s.models.values()]}
+
+    async def loras(self, model: str | None = None):
+        """The LoRAs requests may name (the files of --lora-dir, by stem), with the models that offer them."""
+        served = [self.s.model(model, "image")] if model is not None else list(self.s.models.values())
+        offered: dict[str, dict] = {}
+        for m in served:
+            if m.loras is None:
+                continue
+            for item in await asyncio.to_thread(m.loras.list):
+                entry = offered.setdefault(item["name"], {"id": item["name"], "object": "lora", **item,
+                                                          "models": []})
+                entry["models"].append(m.name)
+        return {"object": "list", "data": sorted(offered.values(), key=lambda e: e["id"])}
 
     # --- images
 
     async def images_generations(self, request: Request):
         body = ImageBody.parse(parse_json(await request.body()))
-        return await self._images(request, body, body.to_request())
+        return await self._images(request, body, body.to_request(), "image_generation")
 
     async def images_edits(self, request: Request):
         fields, files = await self._form(request)
@@ -297,14 +336,15 @@ class Api:
         if not uploads:
             raise ApiError(400, "missing required parameter 'image'", "image", "missing_required_parameter")
         if masks:
-            raise ApiError(400, f"model {self.s.model_id!r} does not support masks; send the image alone", "mask",
+            name = self.s.model(body.model, "image").name
+            raise ApiError(400, f"model {name!r} does not support masks; send the image alone", "mask",
                            "unsupported_parameter")
         images = tuple([await asyncio.to_thread(decode_image, data, "image") for data in uploads])
-        return await self._images(request, body, body.to_request(images))
+        return await self._images(request, body, body.to_request(images), "image_edit")
 
-    async def _images(self, request: Request, body: ImageBody, req: GenerationRequest):
+    async def _images(self, request: Request, body: ImageBody, req: GenerationRequest, event: str):
         renames = {"height": "size", "width": "size"} if body.size not in (None, "auto") else {}
-        full = self.s.admit(req, "image", body.model, renames)
+        served, full = self.s.admit(req, "image", body.model, renames, body.loras)
         fmt, compression, as_url = body.output_format, body.output_compression, body.response_format == "url"
         outputs = self.s.outputs
 
@@ -317,7 +357,9 @@ class Api:
                             else ("b64_json", base64.b64encode(encoded).decode()))
             return data
 
-        job = self.s.submit(full, finish)
+        if body.stream:
+            return ImageStream(self.s, served, full, body, event).response(request, finish)
+        job = self.s.submit(served, full, finish)
         if not await self._wait(request, job):
             return Response(status_code=499)  # the client went away; nobody reads this
         if job.error is not None:
@@ -349,13 +391,13 @@ class Api:
         else:
             fields, images = parse_json(await request.body()), ()
         body = VideoBody.parse(fields)
-        req = body.to_request(self.s.generator.defaults.fps or 16, images)
+        req = body.to_request(self.s.model(body.model, "video").generator.defaults.fps or 16, images)
         renames = {"image": "input_reference"}
         if body.size not in (None, "auto"):
             renames.update(height="size", width="size")
         if body.seconds is not None and body.num_frames is None:
             renames["num_frames"] = "seconds"
-        full = self.s.admit(req, "video", body.model, renames)
+        served, full = self.s.admit(req, "video", body.model, renames, body.loras)
         webhook = None
         if body.webhook_url is not None:
             try:
@@ -364,10 +406,15 @@ class Api:
                 raise ApiError(400, str(e), e.param, e.code) from None
         if not self.s.queue.accepting:
             raise queue_error(QueueClosed(SHUTDOWN))
-        await asyncio.to_thread(self.s.check_video_room)
+        await asyncio.to_thread(self.s.check_video_room, served)
         size = f"{full.width}x{full.height}"
         seconds = _fmt_seconds(body.seconds if body.seconds is not None else full.num_frames / full.fps)
-        video = await asyncio.to_thread(self.s.videos.create, full, size=size, seconds=seconds, webhook_url=webhook)
+        loras = None
+        if body.loras is not None:  # stored by name, resolved again by the worker that runs the job
+            loras = [{"name": item["name"], "scale": spec.scale, "target": spec.target}
+                     for item, spec in zip(body.loras, full.loras)]
+        video = await asyncio.to_thread(self.s.videos.create, full, model=served.name, size=size, seconds=seconds,
+                                        webhook_url=webhook, loras=loras)
         self.s.queue.wake()
         return JSONResponse(video, headers={"openai-poll-after-ms": "250"})
 
@@ -385,8 +432,22 @@ class Api:
 
     async def video_content(self, video_id: str, variant: str = "video"):
         video = await self._video(video_id)
-        if variant != "video":
-            raise ApiError(400, f"variant {variant!r} is not available; only 'video'", "variant", "invalid_value")
+        if variant not in ("video", "thumbnail"):
+            raise ApiError(400, f"variant {variant!r} is not available; 'video' or 'thumbnail'", "variant",
+                           "invalid_value")
+        if variant == "thumbnail":  # the latest preview while it runs, the first frame once completed
+            path = self.s.videos.thumbnail_path(video_id)
+            try:  # read whole: a running job replaces the file (atomically) as it goes
+                data = await asyncio.to_thread(path.read_bytes) if video["status"] in ("in_progress", "completed") \
+                    else None
+            except FileNotFoundError:
+                data = None
+            if data is not None:
+                return Response(data, media_type="image/webp", headers={"Cache-Control": "no-store"})
+            if video["status"] == "completed":
+                raise ApiError(404, f"the thumbnail of video {video_id!r} has been removed", "video_id", "not_found")
+            raise ApiError(409, f"video {video_id!r} is {video['status']} and has no preview yet", "video_id",
+                           "video_not_ready")
         if video["status"] != "completed":
             raise ApiError(409, f"video {video_id!r} is {video['status']}, not completed", "video_id",
                            "video_not_ready")

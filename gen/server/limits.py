@@ -86,12 +86,17 @@ class Budget:
         d = generator.defaults
         self.unit = d.height * d.width * (d.num_frames or 1) * d.num_inference_steps  # one default generation
 
-    def check(self, req: GenerationRequest) -> None:
-        """`req` (validated, defaults filled) within every limit, else OverLimit naming the field."""
-        lim = self.limits
-        self.check_prompt(req.prompt, "prompt")
-        if req.negative_prompt:
+    def check_prompts(self, req: GenerationRequest) -> None:
+        """The prompts' characters and token counts (before validation, so that these errors carry their codes)."""
+        if isinstance(req.prompt, str):
+            self.check_prompt(req.prompt, "prompt")
+        if isinstance(req.negative_prompt, str) and req.negative_prompt:
             self.check_prompt(req.negative_prompt, "negative_prompt")
+
+    def check(self, req: GenerationRequest) -> None:
+        """`req` (validated, defaults filled; its prompts checked by `check_prompts`) within every limit, else
+        OverLimit naming the field."""
+        lim = self.limits
         pixels = req.height * req.width
         if pixels > lim.max_pixels:
             raise OverLimit(f"size {req.width}x{req.height} is {pixels} pixels; this server allows at most "

@@ -21,11 +21,12 @@ class Metrics:
         self.latency = Histogram("gen_http_request_seconds", "HTTP request latency", ["endpoint", "method"],
                                  buckets=_SLOW, registry=r)
         self.queue_depth = Gauge("gen_queue_depth", "generations waiting in this server's queue", registry=r)
-        self.cluster_depth = Gauge("gen_cluster_queue_depth", "video jobs of this model queued in the job store plus "
-                                   "the generations waiting in the queues of its live replicas", registry=r)
-        self.cluster_replicas = Gauge("gen_cluster_replicas", "live replicas serving this model on the job store",
-                                      registry=r)
-        self.running = Gauge("gen_running", "generations running (0 or 1)", registry=r)
+        self.cluster_depth = Gauge("gen_cluster_queue_depth", "video jobs of the served models queued in the job "
+                                   "store plus the generations waiting in the queues of their live replicas",
+                                   registry=r)
+        self.cluster_replicas = Gauge("gen_cluster_replicas", "live replicas serving a model on the job store (the "
+                                      "most of any served model)", registry=r)
+        self.running = Gauge("gen_running", "generations running now (up to the worker slots)", registry=r)
         self.jobs = Counter("gen_generations", "finished generations by outcome", ["outcome"], registry=r)
         self.step = Histogram("gen_denoise_step_seconds", "mean denoising step time of a generation",
                               buckets=_FAST, registry=r)
@@ -38,7 +39,7 @@ class Metrics:
     def track_queue(self, queue, cluster) -> None:
         """Gauges read at each scrape from `queue` and from `cluster()`, the store's view ({replicas, waiting})."""
         self.queue_depth.set_function(lambda: queue.queue_depth)
-        self.running.set_function(lambda: 1 if queue.running is not None else 0)
+        self.running.set_function(lambda: len(queue.running))
         self.cluster_depth.set_function(lambda: cluster()["waiting"])
         self.cluster_replicas.set_function(lambda: cluster()["replicas"])
 

@@ -65,10 +65,10 @@ class Retention:
     directory's `outputs/` and `videos/` exceeds `max_bytes` (None: no cap), and temp files left by crashed writers.
 
     `expire_videos()` deletes expired video jobs and returns their files; `drop_video(file)` deletes the job that owns
-    a video file (when the size cap removes it)."""
+    a file of `videos/` (when the size cap removes it) and returns the job's other files it removed."""
 
     def __init__(self, output_dir: Path, ttl: float | None, max_bytes: int | None,
-                 expire_videos: Callable[[], list[Path]], drop_video: Callable[[Path], None], metrics=None):
+                 expire_videos: Callable[[], list[Path]], drop_video: Callable[[Path], list[Path]], metrics=None):
         self.output_dir = Path(output_dir)
         self.ttl, self.max_bytes = ttl, max_bytes
         self.expire_videos, self.drop_video = expire_videos, drop_video
@@ -97,12 +97,21 @@ class Retention:
             files = [f for f in files if f[2] not in gone]
         if self.max_bytes is not None:
             total = sum(size for _, size, _ in files)
+            sizes = {path: size for _, size, path in files}
+            gone: set[Path] = set()
             for _, size, path in sorted(files, key=lambda f: f[0]):
                 if total <= self.max_bytes:
                     break
+                if path in gone:
+                    continue
                 if path.parent.name == "videos":
-                    self.drop_video(path)
+                    for other in self.drop_video(path):  # the job's other files went with it
+                        if other in sizes and other not in gone:
+                            gone.add(other)
+                            total -= sizes[other]
+                            removed["disk_cap"] += 1
                 removed["disk_cap"] += _unlink(path)
+                gone.add(path)
                 total -= size
         if self.metrics is not None:
             for reason, n in removed.items():

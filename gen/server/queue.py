@@ -1,5 +1,8 @@
-"""The request queue: a bounded queue in front of one Generator and one worker thread, so one generation runs at a time.
+"""The request queue: one bounded queue in front of the served models and a pool of worker threads.
 
+A model takes as many generations at once as its Generator's batch group allows (`max_batch`; 1 without batching:
+one at a time, as a Generator not loaded for batching is not thread-safe); generations of different models may run
+at the same time, up to `max_running` in all. A worker takes the oldest waiting job whose model has a free slot.
 Every door (REST images, the web UI, video jobs claimed from the job store) goes through one RequestQueue. Not HTTP
 (the app turns its exceptions into status codes) and not storage (video jobs come from the store through `claim`).
 """
@@ -11,7 +14,10 @@ import math
 import threading
 import time
 import uuid
+from pathlib import Path
 from typing import Any, Callable
+
+from PIL import Image
 
 from gen.types import Cancelled, GenError, GenerationRequest, GenerationResult
 
@@ -32,14 +38,20 @@ class QueueClosed(RuntimeError):
 
 
 class Job:
-    """One queued generation. The worker fills `result` (and `output`, what `finish` returned) or `error`, calls
-    `on_done`, then sets `done`. `deadline` is a time.monotonic() value; past it the job stops at its next check."""
+    """One queued generation of model `model`. The worker fills `result` (and `output`, what `finish` returned) or
+    `error`, calls `on_done`, then sets `done`. `deadline` is a time.monotonic() value; past it the job stops at its
+    next check. `on_preview(job, step, total, image)`: a cheap preview of the first output (stages/preview.py) every
+    `preview_every` steps and at the last, where the model's family has one."""
 
-    def __init__(self, request: GenerationRequest, deadline: float, on_progress=None, finish=None, on_done=None):
+    def __init__(self, request: GenerationRequest, deadline: float, on_progress=None, finish=None, on_done=None,
+                 model: str | None = None, on_preview=None, preview_every: int = 1):
         self.id = uuid.uuid4().hex
         self.request = request
         self.deadline = deadline
+        self.model = model  # None until submitted: the queue's first model
         self.on_progress: Callable[[Job], None] | None = on_progress  # in the worker, at start and after each step
+        self.on_preview: Callable[[Job, int, int, Image.Image], None] | None = on_preview  # in the worker
+        self.preview_every = preview_every
         self.finish: Callable[[Job], Any] | None = finish  # in the worker after the generation: encode / write
         self.on_done: Callable[[Job], None] | None = on_done  # in the worker, before `done` is set
         self.step = 0
@@ -72,37 +84,76 @@ class Job:
         return int(100 * self.step / self.total) if self.total else 0
 
 
-class RequestQueue:
-    """`submit()` queues a request and returns its Job at once; the one worker thread runs jobs in order.
+def model_slots(generator) -> int:
+    """Generations `generator` may run at once: its batch group's max_batch (loaded with max_batch > 1), else 1."""
+    group = getattr(generator, "batch_group", None)
+    return group.max_batch if group is not None else 1
 
-    `claim()` (optional) is asked for work when the local queue is empty: it returns a Job from a durable store (a
-    video job) or None; it is polled every `poll` seconds while idle. `depth()` (optional) is the queue depth that
-    admission compares with `max_queue` (the cluster's, with a shared store); by default the local one.
+
+class RequestQueue:
+    """`submit()` queues a request for one model and returns its Job at once; the workers run jobs oldest first, each
+    model up to its slots at once (`model_slots`), all models together up to `max_running` (default: the sum).
+
+    `models`: {name: Generator}, or one Generator (named by its folder). `claim(names)` (optional) is asked for work
+    when no local job can run: it returns a Job of one of the models `names` (those with a free slot) from a durable
+    store (a video job), or None; the store is asked at most every `poll` seconds while nothing is found (at once
+    after `wake()`).
     """
 
-    def __init__(self, generator, max_queue: int = 8, timeout: float = 600.0, metrics=None,
-                 claim: Callable[[], Job | None] | None = None, poll: float = 0.25):
+    def __init__(self, models, max_queue: int = 8, timeout: float = 600.0, metrics=None,
+                 claim: Callable[[list[str]], Job | None] | None = None, poll: float = 0.25,
+                 max_running: int | None = None):
         assert max_queue >= 1 and timeout > 0, (max_queue, timeout)
-        self.generator = generator
+        if not isinstance(models, dict):
+            models = {Path(models.model_path).name: models}
+        assert models, "a queue needs a model"
+        self.models = dict(models)
+        self.default_model = next(iter(self.models))
+        self.slots = {name: model_slots(g) for name, g in self.models.items()}
+        self.max_running = max_running or sum(self.slots.values())
+        assert self.max_running >= 1, self.max_running
         self.max_queue = max_queue
         self.timeout = timeout
         self.metrics = metrics
         self.accepting = True
-        self.running: Job | None = None
         self.poll = poll
         self._claim = claim
         self._queue: collections.deque[Job] = collections.deque()
+        self._running: list[Job] = []
+        self._claiming = 0
+        self._reserved: collections.Counter[str] = collections.Counter()  # a slot per model being claimed for
+        self._next_claim = 0.0  # time.monotonic() of the next look into the store
         self._cond = threading.Condition()
-        self._idle = threading.Event()  # set while nothing runs
+        self._idle = threading.Event()  # set while nothing runs (and nothing is being claimed)
         self._idle.set()
         self._avg_seconds = 1.0  # moving average of a job's run time, for Retry-After
         self._claim_error_logged = 0.0
-        self._worker = threading.Thread(target=self._loop, name="gen-queue", daemon=True)
-        self._worker.start()
+        self._workers = [threading.Thread(target=self._loop, name=f"gen-queue-{i}", daemon=True)
+                         for i in range(self.max_running)]
+        for w in self._workers:
+            w.start()
+
+    @property
+    def generator(self):
+        """The first model's Generator."""
+        return self.models[self.default_model]
 
     @property
     def queue_depth(self) -> int:
         return len(self._queue)
+
+    def depth_of(self, model: str) -> int:
+        return sum(1 for j in list(self._queue) if j.model == model)
+
+    @property
+    def running(self) -> list[Job]:
+        """The jobs running now (a copy)."""
+        with self._cond:
+            return list(self._running)
+
+    def running_of(self, model: str) -> int:
+        with self._cond:
+            return sum(1 for j in self._running if j.model == model)
 
     @property
     def avg_seconds(self) -> float:
@@ -110,28 +161,34 @@ class RequestQueue:
 
     @property
     def ready(self) -> bool:
-        return self.accepting and self._worker.is_alive() and self.generator.ready
+        return (self.accepting and all(w.is_alive() for w in self._workers)
+                and all(g.ready for g in self.models.values()))
 
-    def retry_after(self, waiting: int, workers: int = 1) -> int:
-        """Seconds until about one slot frees, with `waiting` requests ahead spread over `workers` workers."""
-        return max(1, math.ceil(self._avg_seconds * (waiting + 1) / max(1, workers)))
+    def retry_after(self, waiting: int, replicas: int = 1) -> int:
+        """Seconds until about one slot frees, with `waiting` requests ahead spread over `replicas` replicas of this
+        server's workers."""
+        return max(1, math.ceil(self._avg_seconds * (waiting + 1) / (max(1, replicas) * self.max_running)))
 
-    def submit(self, request: GenerationRequest, *, on_progress=None, finish=None, on_done=None,
-               timeout: float | None = None) -> Job:
-        job = Job(request, time.monotonic() + (timeout or self.timeout), on_progress, finish, on_done)
+    def submit(self, request: GenerationRequest, *, model: str | None = None, on_progress=None, finish=None,
+               on_done=None, on_preview=None, preview_every: int = 1, timeout: float | None = None) -> Job:
+        model = model or self.default_model
+        assert model in self.models, model
+        job = Job(request, time.monotonic() + (timeout or self.timeout), on_progress, finish, on_done, model,
+                  on_preview, preview_every)
         with self._cond:
             if not self.accepting:
                 raise QueueClosed(SHUTDOWN)
             if len(self._queue) >= self.max_queue:
                 raise QueueFull(self.retry_after(len(self._queue)))
             self._queue.append(job)
-            self._cond.notify()
+            self._cond.notify_all()
         return job
 
     def wake(self) -> None:
-        """Ask an idle worker to look for work now (a video job was just stored) instead of at its next poll."""
+        """Ask an idle worker to look for work in the store now (a video job was just stored), not at its next poll."""
         with self._cond:
-            self._cond.notify()
+            self._next_claim = 0.0
+            self._cond.notify_all()
 
     def cancel(self, job: Job, reason: str) -> None:
         """Stop `job`: a waiting one leaves the queue at once (its slot is free for the next client) and is done; a
@@ -145,7 +202,7 @@ class RequestQueue:
         self._finish_unstarted(job)
 
     def close(self) -> None:
-        """Refuse new work and end the waiting jobs at once (503); the running job goes on (see `drain`)."""
+        """Refuse new work and end the waiting jobs at once (503); the running jobs go on (see `drain`)."""
         with self._cond:
             self.accepting = False
             waiting = list(self._queue)
@@ -156,60 +213,86 @@ class RequestQueue:
             self._finish_unstarted(job)
 
     def drain(self, timeout: float) -> None:
-        """`close()`, give the running job `timeout` seconds to finish, then cancel it and wait for it to stop."""
+        """`close()`, give the running jobs `timeout` seconds to finish, then cancel them and wait for them to stop."""
         self.close()
         if not self._idle.wait(timeout):
             running = self.running
-            if running is not None:
-                log.warning("cancelling the running generation: it ran past the shutdown timeout")
-                running.cancel(SHUTDOWN)
+            if running:
+                log.warning("cancelling %d running generation(s): past the shutdown timeout", len(running))
+            for job in running:
+                job.cancel(SHUTDOWN)
             self._idle.wait(60)
 
     def shutdown(self, timeout: float = 30.0) -> None:
-        """`drain(timeout)`, then stop the worker thread."""
+        """`drain(timeout)`, then stop the worker threads."""
         self.drain(timeout)
-        self._worker.join(10)
+        for w in self._workers:
+            w.join(10)
 
-    # --- the worker
+    # --- the workers
+
+    def _free(self) -> list[str]:
+        """Models with a free slot (under the lock)."""
+        if len(self._running) + self._claiming >= self.max_running:
+            return []
+        busy = collections.Counter(j.model for j in self._running) + self._reserved
+        return [name for name, n in self.slots.items() if busy[name] < n]
+
+    def _next_local(self) -> Job | None:
+        """The oldest waiting job whose model has a free slot, taken from the queue (under the lock)."""
+        free = self._free()
+        for job in self._queue:
+            if job.model in free:
+                self._queue.remove(job)
+                self._start(job)
+                return job
+        return None
+
+    def _start(self, job: Job) -> None:
+        self._running.append(job)
+        self._idle.clear()
 
     def _loop(self) -> None:
-        busy = False  # the last pass ran a job: look for the next at once
         while True:
+            names = None
             with self._cond:
-                if not self._queue and self.accepting and not busy:
-                    self._cond.wait(self.poll if self._claim is not None else None)
-                if self._queue:
-                    job = self._queue.popleft()
-                    self._start(job)
-                elif not self.accepting:
-                    return
-                else:
-                    job = None
+                while True:
+                    job = self._next_local()
+                    if job is not None:
+                        break
+                    if not self.accepting:
+                        return
+                    wait = None
+                    if self._claim is not None:
+                        free = self._free()
+                        wait = self._next_claim - time.monotonic()
+                        if free and wait <= 0:
+                            names = free
+                            self._claiming += 1
+                            self._reserved.update(names)
+                            self._next_claim = math.inf  # one worker looks at a time
+                            self._idle.clear()
+                            break
+                        wait = self.poll if not free or wait == math.inf else wait
+                    self._cond.wait(wait)
             if job is None:
-                job = self._claimed()
+                job = self._claimed(names)
                 if job is None:
-                    busy = False
                     continue
-            busy = True
             try:
                 self._run(job)
             finally:
                 with self._cond:
-                    self.running = None
-                    self._idle.set()
+                    self._running.remove(job)
+                    if not self._running and not self._claiming:
+                        self._idle.set()
+                    self._cond.notify_all()  # a slot is free: a waiting job of this model may start
 
-    def _start(self, job: Job) -> None:
-        self.running = job
-        self._idle.clear()
-
-    def _claimed(self) -> Job | None:
-        """A job from `claim`, or None (nothing to do, or the store is unreachable: logged, retried next poll)."""
-        if self._claim is None:
-            return None
-        with self._cond:
-            self._idle.clear()
+    def _claimed(self, names: list[str]) -> Job | None:
+        """A job from `claim` for one of `names`, or None (nothing to do, or the store is unreachable: logged,
+        retried next poll)."""
         try:
-            job = self._claim()
+            job = self._claim(names)
         except Exception as e:  # an unreachable store must not stop the worker; /ready reports it
             now = time.monotonic()
             if now - self._claim_error_logged > 30:
@@ -217,21 +300,31 @@ class RequestQueue:
                 self._claim_error_logged = now
             job = None
         with self._cond:
-            if job is None:
+            self._claiming -= 1
+            self._reserved.subtract(names)
+            self._reserved += collections.Counter()  # drop zeros
+            self._next_claim = 0.0 if job is not None else time.monotonic() + self.poll
+            if job is not None:
+                assert job.model in self.models, job.model
+                self._start(job)
+            elif not self._running and not self._claiming:
                 self._idle.set()
-            else:
-                self.running = job
+            self._cond.notify_all()
         return job
 
     def _run(self, job: Job) -> None:
         start = time.monotonic()
+        generator = self.models[job.model]
+        preview = None
+        if job.on_preview is not None:
+            preview = lambda step, total, image: job.on_preview(job, step, total, image)  # noqa: E731
         try:
             job.check()
             job.started = True
             if job.on_progress is not None:
                 job.on_progress(job)
-            job.result = self.generator.run(job.request, progress=lambda i, n: self._progress(job, i, n),
-                                            cancel=job.should_stop)
+            job.result = generator.run(job.request, progress=lambda i, n: self._progress(job, i, n),
+                                       cancel=job.should_stop, preview=preview, preview_every=job.preview_every)
             if job.finish is not None:
                 job.output = job.finish(job)
         except Cancelled as e:

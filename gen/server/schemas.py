@@ -8,10 +8,10 @@ import io
 import json
 import math
 import re
-from typing import Literal
+from typing import Any, Literal
 
 from PIL import Image, UnidentifiedImageError
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
 
 from gen.types import GenerationRequest
 
@@ -109,6 +109,18 @@ class _Common(_Body):
     guidance_scale: float | None = None
     true_cfg_scale: float | None = None
     user: str | None = None  # accepted for OpenAI compatibility, unused
+    loras: Any = None  # [{"name", "scale", "target"}]: LoRAs of the server's --lora-dir (checked by the library)
+
+    @field_validator("loras", mode="before")
+    @classmethod
+    def _loras_in_a_form(cls, value):
+        """A multipart form sends the list as a JSON string."""
+        if isinstance(value, str):
+            try:
+                return json.loads(value)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"a form's loras must be a JSON list, got {value[:40]!r} ({e.msg})") from None
+        return value
 
 
 class ImageBody(_Common):
@@ -120,11 +132,19 @@ class ImageBody(_Common):
     output_format: Literal["png", "jpeg", "webp"] = "png"
     output_compression: int | None = None
     enhance_prompt: bool = False
+    stream: bool = False  # server-sent events: partial images, then the final ones (OpenAI's image streaming)
+    partial_images: int | None = None  # 0-3 partial images while streaming (default 0)
 
     def to_request(self, images: tuple[Image.Image, ...] = ()) -> GenerationRequest:
         if self.output_compression is not None and not 0 <= self.output_compression <= 100:
             raise ApiError(400, f"output_compression must be between 0 and 100, got {self.output_compression}",
                            "output_compression", "invalid_value")
+        if self.partial_images is not None and not 0 <= self.partial_images <= 3:
+            raise ApiError(400, f"partial_images must be between 0 and 3, got {self.partial_images}",
+                           "partial_images", "invalid_value")
+        if self.stream and self.response_format == "url":
+            raise ApiError(400, "a streamed response carries b64_json images; response_format 'url' cannot be "
+                                "streamed", "response_format", "invalid_value")
         width, height = parse_size(self.size)
         return GenerationRequest(prompt=self.prompt, negative_prompt=self.negative_prompt, seed=self.seed,
                                  num_inference_steps=self.num_inference_steps, guidance_scale=self.guidance_scale,
