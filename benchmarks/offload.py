@@ -305,7 +305,10 @@ def free() -> None:
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
         torch.cuda.set_per_process_memory_fraction(1.0)
-        torch.accelerator.empty_host_cache()
+        if hasattr(torch.accelerator, "empty_host_cache"):  # torch >= 2.12
+            torch.accelerator.empty_host_cache()
+        elif hasattr(torch._C, "_host_emptyCache"):
+            torch._C._host_emptyCache()
 
 
 def cap_gpu(cap_gb: float | None) -> None:
