@@ -46,6 +46,10 @@ log = logging.getLogger(__name__)
 MODES = ("none", "model", "layer")
 GIB = 1 << 30
 WORK_RESERVE = 3 * GIB  # kept free for activations by the plan (a VAE decode is usually the peak)
+# blocks kept resident next to the streaming window leave this share of the budget to activations: a DiT step's
+# activations grow with the request (measured on an H200: Wan2.1-14B at 480p x 33 frames needs ~9 GiB besides its
+# weights, and a plan filling 24 GB up to the 3 GiB reserve ran out of memory)
+RESIDENT_MARGIN = 0.4
 SLAB = 1 << 30  # pinned host memory is taken in slabs of this size (or the next power of two above a bigger tensor)
 ALIGN = 512  # byte alignment of each storage inside a slab
 METHODS = ("encode", "decode")  # component entry points besides forward (VAEs; LLM encoders)
@@ -421,7 +425,7 @@ def plan_offload(mode: str | None, max_gpu_memory: float | None, components: dic
     if mode == "layer" and budget is not None:
         for d in dits:  # keep as many leading blocks as fit next to the streaming window
             k = 0
-            while k < len(d.blocks) and window(d, k + 1) + reserve <= budget:
+            while k < len(d.blocks) and window(d, k + 1) + max(reserve, RESIDENT_MARGIN * budget) <= budget:
                 k += 1
             resident[d.slot] = k
         need = max(others + [window(d, resident.get(d.slot, 0)) for d in dits] + [0]) + reserve
