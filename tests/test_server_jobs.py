@@ -4,12 +4,16 @@ reconciles files and rows; a job whose worker died goes back to the queue once, 
 shutdown goes back to the queue and the next server runs it; retention removes what has expired."""
 from __future__ import annotations
 
+import io
 import os
 import time
 from pathlib import Path
 
 import httpx
+import imageio.v2 as imageio
+import numpy as np
 import pytest
+from PIL import Image
 
 pytest.importorskip("fastapi")
 
@@ -17,6 +21,7 @@ import gen.server.videos as videos_module  # noqa: E402
 from gen.generator import Generator  # noqa: E402
 from gen.server.app import create_app, serve_in_thread  # noqa: E402
 from gen.server.jobs import SQLiteJobStore  # noqa: E402
+from helpers import psnr  # noqa: E402
 
 ASSETS = Path(__file__).resolve().parents[1] / "assets"
 V = {"prompt": "waves", "size": "32x32", "num_frames": 9, "num_inference_steps": 2, "seed": 3}
@@ -209,3 +214,41 @@ def test_disk_cap_removes_oldest_first(wan, tmp_path):
         assert retention.sweep()["disk_cap"] == 2  # the oldest video and its thumbnail
         assert http.get(f"/v1/videos/{ids[0]}").status_code == 404
         assert [http.get(f"/v1/videos/{vid}/content").status_code for vid in ids[1:]] == [200, 200]
+
+
+@pytest.mark.filterwarnings("ignore:The Sora API:DeprecationWarning")  # the SDK's notice on videos.*
+def test_progress_and_thumbnail_preview_while_running(wan, tmp_path, monkeypatch):
+    openai = pytest.importorskip("openai")
+    transformer = wan.pipeline.transformer
+    forward = transformer.forward
+
+    def slow_forward(*args, **kwargs):
+        time.sleep(0.3)
+        return forward(*args, **kwargs)
+
+    monkeypatch.setattr(transformer, "forward", slow_forward)
+    app = create_app(wan, output_dir=tmp_path, ui=False)
+    with serve_in_thread(app) as url, httpx.Client(base_url=url) as http:
+        body = {**V, "num_inference_steps": 8, "guidance_scale": 1.0}  # one call a step: about 2.4 s
+        vid = http.post("/v1/videos", json=body).json()["id"]
+        queued = http.post("/v1/videos", json=body).json()["id"]  # waits behind the first
+        r = http.get(f"/v1/videos/{queued}/content", params={"variant": "thumbnail"})
+        assert r.status_code == 409 and r.json()["error"]["code"] == "video_not_ready"
+        seen = []
+        deadline = time.monotonic() + 60
+        while (video := http.get(f"/v1/videos/{vid}").json())["status"] != "completed":
+            assert time.monotonic() < deadline and video["status"] != "failed", video
+            thumb = http.get(f"/v1/videos/{vid}/content", params={"variant": "thumbnail"})
+            if video["status"] == "in_progress" and thumb.status_code == 200:
+                seen.append((video["progress"], Image.open(io.BytesIO(thumb.content))))
+            time.sleep(0.1)
+        assert seen and 0 < seen[0][0] < 100  # a preview while it ran, with its progress
+        assert seen[0][1].format == "WEBP" and seen[0][1].size == (32, 32)  # shown at the video's size
+        client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0)
+        final = Image.open(io.BytesIO(client.videos.download_content(vid, variant="thumbnail").read()))
+        frames = imageio.mimread(str(tmp_path / "videos" / f"{vid}.mp4"), format="FFMPEG")
+        assert final.size == (32, 32) and psnr(np.asarray(final.convert("RGB")), frames[0]) >= 25  # first frame
+        http.delete(f"/v1/videos/{vid}")
+        assert not (tmp_path / "videos" / f"{vid}.webp").exists()
+        r = http.get(f"/v1/videos/{queued}/content", params={"variant": "spritesheet"})
+        assert r.status_code == 400 and r.json()["error"]["param"] == "variant"

@@ -2,6 +2,7 @@
 door like REST: the same queue, limits, API key and cancellation; outputs by opaque URL, no server paths."""
 from __future__ import annotations
 
+import base64
 import io
 import os
 import re
@@ -194,3 +195,38 @@ def test_gradio_client_video(tmp_path):
         link = sources(html)[0]
         assert seed == 5 and "<video" in html and re.fullmatch(r"\.\./outputs/[0-9a-f]{32}\.mp4", link)
         assert httpx.get(urljoin(f"{url}/ui/", link)).content[4:8] == b"ftyp"
+
+
+def test_ui_shows_previews_while_it_runs(server, slow):
+    url, _ = server
+    client = gradio_client.Client(f"{url}/ui/", verbose=False)
+    job = client.submit(*args(steps=12), api_name="/generate")
+    final = job.result(timeout=60)[0]
+    shown = [out[0] for out in job.outputs()[:-1] if isinstance(out[0], str) and "gen-preview" in out[0]]
+    assert shown, "no preview was shown"  # 12 steps of 0.1 s, polled every 0.25 s
+    for html in shown:
+        assert re.search(r'<img src="data:image/png;base64,[A-Za-z0-9+/=]+" width="64" height="48"', html)
+        assert "/tmp" not in html
+    assert "gen-preview" not in final and "outputs/" in final
+
+
+def test_ui_tabs_per_model_and_lora_picker(server, tmp_path):
+    _, app = server
+    flux = Generator.from_pretrained(ROOT / "assets" / "flux-tiny", device="cpu",
+                                     lora_dir=ROOT / "assets" / "loras" / "flux-tiny")
+    both = create_app({"flux": flux, "shapes": app.state.service.default.generator}, output_dir=tmp_path)
+    with serve_in_thread(both) as url:
+        client = gradio_client.Client(f"{url}/ui/", verbose=False)
+        kw = dict(prompt="a fox", width=32, height=32, steps=2, seed=6)
+        html, _, _ = client.predict(*args(**kw)[:-2], ["kohya"], 0.8, api_name="/generate")
+        ui_image = httpx.get(urljoin(f"{url}/ui/", sources(html)[0])).content
+        rest = httpx.post(f"{url}/v1/images/generations", timeout=60,
+                          json={"prompt": "a fox", "size": "32x32", "num_inference_steps": 2, "seed": 6,
+                                "loras": [{"name": "kohya", "scale": 0.8}]}).json()
+        assert ui_image == base64.b64decode(rest["data"][0]["b64_json"])  # the same LoRA, seed and PNG
+        plain, _, _ = client.predict(*args(**kw), api_name="/generate")
+        assert httpx.get(urljoin(f"{url}/ui/", sources(plain)[0])).content != ui_image
+        with pytest.raises(Exception):  # not one of the offered names
+            client.predict(*args(**kw)[:-2], ["nope"], 1.0, api_name="/generate")
+        html, seed, _ = client.predict(*args(seed=3), api_name="/generate_shapes")  # the second model's tab
+        assert seed == 3 and len(sources(html)) == 2

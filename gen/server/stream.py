@@ -107,7 +107,8 @@ class ImageStream:
 
     def _common(self, kind: str) -> dict:
         return {"type": f"{self.event}.{kind}", "created_at": int(time.time()),
-                "size": f"{self.req.width}x{self.req.height}", "quality": "auto", "background": "opaque", "output_format": self.body.output_format}
+                "size": f"{self.req.width}x{self.req.height}", "quality": "auto", "background": "opaque",
+                "output_format": self.body.output_format}
 
     def _encode(self, preview: Image.Image) -> str:
         """A preview (latent resolution) scaled to the output size, in the request's format."""
