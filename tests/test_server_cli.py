@@ -107,7 +107,8 @@ def test_gen_serve_help():
     for flag in ("--model-path", "--host", "--port", "--api-key", "--max-queue", "--output-dir", "--public-url",
                  "--timeout", "--read-timeout", "--max-pixels", "--max-frames", "--max-steps", "--max-n",
                  "--max-prompt-tokens", "--max-work", "--max-decode-gb", "--output-ttl", "--max-output-gb",
-                 "--job-store", "--job-lease", "--job-retries", "--webhook-allow-host", "--webhook-secret"):
+                 "--job-store", "--job-lease", "--job-retries", "--webhook-allow-host", "--webhook-secret",
+                 "--max-batch", "--batch-wait-ms", "--max-running", "--lora-dir", "[NAME=]PATH"):
         assert flag in out.stdout, flag
 
 
@@ -122,3 +123,26 @@ def test_serve_flags_reach_the_limits_and_durations():
     assert build_parser().parse_args(["serve", "--output-ttl", "0"]).output_ttl is None
     with pytest.raises(SystemExit):
         build_parser().parse_args(["serve", "--output-ttl", "soon"])
+
+
+def test_gen_serve_several_models_batching_and_loras(tmp_path):
+    """Two names for the default model (one encoder, shared), --max-batch, --lora-dir."""
+    loras = ROOT / "assets" / "loras" / "flux-tiny"
+    shapes = ROOT / "assets" / "gen-shapes"
+    proc, url = start_serve(tmp_path, "--model-path", f"shapes={shapes}", "--model-path", f"again={shapes}",
+                            "--max-batch", "2", "--batch-wait-ms", "50", "--lora-dir", str(loras))
+    try:
+        assert [m["id"] for m in httpx.get(f"{url}/v1/models").json()["data"]] == ["shapes", "again"]
+        assert "kohya" in [e["id"] for e in httpx.get(f"{url}/v1/loras").json()["data"]]
+        body = {"prompt": "a red circle", "size": "64x64", "num_inference_steps": 2, "seed": 1}
+        with concurrent.futures.ThreadPoolExecutor(2) as pool:
+            answers = list(pool.map(lambda m: httpx.post(f"{url}/v1/images/generations", json={**body, "model": m},
+                                                         timeout=120), ["shapes", "again"]))
+        assert [a.status_code for a in answers] == [200, 200]
+        assert answers[0].json()["data"][0]["b64_json"] == answers[1].json()["data"][0]["b64_json"]
+        r = httpx.post(f"{url}/v1/images/generations", json={**body, "loras": [{"name": "kohya"}]}, timeout=60)
+        assert r.status_code == 400 and r.json()["error"]["param"] == "loras[0].name"  # a FLUX LoRA on gen-shapes
+    finally:
+        proc.terminate()
+        out = proc.communicate(timeout=60)[0]
+    assert "models shapes, again share one text encoder" in out, out

@@ -138,6 +138,7 @@ def shared_encoders(generators: dict) -> list[dict]:
     for name, g in generators.items():
         components = getattr(getattr(g.pipeline, "components", None), "modules", None) or {}
         held = [*components.values(), *vars(g.pipeline).values()]  # a component, or an encoder the pipeline holds
+        held += [getattr(v, "llm", None) for v in held]  # an encoder wrapping the runtime (gen-shapes' GGUF one)
         for value in {id(v): v for v in held if isinstance(v, LLM)}.values():
             users.setdefault(id(value), (value, []))[1].append(name)
     out = []
