@@ -6,7 +6,7 @@ then trains the DiT until the time budget and writes, under --out: vae.safetenso
 weights, fp32, split to stay under 16 MiB a file) and meta.tar (log.json, vae_stats.json, samples.png).
 Training resumes from --work (full state, on a machine still warm) or else --resume (a previous call's --out).
 
-    python -m training.shapes.train --out $OUT --encoder .shapes/encoder --resume .shapes/resume --budget-s 540
+    python -m training.shapes.train --out $OUT --encoder .shapes/pack/part-* --resume .shapes/resume --budget-s 540
 """
 from __future__ import annotations
 
@@ -200,7 +200,7 @@ def main() -> None:
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", type=Path, required=True)
-    ap.add_argument("--encoder", type=Path, required=True)
+    ap.add_argument("--encoder", type=Path, nargs="+", required=True, help="the encoder pack's part folders")
     ap.add_argument("--resume", type=Path, default=None, help="a previous call's --out (vae.safetensors, dit-*.safetensors)")
     ap.add_argument("--work", type=Path, default=Path("/tmp/shapes-work"), help="full training state on this machine")
     ap.add_argument("--budget-s", type=float, default=540)
