@@ -93,6 +93,12 @@ IMAGE_CASES = [
     ("post", IMG, {"json": {**P, "enhance_prompt": "maybe"}}, 400, "invalid_value", "enhance_prompt"),
     ("post", IMG, {"json": {**P, "negative_prompt": 5}}, 400, "invalid_value", "negative_prompt"),
     ("post", IMG, {"json": {**P, "user": 5}}, 400, "invalid_value", "user"),
+    ("post", IMG, {"json": {**P, "stream": "maybe"}}, 400, "invalid_value", "stream"),
+    ("post", IMG, {"json": {**P, "stream": True, "partial_images": 4}}, 400, "invalid_value", "partial_images"),
+    ("post", IMG, {"json": {**P, "partial_images": 1.5}}, 400, "invalid_value", "partial_images"),
+    ("post", IMG, {"json": {**P, "stream": True, "response_format": "url"}}, 400, "invalid_value", "response_format"),
+    ("post", IMG, {"json": {**P, "loras": [{"name": "x"}]}}, 400, "loras_not_available", "loras"),  # no --lora-dir
+    ("post", IMG, {"json": {**P, "loras": [{"name": "/etc/passwd"}]}}, 400, "loras_not_available", "loras"),
     # prompts the encoders cannot take
     ("post", IMG, {"json": {**P, "prompt": "word " * 600}}, 400, "prompt_too_long", "prompt"),  # > 512 T5 tokens
     ("post", IMG, {"json": {**P, "prompt": "x" * 10000}}, 400, "prompt_too_long", "prompt"),
@@ -125,6 +131,8 @@ IMAGE_CASES = [
     ("post", EDIT, {"data": {"n": "1"}, "files": {"image": ("a.png", PNG)}}, 400, "missing_required_parameter",
      "prompt"),
     ("post", EDIT, {"data": {"prompt": "x"}, "files": {"unused": ("a", b"")}}, 400, "unknown_parameter", "unused"),
+    ("post", EDIT, {"data": {"prompt": "x", "loras": "[oops"}, "files": {"image": ("a.png", PNG)}}, 400,
+     "invalid_value", "loras"),  # a form's loras is a JSON list
     ("post", EDIT, {"data": {"prompt": "x", "size": "64x64"}, "files": {"image": ("a.png", PNG)}}, 400,
      "invalid_value", "image"),  # a text-to-image model takes no image
     ("post", EDIT, {"data": {"prompt": ["a", "b"]}, "files": {"image": ("a.png", PNG)}}, 400, "invalid_value",
