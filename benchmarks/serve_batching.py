@@ -13,6 +13,7 @@ The models are benchmarks/batching.py's (the Generator-level variant of this ben
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import statistics
@@ -123,6 +124,7 @@ def main(argv=None) -> dict:
                     row["batch_stats"] = dict(group.stats)
                 rows.append(row)
         del app, generator
+        gc.collect()  # the app's service, queue and store refer to each other
         if device.type == "cuda":
             torch.cuda.empty_cache()
     result = {"env": {**environment(), "torch_device": str(device), "dtype": str(dtype)}, "model": model,
