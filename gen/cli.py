@@ -68,7 +68,6 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--transformer", metavar="PATH",
                    help="one checkpoint file replacing the transformer of --model-path (diffusers, original BFL / "
                         "Wan or ComfyUI keys; .safetensors incl. FP8, or .gguf)")
-    add_parallel_arguments(p)
     p.add_argument("--lora", action="append", default=[], metavar="PATH[:SCALE][@TARGET]",
                    help="a LoRA .safetensors file (or a folder holding one) at SCALE (default 1.0); repeatable. "
                         "TARGET: transformer or transformer_2 (Wan2.2's high- / low-noise expert; default both). "
@@ -78,6 +77,7 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-loras", type=int, default=4, help="LoRAs per request (default 4)")
     p.add_argument("--max-lora-cache-mb", type=float, default=2048, metavar="MB",
                    help="loaded LoRA tensors kept in memory, least recently used dropped first (default 2048)")
+    add_parallel_arguments(p)
 
 
 def model_kwargs(args: argparse.Namespace) -> dict:
