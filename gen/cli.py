@@ -189,38 +189,42 @@ def run(args: argparse.Namespace) -> int:
 
     images = [load_image(p) for p in args.image]  # fail on bad images before loading the model
     gen = Generator.from_pretrained(args.model_path, **model_kwargs(args))
-    offload = gen.pipeline.transforms.get("offload") if getattr(gen.pipeline, "transforms", None) else None
-    if offload is not None:
-        print(f"offload: {offload.detail}", file=sys.stderr)
-    adapters = getattr(gen.pipeline, "loras", None)
-    if adapters is not None and adapters.active:
-        shown = ", ".join(f"{d['path']} ({d['format']}, rank {d['rank']}, scale {d['scale']:g})"
-                          for d in adapters.describe())
-        print(f"LoRAs{' (fused)' if adapters.fuse else ''}: {shown}", file=sys.stderr)
-    output = args.output or ("out.mp4" if gen.modality == "video" else "out.png")
-    if gen.modality == "video" and not output.lower().endswith(".mp4"):
-        raise GenError(f"video output must be written to a .mp4 file, got {output!r}", param="output")
-    if gen.modality != "video" and output.lower().endswith(".mp4"):
-        raise GenError(f"image output must end in .png, .jpg or .webp, got {output!r}", param="output")
-    paths = output_paths(output, len(prompts) * args.num_images)
-    for path in paths:
-        check_writable(path)
-    several = len(paths) > 1
-    base_seed = args.seed if args.seed is not None or not several else random.randint(0, 2**31 - 1)
-    jobs = [(prompt, None if base_seed is None else base_seed + j) for prompt in prompts for j in range(args.num_images)]
-    for (prompt, seed), path in zip(jobs, paths):
-        bar = _ProgressBar()
-        result = gen.generate(prompt=prompt, negative_prompt=args.negative_prompt, seed=seed,
-                              num_inference_steps=args.num_inference_steps, guidance_scale=args.guidance_scale,
-                              true_cfg_scale=args.true_cfg_scale, height=args.height, width=args.width,
-                              num_frames=args.num_frames, fps=args.fps, images=images,
-                              enhance_prompt=args.enhance_prompt, progress=bar)
-        bar.close()
-        if result.revised_prompt is not None:
-            print(f"revised prompt: {result.revised_prompt}")
-        written = result.save(path)
-        timings = ", ".join(f"{k} {v:.2f}s" for k, v in result.timings.items())
-        print(f"wrote {written} (seed {result.seed}; {timings})")
+    try:
+        offload = gen.pipeline.transforms.get("offload")
+        if offload is not None:
+            print(f"offload: {offload.detail}", file=sys.stderr)
+        adapters = gen.pipeline.loras
+        if adapters is not None and adapters.active:
+            shown = ", ".join(f"{d['path']} ({d['format']}, rank {d['rank']}, scale {d['scale']:g})"
+                              for d in adapters.describe())
+            print(f"LoRAs{' (fused)' if adapters.fuse else ''}: {shown}", file=sys.stderr)
+        output = args.output or ("out.mp4" if gen.modality == "video" else "out.png")
+        if gen.modality == "video" and not output.lower().endswith(".mp4"):
+            raise GenError(f"video output must be written to a .mp4 file, got {output!r}", param="output")
+        if gen.modality != "video" and output.lower().endswith(".mp4"):
+            raise GenError(f"image output must end in .png, .jpg or .webp, got {output!r}", param="output")
+        paths = output_paths(output, len(prompts) * args.num_images)
+        for path in paths:
+            check_writable(path)
+        several = len(paths) > 1
+        base_seed = args.seed if args.seed is not None or not several else random.randint(0, 2**31 - 1)
+        jobs = [(prompt, None if base_seed is None else base_seed + j)
+                for prompt in prompts for j in range(args.num_images)]
+        for (prompt, seed), path in zip(jobs, paths):
+            bar = _ProgressBar()
+            result = gen.generate(prompt=prompt, negative_prompt=args.negative_prompt, seed=seed,
+                                  num_inference_steps=args.num_inference_steps, guidance_scale=args.guidance_scale,
+                                  true_cfg_scale=args.true_cfg_scale, height=args.height, width=args.width,
+                                  num_frames=args.num_frames, fps=args.fps, images=images,
+                                  enhance_prompt=args.enhance_prompt, progress=bar)
+            bar.close()
+            if result.revised_prompt is not None:
+                print(f"revised prompt: {result.revised_prompt}")
+            written = result.save(path)
+            timings = ", ".join(f"{k} {v:.2f}s" for k, v in result.timings.items())
+            print(f"wrote {written} (seed {result.seed}; {timings})")
+    finally:
+        gen.close()  # the other ranks of a multi-rank group
     return 0
 
 

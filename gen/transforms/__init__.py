@@ -128,7 +128,15 @@ class Applied(list):
     """The transforms applied to one pipeline, innermost first."""
 
     def summary(self) -> dict:
-        return {s.name: s.detail for s in self}
+        """name -> what it reports, as plain values (a transform's own object by its str), for logs and JSON."""
+        plain = (bool, int, float, str, type(None))
+
+        def show(detail):
+            if isinstance(detail, plain) or (isinstance(detail, list) and all(isinstance(x, plain) for x in detail)):
+                return detail
+            return str(detail)
+
+        return {s.name: show(s.detail) for s in self}
 
     def get(self, name: str) -> Step | None:
         return next((s for s in self if s.name == name), None)
