@@ -1,6 +1,7 @@
 """Shared fixtures: paths of the tiny assets."""
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -8,7 +9,8 @@ import torch
 
 ASSETS = Path(__file__).resolve().parents[1] / "assets"
 
-torch.set_num_threads(2)
+# two cores: one torch thread per pytest-xdist worker (the README runs two), both for a single process
+torch.set_num_threads(1 if os.environ.get("PYTEST_XDIST_WORKER") else 2)
 
 
 @pytest.fixture(scope="session")

@@ -8,7 +8,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from gen.models.attention import attention
-from gen.models.layers import AdaNormOut, FeedForward, MLPEmbedder, apply_rope, project, timestep_embedding
+from gen.models.layers import (AdaNormOut, FeedForward, MLPEmbedder, apply_rope, project, timestep_embedding,
+                               unbatch_ids)
 
 Rope = tuple[torch.Tensor, torch.Tensor]  # (cos, sin), each (S, head_dim / 2) float32
 
@@ -264,7 +265,7 @@ class FluxTransformer(nn.Module):
             raise ValueError("guidance is None, but this model has guidance_embeds=True (FLUX.1-dev): pass guidance")
         if not self.config.guidance_embeds and guidance is not None:
             raise ValueError("guidance was given, but this model has guidance_embeds=False (FLUX.1-schnell)")
-        img_ids, txt_ids = _unbatch_ids(img_ids, "img_ids"), _unbatch_ids(txt_ids, "txt_ids")
+        img_ids, txt_ids = unbatch_ids(img_ids, "img_ids"), unbatch_ids(txt_ids, "txt_ids")
         rope = self.rope(txt_ids, img_ids)
 
         img = self.x_embedder(hidden_states)  # (B, L, dim)
@@ -280,12 +281,3 @@ class FluxTransformer(nn.Module):
             x = block(x, temb, rope)
         img = x[:, txt.shape[1] :]  # (B, L, dim)
         return self.proj_out(self.norm_out(img, temb))  # (B, L, out_channels)
-
-
-def _unbatch_ids(ids: torch.Tensor, name: str) -> torch.Tensor:
-    """Accept (S, 3) or the deprecated (B, S, 3) (first batch entry, as diffusers does)."""
-    if ids.ndim == 3:
-        ids = ids[0]
-    if ids.ndim != 2:
-        raise ValueError(f"{name} must be (S, n_axes) or (B, S, n_axes), got shape {tuple(ids.shape)}")
-    return ids

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 
 from gen.models.attention import attention
 from gen.models.flux import Rope, rope_from_ids, rotate
-from gen.models.layers import AdaNormOut, MLPEmbedder, project, timestep_embedding
+from gen.models.layers import AdaNormOut, MLPEmbedder, project, timestep_embedding, unbatch_ids
 
 Mod = tuple[torch.Tensor, ...]  # shift, scale, gate (per set), each (B, 1, dim)
 
@@ -256,7 +256,7 @@ class Flux2Transformer(nn.Module):
             raise ValueError("guidance is None, but this model has guidance_embeds=True (FLUX.2 [dev]): pass guidance")
         if not self.config.guidance_embeds and guidance is not None:
             raise ValueError("guidance was given, but this model has guidance_embeds=False (FLUX.2 [klein])")
-        img_ids, txt_ids = _unbatch_ids(img_ids, "img_ids"), _unbatch_ids(txt_ids, "txt_ids")
+        img_ids, txt_ids = unbatch_ids(img_ids, "img_ids"), unbatch_ids(txt_ids, "txt_ids")
         rope = self.rope(txt_ids, img_ids)
 
         t = timestep.to(hidden_states.dtype) * 1000
@@ -275,12 +275,3 @@ class Flux2Transformer(nn.Module):
             x = block(x, mod_single, rope)
         img = x[:, txt.shape[1]:]  # (B, L, dim)
         return self.proj_out(self.norm_out(img, temb))  # (B, L, out_channels)
-
-
-def _unbatch_ids(ids: torch.Tensor, name: str) -> torch.Tensor:
-    """(S, 4), or (B, S, 4) read from its first entry as diffusers does."""
-    if ids.ndim == 3:
-        ids = ids[0]
-    if ids.ndim != 2:
-        raise ValueError(f"{name} must be (S, n_axes) or (B, S, n_axes), got shape {tuple(ids.shape)}")
-    return ids

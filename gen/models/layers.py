@@ -95,6 +95,15 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return torch.stack([xr * cos - xi * sin, xr * sin + xi * cos], dim=-1).flatten(-2).type_as(x)
 
 
+def unbatch_ids(ids: torch.Tensor, name: str) -> torch.Tensor:
+    """Position ids (S, n_axes), or the deprecated (B, S, n_axes) read from its first entry as diffusers does."""
+    if ids.ndim == 3:
+        ids = ids[0]
+    if ids.ndim != 2:
+        raise ValueError(f"{name} must be (S, n_axes) or (B, S, n_axes), got shape {tuple(ids.shape)}")
+    return ids
+
+
 def project(x: torch.Tensor, *layers: nn.Module) -> tuple[torch.Tensor, ...]:
     """`x` through several Linear layers that all read it: one matmul when gen/transforms/join.py joined exactly this
     group (the first layer then holds the joined weight), else one call per layer. LoRA adapters on a joined group
