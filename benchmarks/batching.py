@@ -115,8 +115,8 @@ def run_clients(generator: Generator, clients: int, per_client: int, request_kw:
             "p50_s": statistics.median(lat), "p95_s": lat[min(len(lat) - 1, round(0.95 * (len(lat) - 1)))]}
 
 
-def main(argv=None) -> dict:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def add_load_arguments(p: argparse.ArgumentParser) -> None:
+    """The model, request and client flags this benchmark shares with benchmarks/serve_batching.py."""
     p.add_argument("--model", choices=["shapes", "flux"], default="shapes")
     p.add_argument("--tiny", action="store_true", help="CPU check on assets/flux-tiny")
     p.add_argument("--size", type=int, help="height = width (default: the model's; 64 for --tiny)")
@@ -128,6 +128,11 @@ def main(argv=None) -> dict:
     p.add_argument("--compile", action="store_true")
     p.add_argument("--device")
     p.add_argument("--dtype")
+
+
+def main(argv=None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_load_arguments(p)
     p.add_argument("--out", help="write the results here as JSON")
     p.add_argument("--write-encoder", metavar="DIR", help="write SmolLM2's config and tokenizer to DIR, then exit")
     p.add_argument("--random-encoder", metavar="DIR", help="the default model's encoder with random weights")

@@ -27,7 +27,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from benchmarks.batching import PROMPTS, load, use_random_encoder  # noqa: E402
+from benchmarks.batching import PROMPTS, add_load_arguments, load, use_random_encoder  # noqa: E402
 from benchmarks.common import environment, write_json  # noqa: E402
 from gen.device import resolve_device, resolve_dtype  # noqa: E402
 
@@ -79,17 +79,7 @@ def serve(generator, max_queue: int):
 
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--model", choices=["shapes", "flux"], default="shapes")
-    p.add_argument("--tiny", action="store_true", help="CPU check on assets/flux-tiny")
-    p.add_argument("--size", type=int, help="height = width (default: the model's; 64 for --tiny)")
-    p.add_argument("--steps", type=int, help="denoising steps (default: the model's; 2 for --tiny)")
-    p.add_argument("--clients", type=int, nargs="+", default=[1, 4, 16])
-    p.add_argument("--per-client", type=int, default=3, help="requests each client sends")
-    p.add_argument("--max-batch", type=int, default=16)
-    p.add_argument("--batch-wait-ms", type=float, default=5.0)
-    p.add_argument("--compile", action="store_true")
-    p.add_argument("--device")
-    p.add_argument("--dtype")
+    add_load_arguments(p)
     p.add_argument("--random-encoder", metavar="DIR", help="the default model's encoder with random weights "
                                                            "(benchmarks/batching.py --write-encoder DIR first)")
     p.add_argument("--out", help="write the results here as JSON (default: $OUT/serve_batching.json when $OUT is set)")
