@@ -17,7 +17,7 @@ from assets.builders.shapes import init_kwargs, write_folder
 from training.shapes import configs, guide
 from training.shapes.train import load_dit
 
-ASSETS = Path(__file__).resolve().parents[1]
+ASSETS = Path(__file__).resolve().parents[2] / "assets"
 
 
 def export(run_dir: Path, out_dir: Path) -> Path:
