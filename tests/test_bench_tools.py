@@ -41,3 +41,11 @@ def test_batching_benchmark_runs_on_cpu():
     assert set(rows) == {(1, False), (2, False), (1, True), (2, True)}
     assert rows[2, True]["requests"] == 2 and rows[2, True]["batch_stats"]["calls"] > 0
     assert all(r["p95_s"] >= r["p50_s"] > 0 for r in result["rows"])
+
+
+def test_attention_fa4_benchmark_runs_on_cpu():
+    from benchmarks.attention_fa4 import main
+
+    result = main(["--tiny"])
+    assert result["errors"]["fa4"] is None  # no FA4 on the CPU: reported unavailable, not timed
+    assert result["errors"]["cudnn"] < 1e-5 and result["rows"][0]["cudnn"] > 0
