@@ -275,3 +275,24 @@ def test_cli_lora_flags(tmp_path, capsys):
     assert capsys.readouterr().err.strip().splitlines()[-1].startswith("error: LoRA ")
     assert main(args + ["--lora", f"{KOHYA}:11"]) == 2
     assert "LoRA scale must be a finite number in [-10, 10], got 11.0" in capsys.readouterr().err
+
+
+def test_add_lora_in_place_eager_equals_the_compiled_add():
+    """add_lora accumulates into the base output in place when eager (on a column slice of a joined output too) and
+    adds out of place under torch.compile; both equal y + h @ up^T. A layout it cannot view as rows is added out of
+    place."""
+    from gen.models.layers import add_lora
+
+    g = torch.Generator().manual_seed(0)
+    joined, h, up = torch.randn(2, 5, 24, generator=g), torch.randn(2, 5, 4, generator=g), torch.randn(8, 4, generator=g)
+    want = joined[..., 8:16] + h @ up.T
+    eager = joined.clone()
+    got = add_lora(eager[..., 8:16], h, up)
+    assert got.data_ptr() == eager[..., 8:16].data_ptr() and rel_err(got, want) < 1e-6
+    assert torch.equal(eager[..., :8], joined[..., :8]) and torch.equal(eager[..., 16:], joined[..., 16:])
+    compiled = torch.compile(lambda y: add_lora(y[..., 8:16], h, up), backend="eager", fullgraph=True)
+    base = joined.clone()
+    assert rel_err(compiled(base), want) < 1e-6 and torch.equal(base, joined)  # out of place: the input untouched
+    transposed = joined[..., 8:16].transpose(0, 1)  # rows not mergeable into one stride
+    out = add_lora(transposed, h.transpose(0, 1), up)
+    assert out.data_ptr() != transposed.data_ptr() and rel_err(out, want.transpose(0, 1)) < 1e-6

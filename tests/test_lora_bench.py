@@ -17,3 +17,20 @@ def test_lora_step_benchmark_runs_on_cpu(tmp_path, capsys):
     assert result["recompiles_while_switching"] == 0 and result["switch_ms"] > 0
     assert len(result["diffusers"]) == 3 and json.loads(out.read_text())["tokens"] == result["tokens"]
     assert "| ours compiled, unfused rank 4 |" in capsys.readouterr().out
+
+
+def test_lora_variants_benchmark_runs_on_cpu(tmp_path, capsys):
+    """Every way of adding the LoRA computes the same as the reference (fp32: rel err <= 1e-5), compiled and eager."""
+    from benchmarks.lora_variants import JOINED_VARIANTS, VARIANTS, main as variants
+
+    out = tmp_path / "variants.json"
+    result = variants(["--tiny", "--ranks", "4", "--out", str(out)])
+    assert result["all_agree"]
+    assert {(r["case"], r["mode"]) for r in result["rows"]} == {
+        (c, m) for c in ("32->32", "32->128", "128->32", "qkv", "qkv+mlp") for m in ("compiled", "eager")}
+    for r in result["rows"]:
+        want = set(JOINED_VARIANTS if r["case"].startswith("qkv") else VARIANTS) - (
+            {"inplace"} if r["mode"] == "compiled" else set())
+        assert {v for v in JOINED_VARIANTS if v in r} == want and all(r[v]["rel_err"] <= 1e-5 for v in want)
+    assert json.loads(out.read_text())["tokens"] == 64
+    assert "| qkv+mlp | 4 | compiled |" in capsys.readouterr().out

@@ -108,7 +108,8 @@ def project(x: torch.Tensor, *layers: nn.Module) -> tuple[torch.Tensor, ...]:
     """`x` through several Linear layers that all read it: one matmul when gen/transforms/join.py joined exactly this
     group (the first layer then holds the joined weight), else one call per layer. LoRA adapters on a joined group
     (gen/transforms/lora.py: the members' down matrices stacked on the first layer) add one down matmul for the
-    group and each member's up matmul on its own rows."""
+    group and each member's up product added to its slice of the joined output (in place when eager: see
+    add_lora; the LoRA scales are already in the down rows)."""
     first = layers[0]
     sizes = getattr(first, "joined_sizes", None)
     if sizes is None:
@@ -119,5 +120,27 @@ def project(x: torch.Tensor, *layers: nn.Module) -> tuple[torch.Tensor, ...]:
     down = getattr(first, "joined_lora_down", None)
     if down is None:
         return out
-    h = (F.linear(x, down) * first.joined_lora_scale).split(first.joined_lora_ranks, dim=-1)  # (..., R) each
-    return tuple(o + F.linear(hi, layer.lora_up) for o, hi, layer in zip(out, h, layers))
+    h = F.linear(x, down).split(first.joined_lora_ranks, dim=-1)  # (..., R) each
+    return tuple(add_lora(o, hi, layer.lora_up) for o, hi, layer in zip(out, h, layers))
+
+
+def add_lora(y: torch.Tensor, h: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """y (..., out) + h (..., R) @ up (out, R)^T. Eager: accumulated into y in place (one GEMM reading and writing
+    y: two passes over it, where a separate matmul and add make four); under torch.compile: a matmul and an add,
+    which inductor fuses into y's consumer (its addmm would copy y into a new buffer first), also two passes."""
+    rows = None if torch.compiler.is_compiling() else _as_rows(y)
+    if rows is None or rows.dtype != h.dtype:
+        return y + F.linear(h, up)
+    rows.addmm_(h.reshape(-1, h.shape[-1]), up.t())
+    return y
+
+
+def _as_rows(y: torch.Tensor) -> torch.Tensor | None:
+    """A (rows, out) view of y sharing its memory (y may be a column slice of a wider output), or None."""
+    if y.ndim < 2 or y.stride(-1) != 1:
+        return None
+    for i in range(y.ndim - 2):
+        if y.stride(i) != y.stride(i + 1) * y.shape[i + 1]:
+            return None
+    return y.as_strided((y.numel() // y.shape[-1] if y.shape[-1] else 0, y.shape[-1]), (y.stride(-2), 1))
+

@@ -6,16 +6,19 @@ gen/lora (key maps per format and family, an LRU cache bounded in MB). Two ways 
 
 - unfused (default): each adapted layer keeps its weight and adds `scale_i * (x A_i^T) B_i^T` for every LoRA i of
   the set. Its class becomes a subclass (`Lora<Linear>`, same parameters and state_dict keys) whose forward adds
-  the update from three non-persistent buffers: `lora_down` (R, in) = the set's A matrices stacked, `lora_scale`
-  (R,) = each row's LoRA scale, `lora_up` (out, R) = the B matrices side by side: two thin matmuls for any number of
-  LoRAs. R is a fixed capacity (a power of two >= the set's total rank, the same for a layer in every block of a
-  list), the unused rows zero. Switching sets copies new contents in place: a compiled block keeps its graph
-  (torch.compile guards on shapes, not values) and a CUDA graph replays the new values. Only a set that needs more
-  capacity, or adapters on new layers, changes the structure (one recompile per block list; captured CUDA graphs
-  are dropped); an empty set takes the banks off (the plain compiled graph is still cached). Joined projections
-  (gen/transforms/join.py): the group's downs are one tensor on its first layer (`joined_lora_down`, each member's
-  `lora_down` a view of its rows), so `gen.models.layers.project` runs one down matmul for the group and each
-  member's up on its own rows: a LoRA on q, k or v lands on its slice.
+  the update from two non-persistent buffers: `lora_down` (R, in) = the set's A matrices stacked, each LoRA's rows
+  multiplied by its scale when the set is copied in (no multiply per step), `lora_up` (out, R) = the B matrices
+  side by side: two thin matmuls for any number of LoRAs (`add_lora`: eager, the up product accumulates into the
+  layer's output in place, one GEMM with beta = 1; compiled, a matmul whose add inductor fuses into the output's
+  consumer; benchmarks/lora_variants.py times the alternatives). R is a fixed capacity (a power of two >= the set's
+  total rank, the same for a layer in every block of a list), the unused rows zero. Switching sets copies new
+  contents in place: a compiled block keeps its graph (torch.compile guards on shapes, not values) and a CUDA graph
+  replays the new values. Only a set that needs more capacity, or adapters on new layers, changes the structure
+  (one recompile per block list; captured CUDA graphs are dropped); an empty set takes the banks off (the plain
+  compiled graph is still cached). Joined projections (gen/transforms/join.py): the group's downs are one tensor
+  on its first layer (`joined_lora_down`, each member's `lora_down` a view of its rows), so
+  `gen.models.layers.project` runs one down matmul for the group and each member's up on its own rows: a LoRA on
+  q, k or v lands on its slice.
 - fused (`fuse=True`): W += sum_i scale_i B_i A_i, computed in fp32; no cost per step. The original weights are
   kept (in host memory when the model is on an accelerator) and copied back before another set goes in: unfusing
   restores them bit for bit.
@@ -42,6 +45,7 @@ from torch import nn
 
 from gen.lora.files import DEFAULT_CACHE_MB, DEFAULT_MAX_LORAS, LoraCache, check_specs, lora_file
 from gen.lora.formats import LoraWeights, Pair
+from gen.models.layers import add_lora
 from gen.types import GenError, LoraSpec
 
 log = logging.getLogger(__name__)
@@ -56,9 +60,7 @@ class LoraLayer:
     """Mixin put in front of a linear layer's class: its own output plus the low-rank update of its banks."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = super().forward(x)
-        h = F.linear(x, self.lora_down) * self.lora_scale  # (..., R)
-        return y + F.linear(h, self.lora_up)  # (..., out)
+        return add_lora(super().forward(x), F.linear(x, self.lora_down), self.lora_up)
 
 
 _CLASSES: dict[type, type] = {}
@@ -340,7 +342,7 @@ class LoraAdapters:
                 _detach_layer(layer)
         self.capacity[slot] = wanted
         self._attach(slot, changed & set(wanted))
-        banks = [t for _, layer in self._all_layers(slot) for t in (layer.lora_down, layer.lora_up, layer.lora_scale)]
+        banks = [t for _, layer in self._all_layers(slot) for t in (layer.lora_down, layer.lora_up)]
         if banks:
             torch._foreach_zero_(banks)
         for path, items in pairs.items():
@@ -348,9 +350,8 @@ class LoraAdapters:
             row = 0
             for pair, s in items:
                 r = pair.down.shape[0]
-                layer.lora_down[row:row + r].copy_(pair.down)
+                layer.lora_down[row:row + r].copy_(pair.down).mul_(s)  # the scale folded into its rows
                 layer.lora_up[:, row:row + r].copy_(pair.up)
-                layer.lora_scale[row:row + r].fill_(s)
                 row += r
         return bool(changed)
 
@@ -402,35 +403,30 @@ class LoraAdapters:
             self.active, self.active_key = [], ()
 
 
-def _attach_layer(layer: nn.Module, cap: int, dtype: torch.dtype, down: torch.Tensor | None = None,
-                  scale: torch.Tensor | None = None) -> None:
+def _attach_layer(layer: nn.Module, cap: int, dtype: torch.dtype, down: torch.Tensor | None = None) -> None:
     """Banks of capacity `cap` in `dtype` (the activations') on the layer, and its class made a LoraLayer."""
     device = layer.weight.device
     if down is None:
         down = torch.zeros(cap, layer.in_features, device=device, dtype=dtype)
-        scale = torch.zeros(cap, device=device, dtype=dtype)
     layer.register_buffer("lora_down", down, persistent=False)
-    layer.register_buffer("lora_scale", scale, persistent=False)
     layer.register_buffer("lora_up", torch.zeros(layer.out_features, cap, device=device, dtype=dtype),
                           persistent=False)
     layer.__class__ = lora_class(type(layer))
 
 
 def _attach_group(members: list[tuple[str, nn.Module]], cap: int, dtype: torch.dtype) -> None:
-    """A joined group: one down / scale tensor on the first layer, each member's its rows (views)."""
+    """A joined group: one down tensor on the first layer, each member's its rows (views)."""
     first = members[0][1]
     n = len(members)
     down = torch.zeros(n * cap, first.in_features, device=first.weight.device, dtype=dtype)
-    scale = torch.zeros(n * cap, device=first.weight.device, dtype=dtype)
     for i, (_, layer) in enumerate(members):
-        _attach_layer(layer, cap, dtype, down[i * cap:(i + 1) * cap], scale[i * cap:(i + 1) * cap])
+        _attach_layer(layer, cap, dtype, down[i * cap:(i + 1) * cap])
     first.register_buffer("joined_lora_down", down, persistent=False)
-    first.register_buffer("joined_lora_scale", scale, persistent=False)
     first.joined_lora_ranks = [cap] * n
 
 
 def _detach_layer(layer: nn.Module) -> None:
-    for name in ("lora_down", "lora_scale", "lora_up", "joined_lora_down", "joined_lora_scale"):
+    for name in ("lora_down", "lora_up", "joined_lora_down"):
         if name in layer._buffers:
             del layer._buffers[name]
     layer.__dict__.pop("joined_lora_ranks", None)
