@@ -3,6 +3,7 @@ each gets what it would have got alone (its own seed, prompt, size of text); ref
 from __future__ import annotations
 
 import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -139,3 +140,87 @@ def test_cfg_branches_in_one_forward(name):
     assert psnr(pictures_of[True], pictures_of[False]) >= 50.0
     with pytest.raises(GenError, match="cfg_batch and step_cache cannot be combined"):
         Generator.from_pretrained(ASSETS / folder, device="cpu", cfg_batch=True, step_cache=0.1)
+
+
+class SlowDevice(torch.nn.Module):
+    """A forward that takes `seconds` with the GIL free, as a launch-bound GPU forward leaves the host between
+    launches: the time the other generations' host work could fill."""
+
+    def __init__(self, seconds: float):
+        super().__init__()
+        self.seconds = seconds
+
+    def forward(self, x):
+        time.sleep(self.seconds)
+        return x + 1
+
+
+def hold_gil(seconds: float) -> None:
+    """Host work between two steps (scheduler, CFG): Python holding the GIL."""
+    end = time.perf_counter() + seconds
+    while time.perf_counter() < end:
+        pass
+
+
+def stepping(group: BatchGroup, model, n: int, steps: int, host_s, start: threading.Barrier) -> list:
+    """`n` generations of `steps` calls each in the denoise stage; `host_s(i)` of host work after each call."""
+    outs = [None] * n
+
+    def work(i):
+        with group.member(), group.stage("denoise"):
+            start.wait()
+            x = torch.zeros(1)
+            for _ in range(steps):
+                x = model(x)
+                hold_gil(host_s(i))
+            outs[i] = x
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(n)]
+    for t in threads:
+        t.start()
+    return threads
+
+
+def test_stepping_generations_keep_in_lock_step():
+    """Host work between steps longer than the batch wait (and different per generation): every forward still
+    takes the call of every generation, as the gatherer waits for the stepping ones, not for a timer."""
+    group = BatchGroup(max_batch=8, wait_s=0.0)
+    model = SlowDevice(0.02)
+    CallBatcher(model, group, ("x",))
+    n, steps = 6, 5
+    threads = stepping(group, model, n, steps, lambda i: 0.002 * (i + 1), threading.Barrier(6))
+    for t in threads:
+        t.join(timeout=30)
+    s = group.stats
+    assert (s["calls"], s["forwards"], s["batched_calls"], s["stalls"]) == (n * steps, steps, n * steps, 0), s
+    assert group.report() == {"SlowDevice.forward": s}
+
+
+def test_a_stalled_generation_is_left_for_the_next_forward():
+    """A stepping generation that does not call within stall_s: the others go without it."""
+    group = BatchGroup(max_batch=8, wait_s=0.0, stall_s=0.05)
+    model = SlowDevice(0.001)
+    CallBatcher(model, group, ("x",))
+    start = threading.Barrier(4)
+    threads = stepping(group, model, 3, 3, lambda i: 0.0, start)
+    with group.member(), group.stage("denoise"):  # in its denoise loop, but its host work takes 0.5 s
+        start.wait()
+        time.sleep(0.5)
+    for t in threads:
+        t.join(timeout=30)
+    assert group.stats["stalls"] >= 1 and group.stats["forwards"] <= 3 + 1, group.stats
+
+
+def test_shapes_share_text_encodes_and_decodes():
+    """gen-shapes: the LLM runtime's encoder takes concurrent encodes (merged into batched prefills), and the 2D VAE's
+    decodes of generations that finish together run as one batched decode."""
+    gen = Generator.from_pretrained(ASSETS / "gen-shapes", device="cpu", max_batch=4, batch_wait_ms=300)
+    llm = gen.pipeline.encoder.llm
+    before = dict(llm.stats)
+    requests = [GenerationRequest(prompt=p, seed=10 + i, num_inference_steps=2) for i, p in enumerate(PROMPTS)]
+    run_threads(gen, requests)
+    report = gen.batch_group.report()
+    decode = report["AutoencoderKL.decode"]
+    assert decode["calls"] == 3 and decode["forwards"] < 3, report
+    calls, batches = (llm.stats[k] - before[k] for k in ("encode_calls", "encode_batches"))
+    assert calls == 6 and batches < calls, llm.stats
