@@ -3,7 +3,11 @@
 Each client is a thread sending requests one after another (its own prompt and seed) to one loaded model, as the
 server's clients do. Off: one generation at a time (the server's single worker: a request waits for the ones
 before it). On: every client's generation runs at once, their DiT calls merged up to --max-batch per forward.
-Per setting: images per minute over the run and the p50 / p95 latency of a request (waiting included).
+Per setting: images per minute over the run and the p50 / p95 latency of a request (waiting included), after one
+warm-up round at the largest client count; the mean seconds per request in each pipeline stage (`result.timings`;
+"queued" is the rest of the latency: waiting for the one-at-a-time lock off, for the text encoder's lock on where the
+encoder needs one) and, batching on, each batcher's calls, forwards, seconds gathering (waiting for the other
+generations' calls) and running merged forwards, and the text encoder's calls and batched runs.
 
   python benchmarks/batching.py --model shapes --clients 1 4 16                      # GPU: the default model, 128^2
   python benchmarks/batching.py --model flux --size 512 --steps 4 --clients 1 4 16   # GPU: FLUX.1-dev-sized
@@ -78,9 +82,11 @@ def load(model: str, device, dtype, max_batch: int, wait_ms: float, compile: boo
 
 
 def run_clients(generator: Generator, clients: int, per_client: int, request_kw: dict, batching: bool) -> dict:
-    """`clients` threads each sending `per_client` requests; latencies in seconds and the wall time."""
+    """`clients` threads each sending `per_client` requests; latencies in seconds, the wall time, the mean seconds
+    of a request in each stage."""
     serial = threading.Lock()  # batching off: one generation at a time, in arrival order as the server's worker
     latencies: list[float] = []
+    stages: dict[str, float] = {}
     errors: list[BaseException] = []
     start = threading.Barrier(clients + 1)
 
@@ -91,14 +97,16 @@ def run_clients(generator: Generator, clients: int, per_client: int, request_kw:
             t = time.perf_counter()
             try:
                 if batching:
-                    generator.run(req)
+                    result = generator.run(req)
                 else:
                     with serial:
-                        generator.run(req)
+                        result = generator.run(req)
             except BaseException as e:  # reported after the run
                 errors.append(e)
                 return
             latencies.append(time.perf_counter() - t)
+            for name, seconds in {**result.timings, "queued": latencies[-1] - sum(result.timings.values())}.items():
+                stages[name] = stages.get(name, 0.0) + seconds
 
     threads = [threading.Thread(target=client, args=(c,)) for c in range(clients)]
     for t in threads:
@@ -112,7 +120,14 @@ def run_clients(generator: Generator, clients: int, per_client: int, request_kw:
         raise errors[0]
     lat = sorted(latencies)
     return {"clients": clients, "requests": len(lat), "wall_s": wall, "images_per_min": 60 * len(lat) / wall,
-            "p50_s": statistics.median(lat), "p95_s": lat[min(len(lat) - 1, round(0.95 * (len(lat) - 1)))]}
+            "p50_s": statistics.median(lat), "p95_s": lat[min(len(lat) - 1, round(0.95 * (len(lat) - 1)))],
+            "stage_s": {k: v / len(lat) for k, v in stages.items()}}
+
+
+def encoder_stats(generator: Generator) -> dict | None:
+    """The LLM runtime's encode calls and the batched runs that served them, where the text encoder is one."""
+    llm = getattr(generator.pipeline.components.get("text_encoder"), "llm", None)
+    return dict(llm.stats) if llm is not None and hasattr(llm, "stats") else None
 
 
 def add_load_arguments(p: argparse.ArgumentParser) -> None:
@@ -122,7 +137,7 @@ def add_load_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--size", type=int, help="height = width (default: the model's; 64 for --tiny)")
     p.add_argument("--steps", type=int, help="denoising steps (default: the model's; 2 for --tiny)")
     p.add_argument("--clients", type=int, nargs="+", default=[1, 4, 16])
-    p.add_argument("--per-client", type=int, default=3, help="requests each client sends")
+    p.add_argument("--per-client", type=int, default=6, help="requests each client sends")
     p.add_argument("--max-batch", type=int, default=16)
     p.add_argument("--batch-wait-ms", type=float, default=5.0)
     p.add_argument("--compile", action="store_true")
@@ -154,15 +169,19 @@ def main(argv=None) -> dict:
     for batching in (False, True):
         generator = load(model, device, dtype, args.max_batch if batching else 1, args.batch_wait_ms, args.compile)
         run_clients(generator, 1, 1, request_kw, batching)  # warm-up (compile, caches)
-        if batching:  # one warm-up batch at the largest size too
-            run_clients(generator, max(args.clients), 1, request_kw, batching)
+        run_clients(generator, max(args.clients), 1, request_kw, batching)  # and one round at the largest size
         for clients in args.clients:
-            if batching:
-                generator.batch_group.stats.update(calls=0, batched_calls=0, forwards=0)
+            group = generator.batch_group
+            if group is not None:
+                group.reset_stats()
+            before = encoder_stats(generator)
             row = run_clients(generator, clients, args.per_client, request_kw, batching)
             row["batching"] = batching
-            if batching:
-                row["batch_stats"] = dict(generator.batch_group.stats)
+            if group is not None:
+                row["batch_stats"] = dict(group.stats)
+                row["batchers"] = group.report()
+            if before is not None:
+                row["encoder"] = {k: v - before[k] for k, v in encoder_stats(generator).items()}
             rows.append(row)
         del generator
         if device.type == "cuda":
@@ -173,7 +192,7 @@ def main(argv=None) -> dict:
     if args.out:
         write_json(args.out, result)
     print(json.dumps(result["env"]))
-    print("| model | clients | batching | images/min | p50 s | p95 s | DiT forwards / calls |")
+    print("| model | clients | batching | images/min | p50 s | p95 s | forwards / calls (all batchers) |")
     print("|---|---|---|---|---|---|---|")
     base = {r["clients"]: r for r in rows if not r["batching"]}
     for r in rows:
@@ -182,6 +201,15 @@ def main(argv=None) -> dict:
         print(f"| {model} {request_kw} | {r['clients']} | {'on' if r['batching'] else 'off'} | "
               f"{r['images_per_min']:.1f} ({speed:.2f}x) | {r['p50_s']:.3f} | {r['p95_s']:.3f} | "
               f"{stats.get('forwards', '-')} / {stats.get('calls', '-')} |")
+    print("\nmean seconds per request by stage; batchers: forwards / calls, seconds gathering / in merged forwards")
+    for r in rows:
+        stages = " ".join(f"{k} {v:.3f}" for k, v in r["stage_s"].items() if k != "validate")
+        batchers = "; ".join(f"{name}: {b['forwards']}/{b['calls']}, {b['gather_s']:.2f}/{b['forward_s']:.2f} s"
+                             f"{', %d stalls' % b['stalls'] if b['stalls'] else ''}"
+                             for name, b in r.get("batchers", {}).items())
+        enc = r.get("encoder")
+        enc = f"; encoder {enc['encode_batches']}/{enc['encode_calls']}" if enc else ""
+        print(f"{r['clients']:>3} {'on ' if r['batching'] else 'off'} | {stages} | {batchers}{enc}")
     return result
 
 

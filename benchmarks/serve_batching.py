@@ -102,16 +102,16 @@ def main(argv=None) -> dict:
         app = serve(generator, max_queue=2 * max(args.clients))
         with serve_in_thread(app) as url:
             run_clients(url, 1, 1, body)  # warm-up (compile, caches)
-            if max_batch > 1:
-                run_clients(url, max(args.clients), 1, body)  # one warm-up batch at the largest size too
+            run_clients(url, max(args.clients), 1, body)  # and one round at the largest size
             for clients in args.clients:
                 group = generator.batch_group
                 if group is not None:
-                    group.stats.update(calls=0, batched_calls=0, forwards=0)
+                    group.reset_stats()
                 row = run_clients(url, clients, args.per_client, body)
                 row["max_batch"] = max_batch
                 if group is not None:
                     row["batch_stats"] = dict(group.stats)
+                    row["batchers"] = group.report()
                 rows.append(row)
         del app, generator
         gc.collect()  # the app's service, queue and store refer to each other
