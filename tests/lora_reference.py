@@ -20,8 +20,9 @@ def first(result):
 class Reference:
     """One diffusers pipeline, LoRAs loaded per case and unloaded after."""
 
-    def __init__(self, cls, path):
-        self.pipe = cls.from_pretrained(path)
+    def __init__(self, cls, path=None, pipe=None):
+        """`cls.from_pretrained(path)`, or `pipe`: one built by hand (FLUX.2, Qwen-Image 2.1: see their tests)."""
+        self.pipe = pipe if pipe is not None else cls.from_pretrained(path)
         self.pipe.set_progress_bar_config(disable=True)
         self.video = cls is WanPipeline
 

@@ -113,10 +113,6 @@ def test_foreign_unknown_and_unsupported_files_are_refused_by_name(tmp_path):
     dora = _write(tmp_path, {"transformer.x_embedder.lora_magnitude_vector": torch.ones(4)}, "dora.safetensors")
     with pytest.raises(GenError, match="DoRA adapters are not supported"):
         read_lora(dora, FLUX)
-    te_only = _write(tmp_path, {"lora_te1_text_model_encoder_layers_0_mlp_fc1.lora_down.weight": torch.zeros(2, 4)},
-                     "te.safetensors")
-    with pytest.raises(GenError, match="no transformer weights .*text-encoder keys"):
-        read_lora(te_only, FLUX)
     half = _write(tmp_path, {"transformer.x_embedder.lora_A.weight": torch.zeros(2, 16)}, "half.safetensors")
     with pytest.raises(GenError, match="x_embedder has a down matrix but no up one"):
         read_lora(half, FLUX)
@@ -126,12 +122,19 @@ def test_foreign_unknown_and_unsupported_files_are_refused_by_name(tmp_path):
         read_lora(nan, FLUX)
 
 
-def test_text_encoder_keys_are_left_out_with_a_warning(tmp_path, caplog):
+@pytest.mark.parametrize("key", ["lora_te1_text_model_encoder_layers_0_mlp_fc1.lora_down.weight",
+                                 "lora_te_text_model_encoder_layers_0_mlp_fc1.lora_up.weight",
+                                 "text_encoder.text_model.encoder.layers.0.self_attn.q_proj.lora_A.weight",
+                                 "text_encoder_2.encoder.block.0.layer.0.SelfAttention.q.lora_B.weight"])
+def test_text_encoder_keys_are_refused_by_name(tmp_path, key):
+    """kohya / diffusers text-encoder keys (CLIP or T5) beside the transformer's: refused, the first ones named; a
+    file of only them too."""
     t = dict(load_file(LORAS / "flux-tiny/kohya.safetensors"))
-    t["lora_te1_text_model_encoder_layers_0_mlp_fc1.lora_down.weight"] = torch.zeros(2, 4)
-    w = read_lora(_write(tmp_path, t), FLUX)
-    assert w.skipped == ("lora_te1_text_model_encoder_layers_0_mlp_fc1.lora_down.weight",)
-    assert "1 text-encoder keys left out" in caplog.text
+    t[key] = torch.zeros(2, 4)
+    with pytest.raises(GenError, match=rf"has 1 text-encoder keys \({key}\): LoRAs on the text encoders"):
+        read_lora(_write(tmp_path, t), FLUX)
+    with pytest.raises(GenError, match="text-encoder keys"):
+        read_lora(_write(tmp_path, {key: torch.zeros(2, 4)}, "te.safetensors"), FLUX)
 
 
 def test_truncated_corrupt_and_pickled_files_are_named(tmp_path):

@@ -1,5 +1,5 @@
-"""Tiny LoRA files for the tiny FLUX, Wan and Qwen-Image checkpoints (assets/loras/<model>/), one per format people
-download: the diffusers / PEFT ones from adapters PEFT puts on diffusers' own transformer, written by the pipeline's
+"""Tiny LoRA files for the tiny FLUX, Wan, Qwen-Image, FLUX.2, Z-Image and Qwen-Image 2.1 checkpoints (assets/loras/<model>/), one per format people
+download (what diffusers reads for each, for parity): the diffusers / PEFT ones from adapters PEFT puts on diffusers' own transformer, written by the pipeline's
 `save_lora_weights` (and PEFT's `save_pretrained` for a PEFT folder); the others by small writers of each format's
 keys (kohya / sd-scripts, ComfyUI, BFL, XLabs, Wan official / lightx2v, musubi-tuner, Qwen-Image-Lightning), from
 seeded random matrices shaped after the checkpoint's layers. Names of theirs come from gen/lora/formats.py's tables.
@@ -10,11 +10,14 @@ import zlib
 from pathlib import Path
 
 import torch
-from diffusers import (FluxPipeline, FluxTransformer2DModel, QwenImagePipeline, QwenImageTransformer2DModel,
-                       WanPipeline, WanTransformer3DModel)
+from diffusers import (Flux2Pipeline, Flux2Transformer2DModel, FluxPipeline, FluxTransformer2DModel,
+                       QwenImage21Pipeline, QwenImage21Transformer2DModel, QwenImagePipeline,
+                       QwenImageTransformer2DModel, WanPipeline, WanTransformer3DModel, ZImagePipeline,
+                       ZImageTransformer2DModel)
 from safetensors.torch import save_file
 
-from gen.lora.formats import FLUX_BFL, FLUX_XLABS, WAN_ORIGINAL, Naming
+from gen.lora.formats import (FLUX_BFL, FLUX_XLABS, QWEN21_OURS, WAN_ORIGINAL, ZIMAGE_ORIGINAL, Naming,
+                              _BFL2, _ZIMAGE_OURS)
 
 RANK = 4
 FLUX_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out",
@@ -220,8 +223,68 @@ def build_qwen(root: Path) -> list[Path]:
     return [out]
 
 
+def all_linears(model) -> list[str]:
+    """Every linear layer's full path: PEFT targets that match exactly one module each."""
+    return sorted(linear_shapes(model))
+
+
+def build_flux2(root: Path) -> list[Path]:
+    model_dir, out = root / "flux2-tiny", root / "loras" / "flux2-tiny"
+    out.mkdir(parents=True, exist_ok=True)
+    load = lambda: Flux2Transformer2DModel.from_pretrained(model_dir / "transformer")
+    write_diffusers(out, "diffusers", Flux2Pipeline, load(), all_linears(load()), seed=31, alpha=8)
+    shapes = linear_shapes(load())
+    every = their_modules(Naming("BFL", _BFL2), shapes)
+    bfl = [m for m in every if m[0] != "final_layer.adaLN_modulation.1"]  # diffusers' reader does not swap its halves
+    # ComfyUI / ai-toolkit: lora_A / lora_B under diffusion_model., no alphas (diffusers' reader takes neither
+    # lora_down nor alphas there)
+    write_native(out / "comfyui.safetensors", bfl, seed=32, prefix="diffusion_model.", down="lora_A.weight",
+                 up="lora_B.weight")
+    # kohya: diffusers' reader converts the blocks' layers and img_in / txt_in / time_in / final_layer.linear
+    kohya = [m for m in bfl if m[0].startswith(("double_blocks", "single_blocks", "img_in", "txt_in", "time_in",
+                                                 "final_layer.linear"))]
+    write_native(out / "kohya.safetensors", kohya, seed=33, prefix="lora_unet_", flat=True, alpha=lambda n, r: 2.0)
+    # every BFL module, the final modulation included (its halves swapped into ours): checked against a hand merge
+    write_native(out / "bfl_all.safetensors", every, seed=34, prefix="diffusion_model.", alpha=lambda n, r: 8.0)
+    return [out]
+
+
+def build_z_image(root: Path) -> list[Path]:
+    model_dir, out = root / "z-image-tiny", root / "loras" / "z-image-tiny"
+    out.mkdir(parents=True, exist_ok=True)
+    load = lambda: ZImageTransformer2DModel.from_pretrained(model_dir / "transformer")
+    write_diffusers(out, "diffusers", ZImagePipeline, load(), all_linears(load()), seed=41, alpha=8)
+    shapes = linear_shapes(load())
+    ours = their_modules(Naming("diffusers", _ZIMAGE_OURS), shapes)
+    # ComfyUI: diffusion_model. + lora_down / lora_up + alpha, the output projections under their original name
+    # (`attention.out`); q / k / v separate (diffusers reads the fused `attention.qkv` only in another layout)
+    original = [(n.replace("attention.to_out.0", "attention.out"), i, o) for n, i, o in ours]
+    write_native(out / "comfyui.safetensors", original, seed=42, prefix="diffusion_model.", alpha=lambda n, r: 8.0)
+    write_native(out / "kohya.safetensors", ours, seed=43, prefix="lora_unet_", flat=True, alpha=lambda n, r: 2.0)
+    # the original fused q/k/v: checked against a hand merge
+    fused = their_modules(ZIMAGE_ORIGINAL, shapes, lambda n: n.endswith("attention.qkv"))
+    write_native(out / "qkv.safetensors", fused, seed=44, prefix="diffusion_model.", alpha=lambda n, r: 8.0)
+    return [out]
+
+
+def build_qwen21(root: Path) -> list[Path]:
+    model_dir, out = root / "qwen-image21-tiny", root / "loras" / "qwen-image21-tiny"
+    out.mkdir(parents=True, exist_ok=True)
+    load = lambda: QwenImage21Transformer2DModel.from_pretrained(model_dir / "transformer")
+    write_diffusers(out, "diffusers", QwenImage21Pipeline, load(), all_linears(load()), seed=51, alpha=8)
+    ours = their_modules(QWEN21_OURS, linear_shapes(load()))
+    write_native(out / "comfyui.safetensors", ours, seed=52, prefix="diffusion_model.", down="lora_A.weight",
+                 up="lora_B.weight")
+    # kohya: diffusers' reader re-dots the blocks' attention and img_mlp.proj / .out only (gate_layer, txt_in.*,
+    # modulation.1 come out misnamed there)
+    kohya = [m for m in ours if m[0].startswith("transformer_blocks") and "gate_layer" not in m[0]]
+    write_native(out / "kohya.safetensors", kohya, seed=53, prefix="lora_unet_", flat=True, alpha=lambda n, r: 2.0)
+    return [out]
+
+
 def build(root: Path) -> list[Path]:
-    return build_flux(root) + build_wan(root) + build_qwen(root)
+    return build_flux(root) + build_wan(root) + build_qwen(root) + build_flux2(root) + build_z_image(root) \
+        + build_qwen21(root)
 
 
 if __name__ == "__main__":

@@ -23,14 +23,18 @@ up rows and deltas are split in declared ratios (its down is shared), and BFL's 
 | FLUX.1      | `transformer.` + ours     | BFL names, `diffusion_model.` / `base_model.model.`     | `lora_unet_` + BFL flat, `lora_transformer_` + ours flat | XLabs `processor.qkv_lora1` |
 | Wan2.1/2.2  | `transformer.` + ours     | Wan names, `diffusion_model.` (incl. `diff`/`diff_b`/`diff_m`) | `lora_unet_` + Wan flat |       |
 | Qwen-Image  | ours, with or without `transformer.` | ours under `diffusion_model.`                | `lora_unet_` + ours flat |            |
+| FLUX.2      | `transformer.` + ours     | BFL names (and ours) under `diffusion_model.` or none     | `lora_unet_` + BFL flat |             |
+| Z-Image     | `transformer.` + ours     | ours and the original `attention.qkv` / `attention.out`, `diffusion_model.` | `lora_unet_` + those flat | |
+| Qwen-Image 2.1 | ours, with or without `transformer.` | ours under `diffusion_model.`             | `lora_unet_` + ours flat |            |
 
 `parse(tensors, family, ...)` finds the format whose prefixes and names explain every key; a file explained by no
 format of the family is refused naming the first keys none explains, and one that another family's formats explain
-is refused naming that family. DoRA and LyCORIS (LoHa, LoKr) adapters are refused by name.
+is refused naming that family. DoRA and LyCORIS (LoHa, LoKr) adapters are refused by name, and so is a file with
+text-encoder keys (kohya `lora_te_` / `lora_te1_`, diffusers `text_encoder.`; the first ones named): we do not apply
+LoRAs to the text encoders, and dropping those keys would silently run a different LoRA.
 """
 from __future__ import annotations
 
-import logging
 import math
 import re
 from dataclasses import dataclass, field
@@ -39,12 +43,13 @@ import torch
 
 from gen.types import GenError
 
-log = logging.getLogger(__name__)
 
 SHOW = 5  # keys named in an error
 
 FLUX, WAN, QWEN = "FluxTransformer2DModel", "WanTransformer3DModel", "QwenImageTransformer2DModel"
-FAMILY_NAMES = {FLUX: "FLUX.1", WAN: "Wan2.1 / Wan2.2", QWEN: "Qwen-Image"}
+FLUX2, ZIMAGE, QWEN21 = "Flux2Transformer2DModel", "ZImageTransformer2DModel", "QwenImage21Transformer2DModel"
+FAMILY_NAMES = {FLUX: "FLUX.1", WAN: "Wan2.1 / Wan2.2", QWEN: "Qwen-Image", FLUX2: "FLUX.2", ZIMAGE: "Z-Image",
+                QWEN21: "Qwen-Image 2.1"}
 
 # ---------------------------------------------------------------- suffixes (the same in every format)
 
@@ -227,12 +232,72 @@ _QWEN_OURS, _QWEN_PARAMS = _identity([
 ], ["txt_norm.weight", *(f"transformer_blocks.{{i}}.attn.{n}.weight"
                          for n in ("norm_q", "norm_k", "norm_added_q", "norm_added_k"))])
 
+# FLUX.2 (and Klein): ours (diffusers) and BFL's original names (ComfyUI, ai-toolkit, kohya)
+_FLUX2_OURS, _FLUX2_NORMS = _identity([
+    "x_embedder", "context_embedder", "proj_out", "norm_out.linear", "double_stream_modulation_img.linear",
+    "double_stream_modulation_txt.linear", "single_stream_modulation.linear",
+    *(f"time_guidance_embed.{e}.linear_{n}" for e in ("timestep_embedder", "guidance_embedder") for n in (1, 2)),
+    *(f"transformer_blocks.{{i}}.{m}" for m in (
+        "attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0", "attn.add_q_proj", "attn.add_k_proj",
+        "attn.add_v_proj", "attn.to_add_out", "ff.linear_in", "ff.linear_out", "ff_context.linear_in",
+        "ff_context.linear_out")),
+    *(f"single_transformer_blocks.{{i}}.attn.{m}" for m in ("to_qkv_mlp_proj", "to_out")),
+], [*_FLUX_NORMS])
+_BFL2 = {
+    "img_in": T("x_embedder"), "txt_in": T("context_embedder"),
+    "time_in.in_layer": T("time_guidance_embed.timestep_embedder.linear_1"),
+    "time_in.out_layer": T("time_guidance_embed.timestep_embedder.linear_2"),
+    "guidance_in.in_layer": T("time_guidance_embed.guidance_embedder.linear_1"),
+    "guidance_in.out_layer": T("time_guidance_embed.guidance_embedder.linear_2"),
+    "double_stream_modulation_img.lin": T("double_stream_modulation_img.linear"),
+    "double_stream_modulation_txt.lin": T("double_stream_modulation_txt.linear"),
+    "single_stream_modulation.lin": T("single_stream_modulation.linear"),
+    _d + "img_attn.qkv": T(_t + "attn.to_q", _t + "attn.to_k", _t + "attn.to_v", ratios=(1, 1, 1)),
+    _d + "txt_attn.qkv": T(_t + "attn.add_q_proj", _t + "attn.add_k_proj", _t + "attn.add_v_proj", ratios=(1, 1, 1)),
+    _d + "img_attn.proj": T(_t + "attn.to_out.0"), _d + "txt_attn.proj": T(_t + "attn.to_add_out"),
+    _d + "img_mlp.0": T(_t + "ff.linear_in"), _d + "img_mlp.2": T(_t + "ff.linear_out"),
+    _d + "txt_mlp.0": T(_t + "ff_context.linear_in"), _d + "txt_mlp.2": T(_t + "ff_context.linear_out"),
+    _s + "linear1": T(_u + "attn.to_qkv_mlp_proj"), _s + "linear2": T(_u + "attn.to_out"),
+    "final_layer.linear": T("proj_out"),
+    "final_layer.adaLN_modulation.1": T("norm_out.linear", swap=True),
+}
+
+# Z-Image: released with diffusers names; its original code fuses q/k/v (`attention.qkv`) and names the output
+# projection `attention.out`
+_ZIMAGE_OURS, _ZIMAGE_NORMS = _identity([
+    "all_x_embedder.2-1", "all_final_layer.2-1.linear", "all_final_layer.2-1.adaLN_modulation.1", "t_embedder.mlp.0",
+    "t_embedder.mlp.2", "cap_embedder.1",
+    *(f"{b}.{{i}}.{m}" for b in ("layers", "noise_refiner", "context_refiner") for m in (
+        "attention.to_q", "attention.to_k", "attention.to_v", "attention.to_out.0", "feed_forward.w1",
+        "feed_forward.w2", "feed_forward.w3", "adaLN_modulation.0")),
+], ["cap_embedder.0.weight", *(f"{b}.{{i}}.{n}.weight" for b in ("layers", "noise_refiner", "context_refiner")
+                               for n in ("attention.norm_q", "attention.norm_k", "attention_norm1", "attention_norm2",
+                                         "ffn_norm1", "ffn_norm2"))])
+_ZIMAGE_ORIGINAL = {**_ZIMAGE_OURS, **{
+    f"{b}.{{i}}.attention.{m}": target for b in ("layers", "noise_refiner", "context_refiner") for m, target in (
+        ("qkv", T(f"{b}.{{i}}.attention.to_q", f"{b}.{{i}}.attention.to_k", f"{b}.{{i}}.attention.to_v",
+                  ratios=(1, 1, 1))),
+        ("out", T(f"{b}.{{i}}.attention.to_out.0")))}}
+
+# Qwen-Image 2.1: released with diffusers names
+_QWEN21_OURS, _QWEN21_PARAMS = _identity([
+    "img_in", "txt_in.in_layer", "txt_in.out_layer", "modulation.1", "proj_out", "norm_out.linear",
+    "time_text_embed.timestep_embedder.linear_1", "time_text_embed.timestep_embedder.linear_2",
+    *(f"transformer_blocks.{{i}}.{m}" for m in (
+        "attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0", "img_mlp.proj", "img_mlp.gate_layer", "img_mlp.out")),
+], ["txt_in.text_norm.weight", *(f"transformer_blocks.{{i}}.attn.{n}.weight" for n in ("norm_q", "norm_k"))])
+
 FLUX_OURS = Naming("diffusers", _FLUX_OURS, {p: p for p in _FLUX_NORMS})
 FLUX_BFL = Naming("BFL", _BFL, _BFL_PARAMS)
 FLUX_XLABS = Naming("XLabs", _XLABS)
 WAN_OURS = Naming("diffusers", _WAN_OURS)
 WAN_ORIGINAL = Naming("Wan", _WAN, _WAN_PARAMS)
 QWEN_OURS = Naming("diffusers", _QWEN_OURS, _QWEN_PARAMS)
+FLUX2_OURS = Naming("diffusers", _FLUX2_OURS, _FLUX2_NORMS)
+FLUX2_BFL = Naming("BFL", {**_BFL2, **_FLUX2_OURS}, {**_BFL_PARAMS, **_FLUX2_NORMS})  # ai-toolkit mixes both
+ZIMAGE_OURS = Naming("diffusers", _ZIMAGE_OURS, _ZIMAGE_NORMS)
+ZIMAGE_ORIGINAL = Naming("Z-Image", _ZIMAGE_ORIGINAL, _ZIMAGE_NORMS)
+QWEN21_OURS = Naming("diffusers", _QWEN21_OURS, _QWEN21_PARAMS)
 
 
 @dataclass(frozen=True)
@@ -265,6 +330,21 @@ FORMATS: dict[str, tuple[Format, ...]] = {
         Format("ComfyUI", COMFY_PREFIXES, QWEN_OURS),
         Format("kohya / sd-scripts", ("lora_unet_",), QWEN_OURS, flat=True),
     ),
+    FLUX2: (
+        Format("diffusers / PEFT", PEFT_PREFIXES, FLUX2_OURS),
+        Format("BFL / ComfyUI / ai-toolkit", COMFY_PREFIXES + ("",), FLUX2_BFL),
+        Format("kohya / sd-scripts", ("lora_unet_",), FLUX2_BFL, flat=True),
+    ),
+    ZIMAGE: (
+        Format("diffusers / PEFT", PEFT_PREFIXES, ZIMAGE_OURS),
+        Format("ComfyUI / Z-Image", COMFY_PREFIXES + ("",), ZIMAGE_ORIGINAL),
+        Format("kohya / sd-scripts", ("lora_unet_",), ZIMAGE_ORIGINAL, flat=True),
+    ),
+    QWEN21: (
+        Format("diffusers / PEFT", PEFT_PREFIXES, QWEN21_OURS),
+        Format("ComfyUI", COMFY_PREFIXES, QWEN21_OURS),
+        Format("kohya / sd-scripts", ("lora_unet_",), QWEN21_OURS, flat=True),
+    ),
 }
 
 
@@ -288,7 +368,6 @@ class LoraWeights:
     family: str  # the DiT checkpoint class
     pairs: dict[str, Pair]
     deltas: dict[str, torch.Tensor]
-    skipped: tuple[str, ...] = ()  # text-encoder keys left out
 
     @property
     def nbytes(self) -> int:
@@ -306,7 +385,7 @@ class LoraWeights:
             return cast.setdefault(id(t), t.to(device, dtype))
 
         return LoraWeights(self.source, self.format, self.family, {k: Pair(c(p.down), c(p.up)) for k, p in self.pairs.items()},
-                           {k: c(v) for k, v in self.deltas.items()}, self.skipped)
+                           {k: c(v) for k, v in self.deltas.items()})
 
 
 @dataclass
@@ -380,18 +459,18 @@ def parse(tensors: dict[str, torch.Tensor], family: str, source: str, peft_alpha
     if family not in FORMATS:
         raise GenError(f"LoRAs are not supported for {family} models yet (supported: "
                        f"{', '.join(FAMILY_NAMES.values())})", param="loras")
-    skipped = tuple(k for k in tensors if k.startswith(TEXT_ENCODER_PREFIXES))
-    keys = [k for k in tensors if k not in set(skipped)]
+    text = [k for k in tensors if k.startswith(TEXT_ENCODER_PREFIXES)]
+    if text:  # leaving them out would run another LoRA than the one trained: refused, not skipped
+        raise GenError(f"LoRA {source} has {len(text)} text-encoder keys ({_names(text)}): LoRAs on the text "
+                       "encoders (CLIP / T5) are not supported; use a file with the transformer's keys only",
+                       param="loras")
+    keys = list(tensors)
     if not keys:
-        raise GenError(f"LoRA {source} has no transformer weights" + (
-            f" (only text-encoder keys, which are not supported: {_names(skipped)})" if skipped else ""), param="loras")
+        raise GenError(f"LoRA {source} has no tensors", param="loras")
     found = detect(keys, family)
     if found is None:
         raise _refuse(keys, family, source)
     fmt, prefix = found
-    if skipped:
-        log.warning("LoRA %s: %d text-encoder keys left out (LoRAs on text encoders are not supported): %s", source,
-                    len(skipped), _names(skipped))
     entries: dict[str, _Entry] = {}
     for key in keys:
         module, kind, param = split_key(key)
@@ -444,7 +523,7 @@ def parse(tensors: dict[str, torch.Tensor], family: str, source: str, peft_alpha
         if t.is_floating_point() and not torch.isfinite(t).all():
             bad = next(k for k, v in tensors.items() if v.is_floating_point() and not torch.isfinite(v).all())
             raise GenError(f"LoRA {source}: tensor {bad} holds NaN or infinite values", param="loras")
-    return LoraWeights(source, fmt.name, family, pairs, deltas, skipped)
+    return LoraWeights(source, fmt.name, family, pairs, deltas)
 
 
 def _rows(t: torch.Tensor, target: Target, module: str, source: str) -> list[torch.Tensor]:
