@@ -93,9 +93,12 @@ class BatchGroup:
         """One generation in flight for the duration, run by this thread (others may wait for its DiT calls)."""
         me, tid = _Member(), threading.get_ident()
         with self.lock:
-            if tid in self.members:
-                raise RuntimeError("a thread runs one generation of a batch group at a time")
-            self.members[tid] = me
+            outer = self.members.get(tid)
+            if outer is None:
+                self.members[tid] = me
+        if outer is not None:  # a generation run inside another one's run, in its thread: the same member
+            yield outer
+            return
         try:
             yield me
         finally:
