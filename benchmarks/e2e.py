@@ -266,6 +266,16 @@ def free_device_memory(device: torch.device) -> None:
         (getattr(torch.accelerator, "empty_cache", None) or getattr(torch, device.type).empty_cache)()
 
 
+def bench_models(args, device: torch.device, dtype: torch.dtype, rank: int = 0, group=None) -> list[dict]:
+    """Each model of `--model` in turn; compiled code and freed weights are dropped between them."""
+    models = []
+    for name in args.models:
+        models.append(bench_model(SPECS[name], args, device, dtype, rank, group))
+        torch._dynamo.reset()
+        free_device_memory(device)
+    return models
+
+
 def bench_model(spec: Spec, args, device: torch.device, dtype: torch.dtype, rank: int = 0, group=None) -> dict:
     from gen import Generator
     from gen.transforms import TransformOptions, apply_transforms
@@ -358,7 +368,7 @@ def rank_main(rank: int, device: torch.device, options: dict) -> list[dict]:
         torch.set_num_threads(1)  # CPU ranks share the cores
     dtype = torch.float32 if device.type == "cpu" else run_dtype(args)
     group = dist.new_group(backend="gloo", timeout=datetime.timedelta(seconds=3600))
-    return [bench_model(SPECS[name], args, device, dtype, rank, group) for name in args.models]
+    return bench_models(args, device, dtype, rank, group)
 
 
 def run_dtype(args) -> torch.dtype:
@@ -470,7 +480,7 @@ def main(argv: list[str] | None = None) -> dict:
         raise SystemExit("the real-size models need an accelerator (12-20B DiTs); use --tiny on the CPU")
     dtype = torch.float32 if device.type == "cpu" else run_dtype(args)
     if args.num_gpus == 1:
-        models = [bench_model(SPECS[name], args, device, dtype) for name in args.models]
+        models = bench_models(args, device, dtype)
     else:
         from gen.distributed.ranks import run_on_ranks
 

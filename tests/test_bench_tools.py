@@ -90,10 +90,17 @@ def test_e2e_benchmark_tiny_runs_both_pipelines(tmp_path, capsys):
     on the same tensors, every stage timed, the JSON written and the table printed last."""
     import json
 
+    import torch
+
     from benchmarks.e2e import main
 
     out = tmp_path / "e2e.json"
-    result = main(["--tiny", "--out", str(out)])
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # hundreds of tiny ops: a second thread only waits (10x slower on a busy machine)
+    try:
+        result = main(["--tiny", "--out", str(out)])
+    finally:
+        torch.set_num_threads(threads)
     _check_e2e_rows(result, ["flux", "qwen-image", "wan-i2v"], 1)
     assert json.loads(out.read_text())["models"][0]["workloads"][0]["workload"] == "FLUX.1-dev 64^2, 2 steps"
     rows = [r for m in result["models"] for r in m["workloads"]]
@@ -180,3 +187,22 @@ def test_e2e_flop_formulas_match_torch_counts_at_real_size():
     got = 2 * _meta_flops(model, hidden_states=empty(1, 36, 21, 60, 104), timestep=empty(1),
                           encoder_hidden_states=empty(1, 512, 4096), encoder_hidden_states_image=empty(1, 257, 1280))
     assert want["image_tokens"] == 21 * 30 * 52 and abs(want["per_step"] / got - 1) < 0.005
+
+
+def test_e2e_real_configs_have_the_real_sizes():
+    """Built on the meta device (no memory): the parameter counts of the real checkpoints' components (Qwen2.5-VL-7B's
+    vision tower cut to one block: the text-to-image encode does not run it)."""
+    import torch
+
+    from benchmarks.e2e_models import SPECS, param_counts
+
+    want = {"flux": {"text_encoder": 123_060_480, "text_encoder_2": 4_762_310_656, "transformer": 11_901_408_320,
+                     "vae": 83_819_683},
+            "qwen-image": {"text_encoder": 7_681_398_456, "transformer": 20_430_401_088, "vae": 126_892_531},
+            "wan-i2v": {"text_encoder": 5_680_910_336, "image_encoder": 630_766_080, "transformer": 16_394_878_784,
+                        "vae": 126_892_531}}
+    for name, spec in SPECS.items():
+        modules = spec.build(False, torch.device("meta"), torch.bfloat16)
+        assert param_counts(modules) == want[name]
+        assert all(p.dtype == torch.bfloat16 for m in modules.values() if isinstance(m, torch.nn.Module)
+                   for p in m.parameters())
