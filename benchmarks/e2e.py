@@ -24,10 +24,11 @@ device's peak allocation during the side's runs (all weights resident then inclu
 every rank builds the same components with the same seed, diffusers runs on rank 0 alone first (1 GPU) while the
 other rank waits, then every rank runs our pipeline with the parallel layout and rank 0 reports.
 
-  python benchmarks/e2e.py --model flux --compile                     # 1 H200: FLUX 28 + 50 steps
-  python benchmarks/e2e.py --model qwen-image --compile               # 1 H200: Qwen-Image 1024^2 and 1328^2
-  python benchmarks/e2e.py --model wan-i2v --compile                  # 1 H200: Wan2.1-I2V-14B, 3 steps timed
-  python benchmarks/e2e.py --model flux,qwen-image --steps 50 --sizes 1024 --num-gpus 2 --compile   # 2 GPUs
+  python benchmarks/e2e.py --model flux --compile                     # 1 H200: FLUX 28 + 50 steps (~1.2 min)
+  python benchmarks/e2e.py --model qwen-image --compile               # 1 H200: Qwen-Image 1024^2, 1328^2 (~2.3 min)
+  python benchmarks/e2e.py --model wan-i2v --compile                  # 1 H200: Wan2.1-I2V-14B, 3 steps (~1.8 min)
+  python benchmarks/e2e.py --model flux,qwen-image --steps 50 --sizes 1024 --num-gpus 2 --compile   # 2 GPUs (~2 min)
+  python benchmarks/e2e.py --model wan-i2v --num-gpus 2 --compile     # 2 GPUs (~1.5 min)
   OMP_NUM_THREADS=1 python benchmarks/e2e.py --tiny                   # CPU check, all three, tiny assets' configs
   OMP_NUM_THREADS=1 python benchmarks/e2e.py --tiny --num-gpus 2      # CPU check on 2 gloo ranks
 """

@@ -183,7 +183,8 @@ def test_e2e_flop_formulas_match_torch_counts_at_real_size():
     wan = SPECS["wan-i2v"]
     config, model = build(wan, wan.real_configs({})["transformer"])
     clip = types.SimpleNamespace(config=types.SimpleNamespace(image_size=224, patch_size=14))
-    want = wan.dit_flops(config, Workload("wan-i2v", 480, 832, 3, frames=81, per_step=True), {"image_encoder": clip}, "")
+    work = Workload("wan-i2v", 480, 832, 3, frames=81, per_step=True)
+    want = wan.dit_flops(config, work, {"image_encoder": clip}, "")
     got = 2 * _meta_flops(model, hidden_states=empty(1, 36, 21, 60, 104), timestep=empty(1),
                           encoder_hidden_states=empty(1, 512, 4096), encoder_hidden_states_image=empty(1, 257, 1280))
     assert want["image_tokens"] == 21 * 30 * 52 and abs(want["per_step"] / got - 1) < 0.005
