@@ -320,7 +320,8 @@ def bench_model(spec: Spec, args, device: torch.device, dtype: torch.dtype, rank
             from gen.distributed.groups import ParallelContext
 
             parallel = ParallelContext.build(layout(spec, args), device, timeout_s=1800)
-        applied = apply_transforms(pipeline, TransformOptions(compile=args.compile, attention=args.attention),
+        applied = apply_transforms(pipeline, TransformOptions(compile=args.compile, attention=args.attention,
+                                                            cfg_batch=False if args.no_cfg_batch else None),
                                    parallel)
         result["ours_setup_s"] = time.perf_counter() - start
         result["ours_transforms"] = {k: v for k, v in applied.summary().items() if k != "parallel"}
@@ -450,6 +451,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--diffusers-compile", action="store_true",
                    help="also time diffusers with transformer.compile_repeated_blocks(fullgraph=True)")
     p.add_argument("--skip-diffusers", action="store_true", help="time ours only")
+    p.add_argument("--no-cfg-batch", action="store_true",
+                   help="ours: CFG branches as two forwards (default on one GPU: one batched forward)")
     p.add_argument("--attention", default="auto", help="ours: attention backend name or auto")
     p.add_argument("--device", help="default: the accelerator (cpu with --tiny)")
     p.add_argument("--dtype", default="bf16", choices=["bf16", "fp16", "fp32"], help="(fp32 on the CPU)")

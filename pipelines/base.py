@@ -50,6 +50,7 @@ class Pipeline:
     dit: ClassVar[DiT]  # the transformer architecture its expert slots hold
     expert_slots: ClassVar[tuple[str, ...]] = ("transformer",)  # component slots holding a DiT, in denoising order
     cfg_batch: bool = False  # CFG branches as one batched forward (set by gen.transforms.apply_transforms)
+    cfg_batch_padded: bool = False  # ... also when their text lengths differ (padded, keys masked)
 
     def __init__(self, components: Components, device: torch.device, dtype: torch.dtype):
         missing = [slot for slot in self.required if components.get(slot) is None]
@@ -74,8 +75,10 @@ class Pipeline:
 
     def branches(self, model: nn.Module, *calls: dict) -> list:
         """The DiT `model` on each keyword set of one step (the CFG branches, conditional first), as one batched
-        forward when `cfg_batch` is on: the same results up to batched-kernel rounding, twice the activations."""
-        if self.cfg_batch and len(calls) > 1 and self.dit.batch_args:
+        forward when `cfg_batch` is on: the same results up to batched-kernel rounding, twice the activations.
+        Branches whose sequences differ in length are batched only with `cfg_batch_padded` (padding masks keys)."""
+        if self.cfg_batch and len(calls) > 1 and self.dit.batch_args and (
+                self.cfg_batch_padded or not _needs_padding(calls, self.dit.batch_pad)):
             return merge_calls(model, list(calls), self.dit.batch_args, self.dit.batch_pad)
         return [model(**c) for c in calls]
 
@@ -167,3 +170,11 @@ class Pipeline:
 
     def close(self) -> None:
         """Release what the pipeline holds beyond its memory (other ranks for a group; nothing here)."""
+
+
+def _needs_padding(calls: tuple[dict, ...], batch_pad) -> bool:
+    """Whether merging the calls pads a sequence argument (`batch_pad`: (argument, its mask) pairs)."""
+    for name, _ in batch_pad:
+        if len({c[name].shape[1] for c in calls if c.get(name) is not None}) > 1:
+            return True
+    return False

@@ -224,3 +224,20 @@ def test_shapes_share_text_encodes_and_decodes():
     assert decode["calls"] == 3 and decode["forwards"] < 3, report
     calls, batches = (llm.stats[k] - before[k] for k in ("encode_calls", "encode_batches"))
     assert calls == 6 and batches < calls, llm.stats
+
+
+def test_default_cfg_batch_leaves_out_branches_that_need_padding(monkeypatch):
+    """By default (cfg_batch=None, as on an accelerator) Qwen-Image's prompt and negative prompt of different lengths
+    run as two forwards (a padded batch masks attention keys: slower on GPUs); of equal lengths, as one."""
+    gen = Generator.from_pretrained(ASSETS / "qwen-image-tiny", device="cpu", cfg_batch=True)
+    pipe = gen.pipeline
+    pipe.cfg_batch_padded = False  # what apply_transforms sets when cfg_batch is left to the default
+    calls = []
+    hook = pipe.transformer.register_forward_pre_hook(lambda m, a, k: calls.append(1), with_kwargs=True)
+    kw = dict(height=32, width=32, true_cfg_scale=2.0, num_inference_steps=2, seed=3)
+    gen.generate("a red circle", negative_prompt="a blue square on a green background x", **kw)
+    assert len(calls) == 4  # different lengths: two forwards a step
+    calls.clear()
+    gen.generate("a red circle", negative_prompt="a red circle", **kw)
+    assert len(calls) == 2  # equal lengths: one forward a step
+    hook.remove()

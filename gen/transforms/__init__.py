@@ -158,7 +158,11 @@ def apply_transforms(pipeline, options: TransformOptions = TransformOptions(), p
     dits = pipeline.dits()
     try:
         cfg_batch = options.cfg_batch
-        if cfg_batch is None:  # where memory is plentiful and kernels are launch- or occupancy-bound
+        # asked for: always; by default (where memory is plentiful and kernels are launch- or occupancy-bound) only
+        # branches that need no padding: a padded batch masks its attention keys, which cost more than it saves
+        # (Qwen-Image 1328^2 on an H200: 32.2 s batched and masked, 25.4 s as two forwards; docs/BENCHMARKS.md)
+        pipeline.cfg_batch_padded = cfg_batch is not None
+        if cfg_batch is None:
             cfg_batch = pipeline.device.type != "cpu" and parallel is None and options.step_cache is None
         pipeline.cfg_batch = cfg_batch
         applied.append(Step("cfg_batch", cfg_batch, lambda: setattr(pipeline, "cfg_batch", False)))
