@@ -49,6 +49,10 @@ class SlotReader:
                 self.phrases += [(tuple(tokens(p)), kind, value) for p in phrases]
         self.phrases.sort(key=lambda p: -len(p[0]))
         self.cues = self._cues()
+        self.suffixes = self._suffixes()
+        # words of the known phrases of a kind that name none of its values ("shape" of "star shape"): a phrase's head
+        self.heads = {w for toks, kind, _ in self.phrases if kind == "shape" for w in toks
+                      if w not in self.cues and all(w != p for p2, k2, _ in self.phrases if k2 != "shape" for p in p2)}
         markers = spec.get("background_markers", {})
         self.after = [tuple(tokens(m)) for m in markers.get("after", [])]
         self.before = [tuple(tokens(m)) for m in markers.get("before", [])]
@@ -87,6 +91,16 @@ class SlotReader:
                 cues[w] = ("position", top)  # e.g. "right": right in most of the position phrases holding it
         return cues
 
+    def _suffixes(self) -> dict[str, str]:
+        """"-sized" -> "size": the last parts of the known hyphenated words of one kind (an unknown word "x-sized"
+        names a size; which one, the LLM says)."""
+        seen: dict[str, set] = {}
+        for toks, kind, _ in self.phrases:
+            for w in toks:
+                if "-" in w.strip("-") and kind != "position":
+                    seen.setdefault("-" + w.rsplit("-", 1)[1], set()).add(kind)
+        return {suf: kinds.pop() for suf, kinds in seen.items() if len(kinds) == 1}
+
     # ---- reading
 
     def mentions(self, toks: list[str]) -> tuple[list[Mention], list[int]]:
@@ -101,11 +115,12 @@ class SlotReader:
                 i += n
                 continue
             w = toks[i]
-            if "-" in w.strip("-") and w not in self.cues:  # "upper-left": its parts
+            if "-" in w.strip("-") and w not in self.cues and "-" + w.rsplit("-", 1)[1] not in self.suffixes and \
+                    any(p in self.known or p in self.cues for p in w.split("-")):  # "upper-left": its parts
                 toks[i:i + 1] = [p for p in w.split("-") if p]
                 continue
             cue = self.cues.get(w)
-            if cue is None:  # "moderately": the cue "moderate"
+            if cue is None:  # a word made from a cue ("moderate" + "ly")
                 cue = next((kv for c, kv in self.cues.items() if len(c) >= 5 and w.startswith(c)
                             and kv[0] != "position"), None)
             if cue is not None:
@@ -121,25 +136,42 @@ class SlotReader:
         found, unknown = self.mentions(toks)
         used = set()
 
-        def take_unknown(near: int, kind: str, window: range) -> Mention | None:
-            """The unknown word in `window` the LLM maps best onto `kind` (None without an LLM or a word)."""
+        def take_unknown(near: int, kind: str, window) -> Mention | None:
+            """The unknown word in `window` that the LLM maps onto `kind` (None without an LLM or a word). For a size,
+            only words the LLM takes for a size word at all (not "please" or "make"), the likeliest one."""
             cands = [j for j in window if j in unknown and j not in used and 0 <= j < len(toks)]
             if not cands or self.llm is None:
                 return None
-            scored = [(self.map_word(toks[j], kind), j) for j in cands]
-            (value, score), j = max(scored, key=lambda s: (s[0][1], -abs(s[1] - near)))
+            if kind == "size":
+                cands = [j for j in cands if self.kind_of(toks[j])[0] == "size"]
+                if not cands:
+                    return None
+            j = max(cands, key=lambda j: (self.kind_of(toks[j])[1].get(kind, 0.0), -abs(j - near)))
             used.add(j)
-            return Mention(j, j + 1, kind, value, known=False)
+            return Mention(j, j + 1, kind, self.map_word(toks[j], kind)[0], known=False)
 
         shapes = [m for m in found if m.kind == "shape"][:2]
         colors = [m for m in found if m.kind == "color"]
         background = self._background(toks, colors, shapes, take_unknown)
-        if not shapes:  # the word after a color (sizes aside), else any unknown word the LLM reads as a shape
-            after_color = [self._next_word(toks, c.end, found) for c in colors if c is not background]
-            window = [j for j in after_color if j is not None] or unknown
-            m = take_unknown(len(toks), "shape", window)
-            if m is None:
+        if not shapes:  # the words after a color (sizes aside), else any unknown word: the likeliest shape phrase
+            if self.llm is None:
                 return None
+            spans = []
+            for c in colors:
+                j = self._next_word(toks, c.end, found) if c is not background else None
+                k = j
+                while k is not None and k < len(toks) and k - j < 3 and (k in unknown or toks[k] in self.heads):
+                    k += 1
+                if j is not None and any(i in unknown for i in range(j, k)):
+                    spans.append((j, k))
+            spans = spans or [(j, j + 1) for j in unknown if j not in used]
+            if not spans:
+                return None
+            # a phrase ending in a shape phrase's head word ("... shape") first, then the likeliest shape phrase
+            j, k = max(spans, key=lambda sp: (toks[sp[1] - 1] in self.heads,
+                                              self.kind_of(" ".join(toks[sp[0]:sp[1]]))[1]["shape"]))
+            used.update(range(j, k))
+            m = Mention(j, k, "shape", self.map_word(" ".join(toks[j:k]), "shape")[0], known=False)
             shapes = [m]
             if background is None:
                 background = self._background(toks, colors, shapes, take_unknown)
@@ -201,7 +233,26 @@ class SlotReader:
         name = " ".join(p for p in (vertical, horizontal) if p) or "center"
         return name if name in self.parts else "center"
 
-    # ---- the LLM, one word at a time
+    # ---- the LLM, one word or phrase at a time
+
+    def kind_of(self, phrase: str) -> tuple[str, dict[str, float]]:
+        """(kind, {kind: log-probability}): which slot an unknown phrase names (size, color, shape) or "other", by
+        few-shot "word = kind" lines (uncalibrated: the examples are balanced); a word with the ending of the known
+        words of one kind ("-sized") is of that kind."""
+        key = (phrase, "kind")
+        with self._lock:
+            if key not in self._scores:
+                suffix = self.suffixes.get("-" + phrase.rsplit("-", 1)[1]) if "-" in phrase else None
+                kinds = sorted({k for _, k in self.spec["kind_examples"]} | set(KINDS))
+                if suffix is not None:
+                    self._scores[key] = (suffix, {k: 0.0 if k == suffix else float("-inf") for k in kinds})
+                else:
+                    if "kind" not in self._scorers:
+                        shots = "".join(f"{w} = {k}\n" for w, k in self.spec["kind_examples"])
+                        self._scorers["kind"] = PrefixScorer(self.llm, shots)
+                    s = torch.log_softmax(self._scorers["kind"].score(f"{phrase} =", kinds), 0)
+                    self._scores[key] = (kinds[int(s.argmax())], dict(zip(kinds, s.tolist())))
+            return self._scores[key]
 
     def map_word(self, word: str, kind: str) -> tuple[str, float]:
         """(value, calibrated log-probability) of `word` read as a `kind` value by the LLM."""
@@ -209,11 +260,13 @@ class SlotReader:
         with self._lock:
             if key not in self._scores:
                 values = list(self.lexicon[kind])
+                frame = self.spec.get("word_frames", {}).get(kind, "{word} = {value}")
+                query = frame[:frame.index("{value}")].rstrip()
                 if kind not in self._scorers:  # the few-shot lines run once per kind; a neutral word's answer too
-                    shots = "".join(f"{w} = {v}\n" for w, v in self.spec["word_examples"][kind])
+                    shots = "".join(frame.format(word=w, value=v) + "\n" for w, v in self.spec["word_examples"][kind])
                     scorer = self._scorers[kind] = PrefixScorer(self.llm, shots)
-                    self._baseline[kind] = scorer.score("it =", values)
-                s = self._scorers[kind].score(f"{word} =", values) - self._baseline[kind]
+                    self._baseline[kind] = scorer.score(query.format(word="it"), values)
+                s = self._scorers[kind].score(query.format(word=word), values) - self._baseline[kind]
                 best = int(s.argmax())
                 self._scores[key] = (values[best], float(s[best]))
             return self._scores[key]

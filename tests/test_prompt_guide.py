@@ -113,12 +113,12 @@ def test_enhancer_with_smollm2_keeps_known_prompts_and_answers_in_the_grammar(gu
     llm = registry.get_llm(smollm2_path(), "cpu", "fp32")
     known = "a large yellow star in the center on a purple background"
     assert enhance_prompt(llm, known, "image", 0, guide=guide) == known
-    for prompt in ("draw a teeny red disk in the upper left corner on a plain blue canvas",
-                   "a large crimson wedge at the bottom on a teal background", "a photo of a cat"):
+    for prompt in ("please make a teeny red disk in the upper left corner on blue paper",
+                   "a large crimson wedge at the bottom on a moss background", "a photo of a cat"):
         a = enhance_prompt(llm, prompt, "image", 0, guide=guide)
         assert a == enhance_prompt(llm, prompt, "image", 1, guide=guide)  # deterministic
         scene = parse_answer(a)
-        if "disk" in prompt:  # known words read; "teeny" left to the LLM, "canvas" to the distance rule
+        if "disk" in prompt:  # known words read; "teeny" left to the LLM, "paper" to the distance rule
             o = scene.objects[0]
             assert (scene.background, o.shape, o.color, o.position) == ("blue", "circle", "red", "top left"), a
         if "wedge" in prompt:

@@ -1,5 +1,6 @@
 """gen-shapes' prompt guide (`prompt_guide.json` in the model folder): how the prompt enhancer rewrites prompts for it,
-which prompts it reads as they are, and which prompts it cannot draw. Built from the world's vocabulary (world.py).
+which prompts it reads as they are, and which prompts are outside what it makes. Built from the world's vocabulary
+(world.py).
 
 The enhancer's instructions and examples use only the training words and the augmentation words (world.AUGMENT_*),
 never the evaluation's held-out ones (world.EVAL_*), so the evaluation's paraphrase and synonym splits stay unseen by
@@ -23,8 +24,27 @@ CANONICAL_POSITIONS = {  # the one training phrase of each position the enhancer
     "center": "in the center", "right": "on the right", "bottom left": "at the bottom left", "bottom": "at the bottom",
     "bottom right": "at the bottom right",
 }
-WARNING = ("gen-shapes, the default model, draws colored shapes only (a circle, square, triangle or star on a plain "
+WARNING = ("gen-shapes, the default model, draws colored shapes only (a circle, square, triangle or star on a flat "
            "background) and this prompt names none of them")
+
+
+WORD_FRAMES = {  # chosen on the enhancer's own development set (training/shapes/enhancer_dev.py)
+    "size": "{word} means {value}.", "color": "the color {word} is a shade of {value}.", "shape": "{word} = {value}",
+}
+
+
+def _interleave(lists: list[list]) -> list:
+    """The items of several lists taken in turn (few-shot examples of several answers mixed, not grouped)."""
+    out = []
+    for k in range(max(map(len, lists))):
+        out += [items[k] for items in lists if k < len(items)]
+    return out
+
+
+def _balanced(lists: list[list]) -> list[list]:
+    """As many items of each list as the shortest has, spread over each list (one answer no likelier a priori)."""
+    n = min(map(len, lists))
+    return [[items[round(k * len(items) / n)] for k in range(n)] for items in lists]
 
 
 def _phrases(*tables: dict) -> list[str]:
@@ -53,14 +73,22 @@ def slots() -> dict:
             after.add(m.group(1))
         if m := re.search(r"([a-z]+ [a-z]+) \{background\}", t):
             before.add(m.group(1))
-    before -= {"on a", "against a", "over a"}  # these come before "background"-like words, kept by `after`
+    before -= {"on a", "against a", "over a"}  # these come before words such as "background", kept by `after`
+    before |= {f"{a} is" for a in after}  # "the backdrop is ...", as "the background is ..."
+    fillers = sorted(_template_words(templates) - lexicon_words)
+    word_examples = {kind: [[w, v] for v, ws in world.AUGMENT_WORDS[kind].items() for w in ws if " " not in w]
+                     for kind in ("size", "color", "shape")}
     return {
         "lexicon": lexicon,
         "position_parts": {p: p.split() if p != "center" else [] for p in world.POSITIONS},
         "background_markers": {"after": sorted(after), "before": sorted(before)},
-        "fillers": sorted(_template_words(templates) - lexicon_words),
-        "word_examples": {kind: [[w, v] for v, ws in world.AUGMENT_WORDS[kind].items() for w in ws if " " not in w]
-                          for kind in ("size", "color", "shape")},
+        "fillers": fillers,
+        "word_examples": word_examples,
+        # how the LLM is asked for a word's value ("{word}" and "{value}" filled; the text before "{value}" is scored)
+        "word_frames": WORD_FRAMES,
+        # which slot a word names at all: the example words of each slot, and the model's sentence words as "other"
+        "kind_examples": _interleave(_balanced([[[w, kind] for w, _ in word_examples[kind]] for kind in word_examples]
+                                               + [[[w, "other"] for w in fillers if len(w) > 2]])),
         "defaults": {"size": "medium", "position": "center", "background": ["white", "black"]},
         "answer": {"one": "a {size1} {color1} {shape1} {position1} on {background} background",
                    "two": "a {size1} {color1} {shape1} {position1} and a {size2} {color2} {shape2} {position2} on "
