@@ -116,8 +116,11 @@ def test_deadline_cuts_every_running_generation(batched, tmp_path, slow):
 
 
 def test_shutdown_finishes_the_running_and_refuses_the_waiting(batched, tmp_path, slow):
-    app = create_app(batched, output_dir=tmp_path, max_queue=2, shutdown_timeout=30, ui=False)
-    body = {**SMALL, "num_inference_steps": 8}
+    # max_queue 4: the three first requests may all wait at once before a worker claims them (a loaded machine)
+    app = create_app(batched, output_dir=tmp_path, max_queue=4, shutdown_timeout=30, ui=False)
+    # 30 steps of >= 0.1 s: the first generation (which, alone, waits for nobody) is still running when the third
+    # request arrives, also on a loaded machine
+    body = {**SMALL, "num_inference_steps": 30}
     with serve_in_thread(app) as url, concurrent.futures.ThreadPoolExecutor(5) as pool:
         running = [pool.submit(httpx.post, f"{url}/v1/images/generations", json=body, timeout=60) for _ in range(3)]
         wait_for(lambda: len(app.state.queue.running) == 3)  # max_batch=3: all three run
