@@ -2,12 +2,18 @@
 vocabulary the model declares (stages/enhance_prompt.PromptGuide `slots`), and writes it back in the model's words.
 
 Words the model knows are matched as whole phrases (longest first); a word that belongs to phrases of one value only
-is a cue for it ("round" of "round dot": circle), positions are put together from their parts ("upper" + "left").
-Words it does not know are mapped by an LLM of the in-process runtime, one word at a time, onto the values of the slot
-the sentence puts them in (the word before the shape is its color, ...): few-shot "word = value" lines, scored over
-the closed list of values and calibrated against a neutral word (small LLMs prefer some values whatever the word).
-Which color is the background comes from the words around it that the model knows ("... background", "everything
-else is ..."), else from the distance to the shapes. Not the LLM itself nor the image model.
+is a cue for it ("round" of "round dot": circle), positions are put together from their parts ("upper" + "left");
+a hyphenated word is split only where one of its parts is known. Words it does not know go to an LLM of the
+in-process runtime, with few-shot lines of the guide's example words:
+- which slot a word names at all ("word = kind": size, color, shape or other; a word with the ending of the known
+  words of one kind, "-sized", is of that kind), so that the sentence's other words ("please", "make") are never
+  read as a size, and an unknown color word away from any background marker can still be the background;
+- which value of that slot: the guide's frame per slot ("{word} means {value}."), scored over the closed list of
+  values and calibrated against the answers to the model's own sentence words (small LLMs prefer some values
+  whatever the word). A shape may be a phrase of up to 3 words after a color ("... shape": its head word).
+Which color is the background comes from the words around it that the model knows ("... background", "the
+backdrop is ..."), else from the distance to the shapes. Not the LLM itself nor the image model. Each word's answers
+are kept (a few LLM calls for a new word, none for a word seen before).
 """
 from __future__ import annotations
 
@@ -142,8 +148,8 @@ class SlotReader:
             cands = [j for j in window if j in unknown and j not in used and 0 <= j < len(toks)]
             if not cands or self.llm is None:
                 return None
-            if kind == "size":
-                cands = [j for j in cands if self.kind_of(toks[j])[0] == "size"]
+            if kind == "size":  # a word likelier a size word than one of the sentence's other words
+                cands = [j for j in cands if self._is_size(toks, j, [], unknown)]
                 if not cands:
                     return None
             j = max(cands, key=lambda j: (self.kind_of(toks[j])[1].get(kind, 0.0), -abs(j - near)))
@@ -156,7 +162,7 @@ class SlotReader:
         if not shapes:  # the words after a color (sizes aside), else any unknown word: the likeliest shape phrase
             if self.llm is None:
                 return None
-            spans = []
+            spans, sized = [], set()
             for c in colors:
                 j = self._next_word(toks, c.end, found) if c is not background else None
                 k = j
@@ -164,18 +170,21 @@ class SlotReader:
                     k += 1
                 if j is not None and any(i in unknown for i in range(j, k)):
                     spans.append((j, k))
+                    if self._is_size(toks, c.start - 1, found, unknown):
+                        sized.add((j, k))  # "a huge red ...": a size before the color, so an object's color
             spans = spans or [(j, j + 1) for j in unknown if j not in used]
             if not spans:
                 return None
-            # a phrase ending in a shape phrase's head word ("... shape") first, then the likeliest shape phrase
-            j, k = max(spans, key=lambda sp: (toks[sp[1] - 1] in self.heads,
+            # a phrase ending in a shape phrase's head word ("... shape") first, then one whose color has a size,
+            # then the likeliest shape phrase
+            j, k = max(spans, key=lambda sp: (toks[sp[1] - 1] in self.heads, sp in sized,
                                               self.kind_of(" ".join(toks[sp[0]:sp[1]]))[1]["shape"]))
             used.update(range(j, k))
             m = Mention(j, k, "shape", self.map_word(" ".join(toks[j:k]), "shape")[0], known=False)
             shapes = [m]
             if background is None:
                 background = self._background(toks, colors, shapes, take_unknown)
-        objects = []
+        objects, near_colors = [], []
         for k, shape in enumerate(shapes):
             def near(kind: str) -> list[Mention]:
                 return [m for m in found if m.kind == kind and m is not background
@@ -183,6 +192,7 @@ class SlotReader:
 
             obj = {"shape": shape.value}
             color = min(near("color"), key=lambda m: _distance(m, shape), default=None)
+            near_colors.append(color)
             if color is None:  # the word before the shape (a size word aside)
                 j = shape.start - 1
                 while j >= 0 and any(m.kind == "size" and m.start <= j < m.end for m in found):
@@ -195,7 +205,19 @@ class SlotReader:
             obj["size"] = size.value if size else None
             obj["position"] = self._position([m.value for m in near("position")])
             objects.append(obj)
+        if background is None and len(shapes) == 1 and not [c for c in colors if c not in near_colors]:
+            # no color left that the model knows: an unknown word the LLM takes for a color, farthest from the shape
+            cands = [j for j in unknown if j not in used and self.kind_of(toks[j])[0] == "color"]
+            j = max(cands, key=lambda j: abs(j - shapes[0].start), default=None)
+            background = take_unknown(j, "color", [j]) if j is not None else None
         return {"objects": objects, "background": background.value if background else None}
+
+    def _is_size(self, toks, j, found, unknown) -> bool:
+        """Whether token j is a size word (known, or an unknown word the LLM takes for one)."""
+        if any(m.kind == "size" and m.start <= j < m.end for m in found):
+            return True
+        return j in unknown and self.llm is not None and \
+            self.kind_of(toks[j])[1]["size"] > self.kind_of(toks[j])[1]["other"]
 
     def _next_word(self, toks: list[str], j: int, found: list[Mention]) -> int | None:
         while j < len(toks) and any(m.kind == "size" and m.start <= j < m.end for m in found):
@@ -260,13 +282,20 @@ class SlotReader:
         with self._lock:
             if key not in self._scores:
                 values = list(self.lexicon[kind])
-                frame = self.spec.get("word_frames", {}).get(kind, "{word} = {value}")
-                query = frame[:frame.index("{value}")].rstrip()
-                if kind not in self._scorers:  # the few-shot lines run once per kind; a neutral word's answer too
-                    shots = "".join(frame.format(word=w, value=v) + "\n" for w, v in self.spec["word_examples"][kind])
-                    scorer = self._scorers[kind] = PrefixScorer(self.llm, shots)
-                    self._baseline[kind] = scorer.score(query.format(word="it"), values)
-                s = self._scorers[kind].score(query.format(word=word), values) - self._baseline[kind]
+                frames = self.spec.get("word_frames", {}).get(kind, ["{word} = {value}"])
+                s = 0
+                for n, frame in enumerate([frames] if isinstance(frames, str) else frames):
+                    query = frame[:frame.index("{value}")].rstrip()
+                    if (kind, n) not in self._scorers:  # the few-shot lines run once per frame, the baseline too
+                        shots = "".join(frame.format(word=w, value=v) + "\n"
+                                        for w, v in self.spec["word_examples"][kind])
+                        scorer = self._scorers[kind, n] = PrefixScorer(self.llm, shots)
+                        # the answers to words that name no value (the model's sentence words), averaged
+                        neutral = [w for w in self.spec.get("fillers", []) if len(w) > 2] or ["it"]
+                        self._baseline[kind, n] = torch.stack([torch.log_softmax(scorer.score(
+                            query.format(word=w), values), 0) for w in neutral]).mean(0)
+                    s = s + torch.log_softmax(self._scorers[kind, n].score(query.format(word=word), values), 0) \
+                        - self._baseline[kind, n]
                 best = int(s.argmax())
                 self._scores[key] = (values[best], float(s[best]))
             return self._scores[key]
