@@ -35,6 +35,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 import pipelines.flux as flux_pipeline_module  # noqa: E402
 from benchmarks.common import environment, write_json  # noqa: E402
+from benchmarks.e2e_models import check_built  # noqa: E402
 from gen import Generator  # noqa: E402
 from gen.device import resolve_device, resolve_dtype  # noqa: E402
 from gen.types import GenerationRequest, GenerationResult  # noqa: E402
@@ -130,13 +131,7 @@ def build_modules(cfg: dict[str, dict], device: torch.device, dtype: torch.dtype
             "vae": AutoencoderKL(**cfg["vae"]).eval(),
         }
     modules["scheduler"] = FlowMatchEulerDiscreteScheduler(**cfg["scheduler"])
-    for slot, module in modules.items():
-        if isinstance(module, torch.nn.Module):
-            dtypes = {p.dtype for p in module.parameters()}
-            devices = {p.device.type for p in module.parameters()}
-            if dtypes != {dtype} or devices != {device.type}:
-                raise RuntimeError(f"{slot} was built with dtypes {dtypes} on {devices}, "
-                                   f"expected {dtype} on {device.type}")
+    check_built(modules, device, dtype)
     return modules
 
 
