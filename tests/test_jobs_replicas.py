@@ -64,6 +64,12 @@ def cluster(postgres, tmp_path_factory):
                 except httpx.TransportError:
                     pass
                 time.sleep(0.3)
+        for r in replicas:  # every replica counts the three (heartbeats about every second), whatever test runs first
+            while not any(line.startswith("gen_cluster_replicas ") and float(line.split()[1]) == 3
+                          for line in r.http.get("/metrics").text.splitlines()):
+                assert r.proc.poll() is None, r.log.read_text()
+                assert time.monotonic() < deadline, "a replica did not see the other two"
+                time.sleep(0.3)
         yield replicas
     finally:
         for r in replicas:

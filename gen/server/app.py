@@ -171,6 +171,7 @@ def create_app(models, **options) -> FastAPI:
 
 
 VOLUME_MARKER = ".gen-volume"
+MARKER_WAIT_S = 5.0  # how long a replica waits for another one to write the marker of a store it just created
 
 
 def _limits_of(limits, name: str, generator) -> Limits:
@@ -184,8 +185,17 @@ def check_volume(store: JobStore, output_dir: Path) -> None:
     """The output directory must be the volume the job store's files are on (one id, in the store and in the
     directory's marker file): a replica with a directory of its own would find every file missing."""
     marker = output_dir / VOLUME_MARKER
-    mine = marker.read_text().strip() if marker.is_file() else None
+
+    def read_marker() -> str | None:
+        return marker.read_text().strip() if marker.is_file() else None
+
+    mine = read_marker()
     stored, new = store.volume(mine or uuid.uuid4().hex)
+    deadline = time.monotonic() + MARKER_WAIT_S
+    while mine is None and not new and time.monotonic() < deadline:
+        # replicas started together on a new store: the one whose id went in may be writing the marker right now
+        time.sleep(0.1)
+        mine = read_marker()
     if mine is None:
         holds = any((output_dir / d).is_dir() and any((output_dir / d).iterdir()) for d in ("videos", "outputs"))
         if not isinstance(store, SQLiteJobStore) and (not new or holds):
