@@ -84,7 +84,8 @@ class Generator:
         `cuda_graphs` (exact, CUDA only, not with step_cache) replays each DiT call from a CUDA graph
         (gen/transforms/cuda_graph.py): it pays on small inputs, where the GPU would wait for kernel launches. `vae_tiling`
         decodes in tiles: less memory for large images and long videos, about twice the decode time.
-        `cfg_batch`: a CFG step's two branches as one batched forward (None: on accelerators in one process).
+        `cfg_batch`: a CFG step's two branches as one batched forward (True: always, padding the shorter text;
+        None: on accelerators in one process, when the branches need no padding).
         `max_batch` > 1: `run` may be called from several threads at once and their generations' DiT calls are
         batched (up to max_batch together, a call waiting up to `batch_wait_ms` for others; gen/transforms/batch.py).
 
