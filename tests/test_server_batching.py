@@ -21,7 +21,7 @@ from gen.generator import Generator  # noqa: E402
 from gen.server.app import create_app, serve_in_thread  # noqa: E402
 from gen.server.queue import RequestQueue  # noqa: E402
 from gen.types import GenerationRequest, GenerationResult, write_mp4  # noqa: E402
-from helpers import psnr  # noqa: E402
+from helpers import metric, psnr, slow_steps, wait_for  # noqa: E402
 
 ASSETS = Path(__file__).resolve().parents[1] / "assets"
 PROMPTS = ["a red circle", "a small blue square in the top left corner on a yellow background", "a green star"]
@@ -41,36 +41,12 @@ def batched():
 @pytest.fixture
 def slow(batched, monkeypatch):
     """Every denoising step of a generation takes at least 0.1 s; returns the list of calls."""
-    transformer = batched.pipeline.transformer
-    forward = transformer.forward
-    calls = []
-
-    def slow_forward(*args, **kwargs):
-        calls.append(time.monotonic())
-        time.sleep(0.1)
-        return forward(*args, **kwargs)
-
-    monkeypatch.setattr(transformer, "forward", slow_forward)
-    return calls
+    return slow_steps(batched.pipeline.transformer, monkeypatch)
 
 
 def post_all(url: str, bodies: list[dict], timeout: float = 120) -> list[httpx.Response]:
     with concurrent.futures.ThreadPoolExecutor(len(bodies)) as pool:
         return list(pool.map(lambda b: httpx.post(f"{url}/v1/images/generations", json=b, timeout=timeout), bodies))
-
-
-def wait_for(predicate, timeout=30.0):
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, "timed out"
-        time.sleep(0.01)
-
-
-def metric(url: str, name: str) -> float:
-    for line in httpx.get(f"{url}/metrics").text.splitlines():
-        if line.startswith(name + " "):
-            return float(line.split()[-1])
-    return 0.0
 
 
 def test_batched_requests_equal_each_alone(alone, batched, tmp_path):

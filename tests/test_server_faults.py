@@ -19,6 +19,7 @@ pytest.importorskip("fastapi")
 import pipelines.flux  # noqa: E402
 from gen.generator import Generator  # noqa: E402
 from gen.server.app import create_app, serve_in_thread  # noqa: E402
+from helpers import metric, slow_steps, wait_for  # noqa: E402
 
 ASSETS = Path(__file__).resolve().parents[1] / "assets"
 SMALL = {"prompt": "a lighthouse", "size": "32x32", "num_inference_steps": 1}
@@ -32,17 +33,7 @@ def flux():
 @pytest.fixture
 def slow(flux, monkeypatch):
     """Make every denoising step take at least 0.1 s; returns the list of steps run."""
-    transformer = flux.pipeline.transformer
-    forward = transformer.forward
-    calls = []
-
-    def slow_forward(*args, **kwargs):
-        calls.append(time.monotonic())
-        time.sleep(0.1)
-        return forward(*args, **kwargs)
-
-    monkeypatch.setattr(transformer, "forward", slow_forward)
-    return calls
+    return slow_steps(flux.pipeline.transformer, monkeypatch)
 
 
 def wait_idle(app, timeout=10.0):
@@ -51,20 +42,6 @@ def wait_idle(app, timeout=10.0):
     while queue.running or queue.queue_depth:
         assert time.monotonic() < deadline, "the queue did not go idle"
         time.sleep(0.02)
-
-
-def wait_for(predicate, timeout=30.0):
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, "timed out"
-        time.sleep(0.01)
-
-
-def metric(url: str, name: str) -> float:
-    for line in httpx.get(f"{url}/metrics").text.splitlines():
-        if line.startswith(name + " "):
-            return float(line.split()[-1])
-    return 0.0
 
 
 def test_stage_exception_is_500_then_next_request_succeeds(flux, tmp_path, monkeypatch):

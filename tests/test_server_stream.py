@@ -20,6 +20,7 @@ pytest.importorskip("fastapi")
 from gen.generator import Generator  # noqa: E402
 from gen.server.app import create_app, serve_in_thread  # noqa: E402
 from gen.server.stream import partial_steps  # noqa: E402
+from helpers import slow_steps  # noqa: E402
 
 ASSETS = Path(__file__).resolve().parents[1] / "assets"
 STAR = "a large yellow star in the center on a purple background"
@@ -134,17 +135,7 @@ def test_edit_streams_image_edit_events(tmp_path):
 
 @pytest.fixture
 def slow(shapes, monkeypatch):
-    transformer = shapes.pipeline.transformer
-    forward = transformer.forward
-    calls = []
-
-    def slow_forward(*args, **kwargs):
-        calls.append(time.monotonic())
-        time.sleep(0.1)
-        return forward(*args, **kwargs)
-
-    monkeypatch.setattr(transformer, "forward", slow_forward)
-    return calls
+    return slow_steps(shapes.pipeline.transformer, monkeypatch)
 
 
 def test_deadline_mid_stream_is_an_error_event(shapes, tmp_path, slow):

@@ -6,7 +6,6 @@ import base64
 import io
 import os
 import re
-import time
 from pathlib import Path
 from urllib.parse import urljoin
 
@@ -18,6 +17,7 @@ gradio_client = pytest.importorskip("gradio_client")
 
 from gen.generator import Generator  # noqa: E402
 from gen.server.app import create_app, serve_in_thread  # noqa: E402
+from helpers import slow_steps, wait_for  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 CHROMIUM = "/usr/bin/chromium"
@@ -39,17 +39,7 @@ def server(tmp_path_factory):
 @pytest.fixture
 def slow(server, monkeypatch):
     """Every denoising step of the served model takes at least 0.1 s; returns the list of steps run."""
-    transformer = server[1].state.service.default.generator.pipeline.transformer
-    forward = transformer.forward
-    calls = []
-
-    def slow_forward(*args, **kwargs):
-        calls.append(time.monotonic())
-        time.sleep(0.1)
-        return forward(*args, **kwargs)
-
-    monkeypatch.setattr(transformer, "forward", slow_forward)
-    return calls
+    return slow_steps(server[1].state.service.default.generator.pipeline.transformer, monkeypatch)
 
 
 def outcomes(app) -> dict[str, float]:
@@ -59,13 +49,6 @@ def outcomes(app) -> dict[str, float]:
 
 def sources(html: str) -> list[str]:
     return re.findall(r'(?:src|href)="([^"]+)"', html)
-
-
-def wait_for(predicate, timeout=30.0):
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, "timed out"
-        time.sleep(0.02)
 
 
 # prompt, negative, seed, randomize, width, height, steps, guidance, frames, fps, image, enhance, loras, lora scale
