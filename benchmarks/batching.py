@@ -81,6 +81,19 @@ def load(model: str, device, dtype, max_batch: int, wait_ms: float, compile: boo
     return generator
 
 
+def run_threads(client, clients: int, start: threading.Barrier) -> float:
+    """Run `client(c)` for c in range(clients) on threads that meet at `start` (a barrier of clients + 1); the
+    seconds from the barrier until the last one ends."""
+    threads = [threading.Thread(target=client, args=(c,)) for c in range(clients)]
+    for t in threads:
+        t.start()
+    start.wait()
+    t0 = time.perf_counter()
+    for t in threads:
+        t.join()
+    return time.perf_counter() - t0
+
+
 def run_clients(generator: Generator, clients: int, per_client: int, request_kw: dict, batching: bool) -> dict:
     """`clients` threads each sending `per_client` requests; latencies in seconds, the wall time, the mean seconds
     of a request in each stage."""
@@ -108,14 +121,7 @@ def run_clients(generator: Generator, clients: int, per_client: int, request_kw:
             for name, seconds in {**result.timings, "queued": latencies[-1] - sum(result.timings.values())}.items():
                 stages[name] = stages.get(name, 0.0) + seconds
 
-    threads = [threading.Thread(target=client, args=(c,)) for c in range(clients)]
-    for t in threads:
-        t.start()
-    start.wait()
-    t0 = time.perf_counter()
-    for t in threads:
-        t.join()
-    wall = time.perf_counter() - t0
+    wall = run_threads(client, clients, start)
     if errors:
         raise errors[0]
     lat = sorted(latencies)

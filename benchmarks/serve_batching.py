@@ -27,7 +27,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from benchmarks.batching import PROMPTS, add_load_arguments, load, use_random_encoder  # noqa: E402
+from benchmarks.batching import PROMPTS, add_load_arguments, load, run_threads, use_random_encoder  # noqa: E402
 from benchmarks.common import environment, write_json  # noqa: E402
 from gen.device import resolve_device, resolve_dtype  # noqa: E402
 
@@ -52,14 +52,7 @@ def run_clients(url: str, clients: int, per_client: int, body: dict) -> dict:
                     return
                 latencies.append(time.perf_counter() - t)
 
-    threads = [threading.Thread(target=client, args=(c,)) for c in range(clients)]
-    for t in threads:
-        t.start()
-    start.wait()
-    t0 = time.perf_counter()
-    for t in threads:
-        t.join()
-    wall = time.perf_counter() - t0
+    wall = run_threads(client, clients, start)
     if errors:
         raise RuntimeError(f"{len(errors)} request(s) failed, first: {errors[0]}")
     lat = sorted(latencies)
