@@ -156,9 +156,13 @@ def test_outage_raises_then_heals(postgres, database):
             with pytest.raises(StoreUnavailable):
                 store.ping()
             assert time.monotonic() - start < 30
+            with pytest.raises(StoreUnavailable):  # a longer outage: the pool's reconnect backoff has grown
+                store.ping()
         finally:
             postgres.start()
+        healed = time.monotonic()
         assert store.get(vid)["status"] == "queued"  # the same store object, reconnected
+        assert time.monotonic() - healed < 4.5  # within one request's wait, not after the backoff of the outage
     finally:
         store.close()
 

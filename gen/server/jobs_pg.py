@@ -81,7 +81,11 @@ class PostgresJobStore(JobStore):
                            "pip install -e '.[serve]'", param="job_store") from None
         self._errors = (psycopg.OperationalError, psycopg.InterfaceError, PoolTimeout)
         self.url = url
+        # reconnect_timeout: a failed background reconnect gives up after connect_timeout instead of backing off
+        # for minutes (1, 2, 4, 8 ... s), so that the next request starts a fresh attempt at once: after an outage
+        # the store answers again within a couple of seconds of the database, whatever the outage's length.
         self._pool = ConnectionPool(url, min_size=1, max_size=max_connections, open=False, timeout=connect_timeout,
+                                    reconnect_timeout=connect_timeout,
                                     check=ConnectionPool.check_connection, name="gen-jobs",
                                     kwargs={"row_factory": dict_row, "connect_timeout": int(connect_timeout)})
         self._pool.open(wait=False)
