@@ -16,7 +16,7 @@ from component_loaders.gguf_encoder import load_gguf_text_encoder
 from component_loaders.mistral import load_pixtral_text
 from component_loaders.model_index import ModelIndex, read_model_index
 from component_loaders.models import (load_diffusers_model, load_llm, load_own_model, load_processor, load_scheduler,
-                                      load_transformers_model)
+                                      load_transformers_model, load_unipc_scheduler)
 from component_loaders.qwen import load_qwen3_vl_processor, load_qwen_vl_processor
 from component_loaders.tokenizer import load_tokenizer
 from gen.types import GenError
@@ -59,7 +59,7 @@ LOADERS = {
     ("diffusers", "AutoencoderKLFlux2"): load_diffusers_model,
     # schedulers
     ("diffusers", "FlowMatchEulerDiscreteScheduler"): load_scheduler,
-    ("diffusers", "UniPCMultistepScheduler"): load_scheduler,
+    ("diffusers", "UniPCMultistepScheduler"): load_unipc_scheduler,  # ours where the config is one it implements
 }
 
 

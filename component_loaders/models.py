@@ -1,6 +1,7 @@
 """Loaders for model components: our own DiTs (meta + assign), transformers and diffusers modules, schedulers."""
 from __future__ import annotations
 
+import logging
 import threading
 from pathlib import Path
 
@@ -72,6 +73,23 @@ def load_scheduler(folder: Path, class_name: str, **_):
     if not (folder / "scheduler_config.json").is_file():
         raise GenError(f"{folder}/scheduler_config.json is missing", param="model_path")
     return getattr(diffusers, class_name).from_pretrained(str(folder))
+
+
+def load_unipc_scheduler(folder: Path, class_name: str, **_):
+    """Our sync-free UniPC (gen/schedulers/unipc.py) for the configs it implements (Wan's); diffusers' class, with a
+    warning naming the options, for the others (same output, with its host-device syncs)."""
+    from gen.schedulers.unipc import UniPCScheduler, unsupported
+
+    try:
+        config = read_json(folder / "scheduler_config.json")
+    except (FileNotFoundError, ValueError) as e:
+        raise GenError(f"{folder}: {e}", param="model_path") from None
+    problems = unsupported(config)
+    if not problems:
+        return UniPCScheduler.from_config(config)
+    logging.getLogger(__name__).warning("%s: using diffusers' %s (host-device syncs every step): our UniPCScheduler "
+                                        "does not support %s", folder, class_name, "; ".join(problems))
+    return load_scheduler(folder, class_name)
 
 
 def load_processor(folder: Path, class_name: str, **_):

@@ -1,0 +1,1 @@
+"""Samplers we implement ourselves (today: UniPC over flow sigmas for Wan); diffusers' schedulers serve the rest."""
