@@ -126,15 +126,17 @@ def test_foreign_unknown_and_unsupported_files_are_refused_by_name(tmp_path):
                                  "lora_te_text_model_encoder_layers_0_mlp_fc1.lora_up.weight",
                                  "text_encoder.text_model.encoder.layers.0.self_attn.q_proj.lora_A.weight",
                                  "text_encoder_2.encoder.block.0.layer.0.SelfAttention.q.lora_B.weight"])
-def test_text_encoder_keys_are_refused_by_name(tmp_path, key):
-    """kohya / diffusers text-encoder keys (CLIP or T5) beside the transformer's: refused, the first ones named; a
-    file of only them too."""
-    t = dict(load_file(LORAS / "flux-tiny/kohya.safetensors"))
+def test_text_encoder_keys_are_refused_by_name_where_the_encoder_takes_no_loras(tmp_path, key):
+    """kohya / diffusers text-encoder keys (CLIP or T5) in a LoRA of a family whose text encoder takes none (here
+    Qwen-Image's, on the LLM runtime): refused, the first ones named, the family said; a file of only them too.
+    FLUX.1's are read: tests/test_lora_text_encoder.py."""
+    t = dict(load_file(LORAS / "qwen-image-tiny/kohya.safetensors"))
     t[key] = torch.zeros(2, 4)
-    with pytest.raises(GenError, match=rf"has 1 text-encoder keys \({key}\): LoRAs on the text encoders"):
-        read_lora(_write(tmp_path, t), FLUX)
-    with pytest.raises(GenError, match="text-encoder keys"):
-        read_lora(_write(tmp_path, {key: torch.zeros(2, 4)}, "te.safetensors"), FLUX)
+    with pytest.raises(GenError, match=rf"has 1 text-encoder keys \({key}\): text-encoder LoRAs are not supported "
+                                      r"for Qwen-Image: its text encoder .* runs on gen's LLM runtime"):
+        read_lora(_write(tmp_path, t), QWEN)
+    with pytest.raises(GenError, match="text-encoder keys .* not supported for Wan2.1 / Wan2.2: its UMT5"):
+        read_lora(_write(tmp_path, {key: torch.zeros(2, 4)}, "te.safetensors"), WAN)
 
 
 def test_truncated_corrupt_and_pickled_files_are_named(tmp_path):

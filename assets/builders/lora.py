@@ -146,6 +146,56 @@ def build_flux(root: Path) -> list[Path]:
     return [out]
 
 
+CLIP_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"]
+T5_TARGETS = ["q", "k", "v", "o", "wi_0", "wi_1", "wo"]
+
+
+def build_flux_text_encoders(root: Path) -> list[Path]:
+    """FLUX.1 LoRAs that also adapt the text encoders (assets/loras/flux-tiny-te): `diffusers` (transformer + CLIP,
+    written by FluxPipeline.save_lora_weights with both PEFT configs, CLIP at alpha/r = 1.5), `kohya` (sd-scripts'
+    `lora_unet_` blocks + `lora_te1_text_model_...` CLIP layers with `.alpha` keys) and `t5` (kohya `lora_te1_` CLIP +
+    `lora_te2_` T5 with `.alpha` keys, the T5 matrices those of a PEFT adapter on transformers' T5EncoderModel, which
+    diffusers' FLUX loader drops: checked against PEFT, tests/test_lora_text_encoder.py)."""
+    from transformers import CLIPTextModel, T5EncoderModel
+
+    model_dir, out = root / "flux-tiny", root / "loras" / "flux-tiny-te"
+    out.mkdir(parents=True, exist_ok=True)
+    transformer = FluxTransformer2DModel.from_pretrained(model_dir / "transformer")
+    layers, cfg = peft_adapter(transformer, ["to_q", "to_k", "to_v", "proj_mlp", "ff.net.0.proj"], seed=31)
+    clip = CLIPTextModel.from_pretrained(model_dir / "text_encoder")
+    te_layers, te_cfg = peft_adapter(clip, CLIP_TARGETS, seed=32, alpha=6)
+    meta = lambda c: {k: (list(v) if isinstance(v, set) else v) for k, v in c.to_dict().items()}
+    FluxPipeline.save_lora_weights(out, transformer_lora_layers=layers, text_encoder_lora_layers=te_layers,
+                                   transformer_lora_adapter_metadata=meta(cfg),
+                                   text_encoder_lora_adapter_metadata=meta(te_cfg),
+                                   weight_name="diffusers.safetensors")
+    shapes = linear_shapes(FluxTransformer2DModel.from_pretrained(model_dir / "transformer"))
+    blocks = [m for m in their_modules(FLUX_BFL, shapes) if m[0].startswith(("double_blocks", "single_blocks"))
+              and not m[0].endswith("linear1")]
+    clip_shapes = linear_shapes(CLIPTextModel.from_pretrained(model_dir / "text_encoder"))
+    clip_modules = [(f"text_model.{n}", d_in, d_out) for n, (d_in, d_out) in clip_shapes.items()]
+    unet = out / "unet.tmp.safetensors"
+    write_native(unet, blocks, seed=33, prefix="lora_unet_", flat=True, alpha=lambda n, r: 4.0)
+    te1 = out / "te1.tmp.safetensors"
+    write_native(te1, clip_modules, seed=34, prefix="lora_te1_", flat=True, alpha=lambda n, r: 2.0)
+    from safetensors.torch import load_file
+
+    save_file({**load_file(unet), **load_file(te1)}, out / "kohya.safetensors")
+    t5 = T5EncoderModel.from_pretrained(model_dir / "text_encoder_2")
+    t5_layers, _ = peft_adapter(t5, T5_TARGETS, seed=35, alpha=8)
+    tensors = {}
+    for key, value in t5_layers.items():  # encoder.block.0.layer.0.SelfAttention.q.lora_A.weight -> kohya's names
+        module, _, kind = key.rpartition(".lora_")
+        name = "lora_te2_" + module.replace(".", "_")
+        tensors[f"{name}.{'lora_down' if kind.startswith('A') else 'lora_up'}.weight"] = value.contiguous()
+        tensors[f"{name}.alpha"] = torch.tensor(8.0)
+    write_native(te1, clip_modules, seed=36, prefix="lora_te1_", flat=True, alpha=lambda n, r: 4.0)
+    save_file({**load_file(te1), **tensors}, out / "t5.safetensors")
+    unet.unlink()
+    te1.unlink()
+    return [out]
+
+
 def block_alpha(alpha: float):
     """Alphas on the blocks' layers only (diffusers' Wan reader refuses alphas on the others)."""
     return lambda name, rank: alpha if name.startswith("blocks.") else None
@@ -283,7 +333,7 @@ def build_qwen21(root: Path) -> list[Path]:
 
 
 def build(root: Path) -> list[Path]:
-    return build_flux(root) + build_wan(root) + build_qwen(root) + build_flux2(root) + build_z_image(root) \
+    return build_flux(root) + build_flux_text_encoders(root) + build_wan(root) + build_qwen(root) + build_flux2(root) + build_z_image(root) \
         + build_qwen21(root)
 
 

@@ -86,22 +86,25 @@ def read_lora(path: str | os.PathLike, family: str) -> LoraWeights:
     return parse(tensors, family, str(file), _peft_alpha(file, metadata))
 
 
-def _peft_alpha(file: Path, metadata: dict):
-    """The PEFT config's alphas: diffusers' `lora_adapter_metadata` (keys `transformer.*`) or a PEFT folder's
-    adapter_config.json; None when neither is there (scale 1 unless the file has `.alpha` keys)."""
-    config = None
+def _peft_alpha(file: Path, metadata: dict) -> dict:
+    """The PEFT config's alphas by component slot: diffusers' `lora_adapter_metadata` (keys `transformer.*`,
+    `text_encoder.*`, `text_encoder_2.*`) or a PEFT folder's adapter_config.json (the transformer's); none when
+    neither is there (scale 1 unless the file has `.alpha` keys)."""
+    configs = {}
     if DIFFUSERS_METADATA in metadata:
         try:
             packed = json.loads(metadata[DIFFUSERS_METADATA])
         except ValueError as e:
             raise GenError(f"LoRA {file}: unreadable {DIFFUSERS_METADATA} metadata ({e})", param="loras") from None
-        config = {k[len("transformer."):]: v for k, v in packed.items() if k.startswith("transformer.")} or None
+        for key, value in packed.items():
+            slot, _, name = key.partition(".")
+            configs.setdefault(slot, {})[name] = value
     elif (file.parent / PEFT_CONFIG).is_file():
         try:
-            config = json.loads((file.parent / PEFT_CONFIG).read_text())
+            configs["transformer"] = json.loads((file.parent / PEFT_CONFIG).read_text())
         except ValueError as e:
             raise GenError(f"LoRA {file.parent / PEFT_CONFIG} is not valid JSON ({e})", param="loras") from None
-    return peft_alphas(config) if config else None
+    return {slot: peft_alphas(config) for slot, config in configs.items() if config}
 
 
 # ---------------------------------------------------------------- the cache

@@ -29,9 +29,20 @@ up rows and deltas are split in declared ratios (its down is shared), and BFL's 
 
 `parse(tensors, family, ...)` finds the format whose prefixes and names explain every key; a file explained by no
 format of the family is refused naming the first keys none explains, and one that another family's formats explain
-is refused naming that family. DoRA and LyCORIS (LoHa, LoKr) adapters are refused by name, and so is a file with
-text-encoder keys (kohya `lora_te_` / `lora_te1_`, diffusers `text_encoder.`; the first ones named): we do not apply
-LoRAs to the text encoders, and dropping those keys would silently run a different LoRA.
+is refused naming that family. DoRA and LyCORIS (LoHa, LoKr) adapters are refused by name.
+
+Text-encoder keys beside (or instead of) the transformer's are read with TEXT_FORMATS into `LoraWeights.encoders`
+(slot -> our module -> pair), low-rank pairs only:
+
+| family | text encoder (slot)             | diffusers / PEFT  | kohya / sd-scripts      | ComfyUI                              |
+|--------|---------------------------------|-------------------|-------------------------|--------------------------------------|
+| FLUX.1 | CLIP-L (`text_encoder`)         | `text_encoder.`   | `lora_te1_`, `lora_te_` | `text_encoders.clip_l.transformer.`  |
+| FLUX.1 | T5-XXL (`text_encoder_2`)       | `text_encoder_2.` | `lora_te2_`             | `text_encoders.t5xxl.transformer.`   |
+
+with transformers' module names (CLIP with or without `text_model.`). Text-encoder keys that match no declared
+module, and any in a file for a family whose text encoder takes no LoRAs (Wan's UMT5, the LLM-runtime encoders of
+Qwen-Image, gen-shapes, FLUX.2, Z-Image, Qwen-Image 2.1: NO_TEXT_LORA), are refused naming the first ones:
+dropping them would silently run a different LoRA.
 """
 from __future__ import annotations
 
@@ -308,6 +319,7 @@ class Format:
     prefixes: tuple[str, ...]
     naming: Naming
     flat: bool = False  # module names flattened with underscores (kohya / sd-scripts)
+    slot: str = "transformer"  # the component it adapts (a text encoder's slot for TEXT_FORMATS)
 
 
 PEFT_PREFIXES = ("transformer.", "base_model.model.", "")
@@ -348,6 +360,57 @@ FORMATS: dict[str, tuple[Format, ...]] = {
 }
 
 
+# ---------------------------------------------------------------- text encoders
+
+# transformers' CLIPTextModel (flattened in transformers 5: no `text_model.` level; older files and kohya's keep it)
+# and T5EncoderModel (kohya, ComfyUI and PEFT all use its own names). Ours = the loaded model's module paths.
+_CLIP_LAYERS = [f"encoder.layers.{{i}}.{m}" for m in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj",
+                                                      "self_attn.out_proj", "mlp.fc1", "mlp.fc2")]
+CLIP_TEXT = Naming("CLIP", {**{t: T(t) for t in _CLIP_LAYERS}, **{f"text_model.{t}": T(t) for t in _CLIP_LAYERS}})
+T5_TEXT = Naming("T5", {f"encoder.block.{{i}}.{m}": T(f"encoder.block.{{i}}.{m}") for m in (
+    "layer.0.SelfAttention.q", "layer.0.SelfAttention.k", "layer.0.SelfAttention.v", "layer.0.SelfAttention.o",
+    "layer.1.DenseReluDense.wi_0", "layer.1.DenseReluDense.wi_1", "layer.1.DenseReluDense.wi",
+    "layer.1.DenseReluDense.wo")})
+
+
+@dataclass(frozen=True)
+class TextEncoder:
+    """A text encoder LoRAs may adapt: its component slot, model class and repeated block list (one bank capacity
+    per layer of the list, gen/transforms/lora.py)."""
+
+    slot: str
+    model_class: str
+    blocks: str
+
+
+# The text encoders each family's LoRAs may carry, with the key forms of each: FLUX.1's CLIP-L (diffusers' own
+# FluxPipeline.load_lora_weights reads it: `text_encoder.` as save_lora_weights writes it, kohya's `lora_te1_` /
+# `lora_te_`, ComfyUI's `text_encoders.clip_l.transformer.`) and its T5-XXL (kohya sd-scripts' `lora_te2_` with
+# --network_train_t5, ComfyUI's `text_encoders.t5xxl.transformer.`, `text_encoder_2.` as diffusers names a second
+# text encoder; diffusers' FLUX loader drops T5 keys, so those are checked against PEFT on transformers' T5).
+TEXT_ENCODERS: dict[str, tuple[TextEncoder, ...]] = {
+    FLUX: (TextEncoder("text_encoder", "CLIPTextModel", "encoder.layers"),
+           TextEncoder("text_encoder_2", "T5EncoderModel", "encoder.block")),
+}
+TEXT_FORMATS: dict[str, tuple[Format, ...]] = {
+    FLUX: (
+        Format("diffusers / PEFT (CLIP)", ("text_encoder.",), CLIP_TEXT, slot="text_encoder"),
+        Format("kohya / sd-scripts (CLIP)", ("lora_te1_", "lora_te_"), CLIP_TEXT, flat=True, slot="text_encoder"),
+        Format("ComfyUI (CLIP)", ("text_encoders.clip_l.transformer.",), CLIP_TEXT, slot="text_encoder"),
+        Format("diffusers / PEFT (T5)", ("text_encoder_2.",), T5_TEXT, slot="text_encoder_2"),
+        Format("kohya / sd-scripts (T5)", ("lora_te2_",), T5_TEXT, flat=True, slot="text_encoder_2"),
+        Format("ComfyUI (T5)", ("text_encoders.t5xxl.transformer.",), T5_TEXT, slot="text_encoder_2"),
+    ),
+}
+NO_TEXT_LORA = {  # why a family's LoRAs cannot carry text-encoder keys
+    WAN: "its UMT5 text encoder takes no LoRAs (diffusers' Wan pipelines load none either)",
+    QWEN: "its text encoder (Qwen2.5-VL; gen-shapes: SmolLM2) runs on gen's LLM runtime, which takes no LoRAs",
+    FLUX2: "its text encoder (Mistral 3 / Qwen3) runs on gen's LLM runtime, which takes no LoRAs",
+    ZIMAGE: "its text encoder (Qwen3) runs on gen's LLM runtime, which takes no LoRAs",
+    QWEN21: "its text encoder (Qwen3-VL) runs on gen's LLM runtime, which takes no LoRAs",
+}
+
+
 # ---------------------------------------------------------------- parsing
 
 
@@ -368,15 +431,19 @@ class LoraWeights:
     family: str  # the DiT checkpoint class
     pairs: dict[str, Pair]
     deltas: dict[str, torch.Tensor]
+    encoders: dict[str, dict[str, Pair]] = field(default_factory=dict)  # text-encoder slot -> its module -> pair
+
+    def all_pairs(self) -> list[Pair]:
+        return [*self.pairs.values(), *(p for pairs in self.encoders.values() for p in pairs.values())]
 
     @property
     def nbytes(self) -> int:
-        tensors = [t for p in self.pairs.values() for t in (p.down, p.up)] + list(self.deltas.values())
+        tensors = [t for p in self.all_pairs() for t in (p.down, p.up)] + list(self.deltas.values())
         return sum(t.numel() * t.element_size() for t in {id(t): t for t in tensors}.values())
 
     @property
     def rank(self) -> int:
-        return max((p.down.shape[0] for p in self.pairs.values()), default=0)
+        return max((p.down.shape[0] for p in self.all_pairs()), default=0)
 
     def to(self, device: torch.device, dtype: torch.dtype) -> "LoraWeights":
         cast = {}  # a down shared by split targets stays shared
@@ -385,7 +452,9 @@ class LoraWeights:
             return cast.setdefault(id(t), t.to(device, dtype))
 
         return LoraWeights(self.source, self.format, self.family, {k: Pair(c(p.down), c(p.up)) for k, p in self.pairs.items()},
-                           {k: c(v) for k, v in self.deltas.items()})
+                           {k: c(v) for k, v in self.deltas.items()},
+                           {slot: {k: Pair(c(p.down), c(p.up)) for k, p in pairs.items()}
+                            for slot, pairs in self.encoders.items()})
 
 
 @dataclass
@@ -454,23 +523,73 @@ def _refuse(keys: list[str], family: str, source: str) -> GenError:
 def parse(tensors: dict[str, torch.Tensor], family: str, source: str, peft_alpha=None) -> LoraWeights:
     """Read a LoRA file's tensors as `family`'s pairs and deltas (fp32), or raise a GenError naming the file.
 
-    `peft_alpha(module, rank) -> alpha | None`: the PEFT config's alpha for one of our modules (diffusers' metadata,
-    adapter_config.json) where the file has no `.alpha` keys."""
+    `peft_alpha`: the PEFT config's alpha where the file has no `.alpha` keys (diffusers' metadata,
+    adapter_config.json), `alpha(module, rank) -> alpha | None` for one of our modules: one function (the
+    transformer's) or a dict of them by component slot (`transformer`, `text_encoder`, ...)."""
     if family not in FORMATS:
         raise GenError(f"LoRAs are not supported for {family} models yet (supported: "
                        f"{', '.join(FAMILY_NAMES.values())})", param="loras")
-    text = [k for k in tensors if k.startswith(TEXT_ENCODER_PREFIXES)]
-    if text:  # leaving them out would run another LoRA than the one trained: refused, not skipped
-        raise GenError(f"LoRA {source} has {len(text)} text-encoder keys ({_names(text)}): LoRAs on the text "
-                       "encoders (CLIP / T5) are not supported; use a file with the transformer's keys only",
-                       param="loras")
-    keys = list(tensors)
-    if not keys:
+    alphas = peft_alpha if isinstance(peft_alpha, dict) else {"transformer": peft_alpha}
+    if not tensors:
         raise GenError(f"LoRA {source} has no tensors", param="loras")
-    found = detect(keys, family)
-    if found is None:
-        raise _refuse(keys, family, source)
-    fmt, prefix = found
+    text, keys = _text_keys(list(tensors), family, source)
+    pairs, deltas, names = {}, {}, []
+    if keys:
+        found = detect(keys, family)
+        if found is None:
+            raise _refuse(keys, family, source)
+        fmt, prefix = found
+        pairs, deltas = _read(tensors, keys, fmt, prefix, source, alphas.get("transformer"))
+        names.append(fmt.name)
+    encoders: dict[str, dict[str, Pair]] = {}
+    for prefix, (fmt, group) in text.items():
+        got, full = _read(tensors, group, fmt, prefix, source, alphas.get(fmt.slot))
+        if full:
+            raise GenError(f"LoRA {source}: full deltas of {fmt.slot} parameters are not supported (keys "
+                           f"{_names(k for k in group if split_key(k)[1] == 'delta')})", param="loras")
+        encoders.setdefault(fmt.slot, {}).update(got)
+        names.append(fmt.name)
+    for t in list(tensors.values()):
+        if t.is_floating_point() and not torch.isfinite(t).all():
+            bad = next(k for k, v in tensors.items() if v.is_floating_point() and not torch.isfinite(v).all())
+            raise GenError(f"LoRA {source}: tensor {bad} holds NaN or infinite values", param="loras")
+    return LoraWeights(source, " + ".join(dict.fromkeys(names)), family, pairs, deltas, encoders)
+
+
+def _text_keys(keys: list[str], family: str, source: str) -> tuple[dict[str, tuple[Format, list[str]]], list[str]]:
+    """The text-encoder keys by prefix of TEXT_FORMATS (with its format), and the other keys (the transformer's).
+    Text-encoder keys of a family that takes none, or of no declared form, are refused by name: leaving them out
+    would run another LoRA than the one trained."""
+    prefixes = sorted(((prefix, fmt) for fmt in TEXT_FORMATS.get(family, ()) for prefix in fmt.prefixes),
+                      key=lambda x: -len(x[0]))
+    text: dict[str, tuple[Format, list[str]]] = {}
+    rest, unknown = [], []
+    for key in keys:
+        hit = next(((p, f) for p, f in prefixes if key.startswith(p)), None)
+        if hit is not None:
+            text.setdefault(hit[0], (hit[1], []))[1].append(key)
+        elif key.startswith(TEXT_ENCODER_PREFIXES):
+            unknown.append(key)
+        else:
+            rest.append(key)
+    if (text or unknown) and family not in TEXT_FORMATS:
+        bad = [k for _, g in text.values() for k in g] + unknown
+        raise GenError(f"LoRA {source} has {len(bad)} text-encoder keys ({_names(bad)}): text-encoder LoRAs are not "
+                       f"supported for {FAMILY_NAMES[family]}: {NO_TEXT_LORA[family]}; use a file with the "
+                       "transformer's keys only", param="loras")
+    for prefix, (fmt, group) in text.items():
+        _, missed = _explain(group, Format(fmt.name, (prefix,), fmt.naming, fmt.flat, fmt.slot))
+        unknown += missed
+    if unknown:
+        known = ", ".join(sorted({p for p, _ in prefixes}))
+        raise GenError(f"LoRA {source}: {len(unknown)} text-encoder keys match no {FAMILY_NAMES[family]} text-encoder "
+                       f"module we know ({_names(sorted(unknown))}; we read {known} + CLIP / T5 module names)",
+                       param="loras")
+    return text, rest
+
+
+def _read(tensors: dict, keys: list[str], fmt: Format, prefix: str, source: str, peft_alpha):
+    """(pairs by our module, deltas by our parameter) of `keys`, all explained by `fmt` read with `prefix`."""
     entries: dict[str, _Entry] = {}
     for key in keys:
         module, kind, param = split_key(key)
@@ -519,11 +638,7 @@ def parse(tensors: dict[str, torch.Tensor], family: str, source: str, peft_alpha
                 names, values = [name], [delta]
             for name, value in zip(names, values):
                 deltas[name] = value
-    for t in list(tensors.values()):
-        if t.is_floating_point() and not torch.isfinite(t).all():
-            bad = next(k for k, v in tensors.items() if v.is_floating_point() and not torch.isfinite(v).all())
-            raise GenError(f"LoRA {source}: tensor {bad} holds NaN or infinite values", param="loras")
-    return LoraWeights(source, fmt.name, family, pairs, deltas)
+    return pairs, deltas
 
 
 def _rows(t: torch.Tensor, target: Target, module: str, source: str) -> list[torch.Tensor]:

@@ -27,6 +27,12 @@ Full deltas (`diff`, `diff_b`, `diff_m`, PEFT's lora bias: lightx2v's norm, bias
 merged into their parameters the fused way, originals kept. FP8 / quantized linears take unfused LoRAs (the update
 runs beside their own matmul); fusing into them, or a full delta of their weight, is refused.
 
+Text encoders (FLUX.1's CLIP and T5: gen/lora/formats.py TEXT_ENCODERS) take a LoRA's text-encoder pairs the same
+two ways, on their linears (banks uniform over their layer lists), whatever the LoRA's target. A set is held for the
+whole generation, text encoding included, and nothing keeps prompt embeddings between generations (CLIP / T5
+encodes are neither cached nor merged across requests: gen/transforms/batch.py serializes them), so embeddings
+always come from the set the request runs with.
+
 Requests share the model: `LoraAdapters.use(specs)` holds the set for one generation; generations with the same set
 run together (batching, gen/transforms/batch.py), one with another set waits until they are done, then swaps.
 """
@@ -44,7 +50,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from gen.lora.files import DEFAULT_CACHE_MB, DEFAULT_MAX_LORAS, LoraCache, check_specs, lora_file
-from gen.lora.formats import LoraWeights, Pair
+from gen.lora.formats import TEXT_ENCODERS, LoraWeights, Pair
 from gen.models.layers import add_lora
 from gen.types import GenError, LoraSpec
 
@@ -103,15 +109,25 @@ class LoraAdapters:
             raise GenError(f"max_loras must be an integer >= 1, got {max_loras!r}", param="max_loras")
         self.pipeline, self.fuse, self.max_loras, self.offloaded = pipeline, fuse, max_loras, offloaded
         dits = pipeline.dits()
-        self.slots = tuple(slot for slot, _, _ in dits)
+        self.slots = tuple(slot for slot, _, _ in dits)  # the DiTs (what a LoRA's target names)
         self.models = {slot: m for slot, m, _ in dits}
         self.family = dits[0][2].checkpoint_class if dits else None
         self.block_lists = {slot: dit.blocks for slot, _, dit in dits}
+        self.dtypes = {slot: pipeline.dtype for slot in self.slots}  # the banks' (the activations') dtype
+        components = getattr(pipeline, "components", None)
+        self.encoders = {}  # text-encoder slot -> model, for the encoders this family's LoRAs may adapt
+        for enc in TEXT_ENCODERS.get(self.family, ()) if components is not None else ():
+            m = components.get(enc.slot)
+            if isinstance(m, nn.Module) and type(m).__name__ == enc.model_class:
+                self.encoders[enc.slot] = self.models[enc.slot] = m
+                self.block_lists[enc.slot] = (enc.blocks,)
+                self.dtypes[enc.slot] = next(m.parameters()).dtype
+        self.all_slots = (*self.slots, *self.encoders)
         self.cache = LoraCache(max_cache_mb, pipeline.device, pipeline.dtype)
         self.default = self.check(default) if default else ()
         self.active_key: tuple = ()
         self.active: list[_Use] = []
-        self.capacity: dict[str, dict[tuple, int]] = {slot: {} for slot in self.slots}  # slot -> uniform key -> R
+        self.capacity: dict[str, dict[tuple, int]] = {slot: {} for slot in self.all_slots}  # slot -> uniform key -> R
         self.originals: dict[tuple[str, str], torch.Tensor] = {}  # (slot, parameter) -> its value before merging
         self.switches = 0  # sets swapped in
         self.restructures = 0  # swaps that changed which layers carry banks or their capacity
@@ -128,10 +144,17 @@ class LoraAdapters:
         specs = self._specs(loras)
         for i, spec in enumerate(specs):
             try:
-                self.cache.get(spec.path, self.family)
+                weights = self.cache.get(spec.path, self.family)
             except GenError as e:
                 raise GenError(str(e), param=f"loras[{i}]") from None
+            self._check_encoders(weights, f"loras[{i}]")
         return specs
+
+    def _check_encoders(self, weights: LoraWeights, param: str) -> None:
+        missing = sorted(set(weights.encoders) - set(self.encoders))
+        if missing:
+            raise GenError(f"LoRA {weights.source} adapts the text encoder {missing[0]!r}, which this pipeline lacks "
+                           f"(text encoders that take LoRAs here: {sorted(self.encoders) or 'none'})", param=param)
 
     def resolve(self, loras) -> tuple[LoraSpec, ...]:
         return self.default if loras is None else self._specs(loras)
@@ -171,9 +194,10 @@ class LoraAdapters:
         return f"LoraAdapters({mode}, active={[os.path.basename(u.weights.source) for u in self.active]})"
 
     def describe(self) -> list[dict]:
-        """The active set: file, format, scale, rank, targets."""
+        """The active set: file, format, scale, rank, targets (the DiTs, then the text encoders it adapts)."""
         return [{"path": u.weights.source, "format": u.weights.format, "scale": u.scale, "rank": u.weights.rank,
-                 "targets": list(u.slots)} for u in self.active]
+                 "targets": [*(u.slots if u.weights.pairs or u.weights.deltas else ()), *sorted(u.weights.encoders)]}
+                for u in self.active]
 
     def _key(self, specs: tuple[LoraSpec, ...]) -> tuple:
         key = []
@@ -191,6 +215,9 @@ class LoraAdapters:
         uses = [_Use(self.cache.get(s.path, self.family), s.scale, self.slots if s.target is None else (s.target,))
                 for s in specs]
         plans = {slot: self._plan(slot, [u for u in uses if slot in u.slots]) for slot in self.slots}
+        plans.update({slot: self._plan(slot, uses) for slot in self.encoders})  # whatever the LoRA's target
+        for u in uses:
+            self._check_encoders(u.weights, "loras")
         self._restore()
         self.active, self.active_key = [], ()
         changed = False
@@ -215,9 +242,10 @@ class LoraAdapters:
         model = self.models[slot]
         pairs: dict[str, list[tuple[Pair, float]]] = {}
         deltas: dict[str, list[tuple[torch.Tensor, float]]] = {}
+        encoder = slot in self.encoders
         for u in uses:
             src = u.weights.source
-            for path, pair in u.weights.pairs.items():
+            for path, pair in (u.weights.encoders.get(slot, {}) if encoder else u.weights.pairs).items():
                 layer = _submodule(model, path)
                 if layer is None or not _is_linear(layer):
                     raise GenError(f"LoRA {src} adapts {path}, which this {slot} " + (
@@ -229,7 +257,7 @@ class LoraAdapters:
                                    "another model size?)", param="loras")
                 pairs.setdefault(path, []).append((pair, u.scale))
             params = dict(model.named_parameters())
-            for name, delta in u.weights.deltas.items():
+            for name, delta in () if encoder else u.weights.deltas.items():
                 p = params.get(name)
                 if p is None:
                     raise GenError(f"LoRA {src} changes {name}, which this {slot} lacks", param="loras")
@@ -295,7 +323,7 @@ class LoraAdapters:
         if attr is None:
             return [(inner, model.get_submodule(inner))]
         found = []
-        for i, block in enumerate(getattr(model, attr)):
+        for i, block in enumerate(model.get_submodule(attr)):
             layer = _submodule(block, inner)
             if layer is not None:
                 found.append((f"{attr}.{i}.{inner}", layer))
@@ -330,7 +358,7 @@ class LoraAdapters:
                 need.update({k: top for k in members})
         current = self.capacity[slot]
         if not pairs:
-            wanted = {}
+            wanted = {}  # (a set not touching this slot takes its banks off)
         else:
             wanted = dict(current)
             for key, rank in need.items():
@@ -367,10 +395,10 @@ class LoraAdapters:
                     continue
                 if path in groups:
                     members = [(p, self.models[slot].get_submodule(p)) for p in groups[path]]
-                    _attach_group(members, cap, self.pipeline.dtype)
+                    _attach_group(members, cap, self.dtypes[slot])
                     done.update(p for p, _ in members)
                 else:
-                    _attach_layer(layer, cap, self.pipeline.dtype)
+                    _attach_layer(layer, cap, self.dtypes[slot])
                     done.add(path)
 
     def _detach(self, slot: str) -> None:
@@ -382,8 +410,8 @@ class LoraAdapters:
         """Captured CUDA graphs replay the old structure: drop them (gen/transforms/cuda_graph.py recaptures)."""
         from gen.transforms.forward import forward_wrapper
 
-        for model in self.models.values():
-            graphed = forward_wrapper(model, "cuda_graphs")
+        for slot in self.slots:
+            graphed = forward_wrapper(self.models[slot], "cuda_graphs")
             if graphed is not None and hasattr(graphed, "graphs"):
                 graphed.graphs.clear()
 
@@ -395,7 +423,7 @@ class LoraAdapters:
         with self._cond:
             self._restore()
             changed = False
-            for slot in self.slots:
+            for slot in self.all_slots:
                 changed |= bool(self.capacity[slot])
                 self._detach(slot)
             if changed:
