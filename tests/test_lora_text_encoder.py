@@ -90,6 +90,50 @@ def test_files_are_read_into_both_parts():
     assert "encoder.block.1.layer.1.DenseReluDense.wi_0" in t.encoders["text_encoder_2"]
 
 
+def _clip_dotted(flat: str) -> str:
+    """sd-scripts' flat CLIP module name back to transformers' dotted one (for writing the other forms)."""
+    m = re.fullmatch(r"text_model_encoder_layers_(\d+)_(self_attn|mlp)_(\w+)", flat)
+    return f"text_model.encoder.layers.{m[1]}.{m[2]}.{m[3]}"
+
+
+def _t5_dotted(flat: str) -> str:
+    m = re.fullmatch(r"encoder_block_(\d+)_layer_(\d)_(SelfAttention|DenseReluDense)_(\w+)", flat)
+    return f"encoder.block.{m[1]}.layer.{m[2]}.{m[3]}.{m[4]}"
+
+
+@pytest.mark.parametrize("form", ["lora_te_", "comfyui", "peft-flattened", "peft-text_model"])
+def test_every_clip_and_t5_key_form_reads_the_same_pairs(tmp_path, form):
+    """The T5 file's CLIP and T5 halves rewritten in the other declared forms read as the same pairs: kohya's
+    `lora_te_`, ComfyUI's `text_encoders.clip_l.transformer.` / `.t5xxl.transformer.` (lora_down/up + alpha), PEFT's
+    `text_encoder.` / `text_encoder_2.` (lora_A/B + alpha) with and without CLIP's `text_model.` level."""
+    want = read_lora(T5, FLUX)
+    out = {}
+    for key, value in load_file(T5).items():
+        module, _, suffix = key.partition(".")
+        clip = module.startswith("lora_te1_")
+        name = module[len("lora_te1_" if clip else "lora_te2_"):]
+        if form == "lora_te_":
+            key = ("lora_te_" if clip else "lora_te2_") + name + "." + suffix
+        else:
+            dotted = _clip_dotted(name) if clip else _t5_dotted(name)
+            if form == "comfyui":
+                key = f"text_encoders.{'clip_l' if clip else 't5xxl'}.transformer.{dotted}.{suffix}"
+            else:
+                if form == "peft-flattened":
+                    dotted = dotted.removeprefix("text_model.")
+                suffix = suffix.replace("lora_down", "lora_A").replace("lora_up", "lora_B")
+                key = f"{'text_encoder' if clip else 'text_encoder_2'}.{dotted}.{suffix}"
+        out[key] = value
+    save_file(out, tmp_path / "form.safetensors")
+    got = read_lora(tmp_path / "form.safetensors", FLUX)
+    assert got.encoders.keys() == want.encoders.keys()
+    for slot, pairs in want.encoders.items():
+        assert got.encoders[slot].keys() == pairs.keys()
+        for path, pair in pairs.items():
+            assert torch.equal(got.encoders[slot][path].down, pair.down) and torch.equal(got.encoders[slot][path].up,
+                                                                                        pair.up)
+
+
 @pytest.mark.parametrize("loras", [
     [(DIFFUSERS, 1.0)],
     [(KOHYA, 1.3)],
@@ -163,6 +207,8 @@ def test_fused_equals_unfused_and_unfusing_restores_the_encoders_bit_for_bit(our
     assert rel_err(f_enc[0], u_enc[0]) <= 1e-5 and rel_err(f_enc[1], u_enc[1]) <= 1e-5
     got, want = fused.generate(**KW, loras=loras).images[0], ours.generate(**KW, loras=loras).images[0]
     assert psnr(got, want) >= 40
+    assert [d["targets"] for d in fused.pipeline.loras.describe()] == [["transformer", "text_encoder"],
+                                                                        ["text_encoder", "text_encoder_2"]]
     fused.pipeline.loras.set([])
     for s, m in encoders.items():
         assert all(torch.equal(v, before[s][k]) for k, v in m.state_dict().items()), s
