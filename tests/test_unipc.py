@@ -218,3 +218,14 @@ def test_wan_generation_with_ours_matches_diffusers(monkeypatch):
     ref = (ref * 255).round().astype(np.uint8)
     assert ours.shape == ref.shape and ref.std() > 1.0
     assert min(psnr(a, b) for a, b in zip(ours, ref)) >= 40.0
+
+
+def test_sync_check_scheduler_comparison_runs_on_cpu(tmp_path):
+    from benchmarks.sync_check import main
+
+    result = main(["--tiny", "--no-pipelines", "--out", str(tmp_path / "sync.json")])
+    u = json.loads((tmp_path / "sync.json").read_text())["unipc_step"]
+    assert u == result["unipc_step"] and u["steps"] == 40
+    assert u["ours"]["class"] == "UniPCScheduler" and u["diffusers"]["class"] == "UniPCMultistepScheduler"
+    assert u["ours"]["syncs"] == 0 and u["ours"]["ms_per_step"] > 0 and u["diffusers"]["ms_per_step"] > 0
+    assert 0 < u["max_rel_err"] <= 1e-5
