@@ -184,8 +184,16 @@ class Spec:
         return pipe
 
     def our_modules(self, modules: dict, device: torch.device, dtype: torch.dtype) -> dict:
-        """The components our pipeline runs: the same objects, but our DiT (sharing the diffusers model's tensors)."""
-        return {**modules, "transformer": our_dit(modules["transformer"])}
+        """The components our pipeline runs: the same objects, but our DiT (sharing the diffusers model's tensors) and
+        the scheduler our loader loads (our sync-free UniPC where its config is supported)."""
+        ours = {**modules, "transformer": our_dit(modules["transformer"])}
+        sched = modules.get("scheduler")
+        if type(sched).__name__ == "UniPCMultistepScheduler":
+            from gen.schedulers.unipc import UniPCScheduler, unsupported
+
+            if not unsupported(dict(sched.config)):
+                ours["scheduler"] = UniPCScheduler.from_config(dict(sched.config))
+        return ours
 
     def our_pipeline(self, modules: dict, device: torch.device, dtype: torch.dtype):
         from component_loaders import Components
