@@ -269,10 +269,14 @@ class SlotReader:
                 if suffix is not None:
                     self._scores[key] = (suffix, {k: 0.0 if k == suffix else float("-inf") for k in kinds})
                 else:
+                    frame = self.spec.get("kind_frame", "{word} = {kind}")
+                    names = self.spec.get("kind_names", {})
                     if "kind" not in self._scorers:
-                        shots = "".join(f"{w} = {k}\n" for w, k in self.spec["kind_examples"])
+                        shots = "".join(frame.format(word=w, kind=names.get(k, k)) + "\n"
+                                        for w, k in self.spec["kind_examples"])
                         self._scorers["kind"] = PrefixScorer(self.llm, shots)
-                    s = torch.log_softmax(self._scorers["kind"].score(f"{phrase} =", kinds), 0)
+                    query = frame[:frame.index("{kind}")].rstrip().format(word=phrase)
+                    s = torch.log_softmax(self._scorers["kind"].score(query, [names.get(k, k) for k in kinds]), 0)
                     self._scores[key] = (kinds[int(s.argmax())], dict(zip(kinds, s.tolist())))
             return self._scores[key]
 
