@@ -165,13 +165,17 @@ class SlotReader:
             spans, sized = [], set()
             for c in colors:
                 j = self._next_word(toks, c.end, found) if c is not background else None
-                k = j
-                while k is not None and k < len(toks) and k - j < 3 and (k in unknown or toks[k] in self.heads):
-                    k += 1
+                k = self._phrase_end(toks, j, unknown)
                 if j is not None and any(i in unknown for i in range(j, k)):
                     spans.append((j, k))
                     if self._is_size(toks, c.start - 1, found, unknown):
                         sized.add((j, k))  # "a huge red ...": a size before the color, so an object's color
+            if not spans:  # no color the model knows: the words after an unknown word the LLM takes for a color
+                for j in unknown:
+                    if j not in used and j + 1 in unknown and self.kind_of(toks[j])[0] == "color":
+                        spans.append((j + 1, self._phrase_end(toks, j + 1, unknown)))
+                        if self._is_size(toks, j - 1, found, unknown):
+                            sized.add(spans[-1])
             spans = spans or [(j, j + 1) for j in unknown if j not in used]
             if not spans:
                 return None
@@ -218,6 +222,15 @@ class SlotReader:
             return True
         return j in unknown and self.llm is not None and \
             self.kind_of(toks[j])[1]["size"] > self.kind_of(toks[j])[1]["other"]
+
+    def _phrase_end(self, toks, j, unknown) -> int | None:
+        """The end of a shape phrase starting at token j: up to 3 unknown words or shape-phrase heads ("... shape"),
+        stopping before an unknown word the LLM takes for another kind of word ("ball sits", "sphere toward")."""
+        k = j
+        while k is not None and k < len(toks) and k - j < 3 and (toks[k] in self.heads or k in unknown and (
+                k == j or self.llm is None or self.kind_of(toks[k])[0] != "other")):
+            k += 1
+        return k
 
     def _next_word(self, toks: list[str], j: int, found: list[Mention]) -> int | None:
         while j < len(toks) and any(m.kind == "size" and m.start <= j < m.end for m in found):
