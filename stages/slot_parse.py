@@ -5,12 +5,15 @@ Words the model knows are matched as whole phrases (longest first); a word that 
 is a cue for it ("round" of "round dot": circle), positions are put together from their parts ("upper" + "left");
 a hyphenated word is split only where one of its parts is known. Words it does not know go to an LLM of the
 in-process runtime, with few-shot lines of the guide's example words:
-- which slot a word names at all ("word = kind": size, color, shape or other; a word with the ending of the known
-  words of one kind, "-sized", is of that kind), so that the sentence's other words ("please", "make") are never
-  read as a size, and an unknown color word away from any background marker can still be the background;
-- which value of that slot: the guide's frame per slot ("{word} means {value}."), scored over the closed list of
-  values and calibrated against the answers to the model's own sentence words (small LLMs prefer some values
-  whatever the word). A shape may be a phrase of up to 3 words after a color ("... shape": its head word).
+- which slot a word names at all (the guide's kind frame, "the word {word} describes a size / a color / a shape /
+  something else", with every one-word phrase it knows as an example; a word with the ending of the known words of
+  one kind, "-sized", is of that kind), so that the sentence's other words ("please", "make") are never read as a
+  size, and an unknown color word away from any background marker can still be the background;
+- which value of that slot: the guide's frames per slot ("{word} means {value}.", ...; their scores summed), over
+  the closed list of values and calibrated against the answers to the model's own sentence words (small LLMs prefer
+  some values whatever the word). A shape may be a phrase of up to 3 words after a color, known or one the LLM takes
+  for a color ("... shape": its head word), ending before a word the LLM takes for another kind ("ball sits").
+  A one-object prompt's size may be anywhere in it ("..., make it huge").
 Which color is the background comes from the words around it that the model knows ("... background", "the
 backdrop is ..."), else from the distance to the shapes. Not the LLM itself nor the image model. Each word's answers
 are kept (a few LLM calls for a new word, none for a word seen before).
@@ -204,7 +207,8 @@ class SlotReader:
                 color = take_unknown(shape.start, "color", range(j, j + 1))
             size = min(near("size"), key=lambda m: _distance(m, shape), default=None)
             if size is None:
-                size = take_unknown(shape.start, "size", range(shape.start - 4, shape.end + 5))
+                size = take_unknown(shape.start, "size", range(len(toks)) if len(shapes) == 1 else
+                                    range(shape.start - 4, shape.end + 5))
             obj["color"] = color.value if color else None
             obj["size"] = size.value if size else None
             obj["position"] = self._position([m.value for m in near("position")])
