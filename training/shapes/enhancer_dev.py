@@ -5,7 +5,9 @@ never used to choose its mechanisms or examples: this set of other synonyms and 
 (tests/test_enhancer_dev.py checks that it shares no word with the evaluation's held-out ones, nor with the guide's
 few-shot examples). `measure` reads prompts with the enhancer and compares the sentence it writes with the scene.
 
-    python -m training.shapes.enhancer_dev [--show-errors] [--splits dev paraphrase synonyms in-distribution]
+    python -m training.shapes.enhancer_dev [--show-errors]          # the development set: what tuning looks at
+    python -m training.shapes.enhancer_dev --splits dev paraphrase synonyms in-distribution   # the evaluation's
+        # prompts at text level: measured once a change is final, never while choosing it
 """
 from __future__ import annotations
 
@@ -173,7 +175,9 @@ def main() -> None:
     from training.shapes.export import ASSETS
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--splits", nargs="+", default=["dev", "paraphrase", "synonyms", "in-distribution"])
+    ap.add_argument("--splits", nargs="+", default=["dev"],
+                    choices=["dev", "paraphrase", "synonyms", "in-distribution"],
+                    help="dev (default): the development set; the others: the evaluation's splits, measured only")
     ap.add_argument("--show-errors", action="store_true")
     args = ap.parse_args()
     guide = PromptGuide.load(ASSETS / MODEL_DIR)
