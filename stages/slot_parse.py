@@ -5,15 +5,12 @@ Words the model knows are matched as whole phrases (longest first); a word that 
 is a cue for it ("round" of "round dot": circle), positions are put together from their parts ("upper" + "left");
 a hyphenated word is split only where one of its parts is known. Words it does not know go to an LLM of the
 in-process runtime, with few-shot lines of the guide's example words:
-- which slot a word names at all (the guide's kind frame, "the word {word} describes a size / a color / a shape /
-  something else", with every one-word phrase it knows as an example; a word with the ending of the known words of
-  one kind, "-sized", is of that kind), so that the sentence's other words ("please", "make") are never read as a
-  size, and an unknown color word away from any background marker can still be the background;
-- which value of that slot: the guide's frames per slot ("{word} means {value}.", ...; their scores summed), over
-  the closed list of values and calibrated against the answers to the model's own sentence words (small LLMs prefer
-  some values whatever the word). A shape may be a phrase of up to 3 words after a color, known or one the LLM takes
-  for a color ("... shape": its head word), ending before a word the LLM takes for another kind ("ball sits").
-  A one-object prompt's size may be anywhere in it ("..., make it huge").
+- which slot a word names at all ("word = kind": size, color, shape or other; a word with the ending of the known
+  words of one kind, "-sized", is of that kind), so that the sentence's other words ("please", "make") are never
+  read as a size, and an unknown color word away from any background marker can still be the background;
+- which value of that slot: the guide's frame per slot ("{word} means {value}."), scored over the closed list of
+  values and calibrated against the answers to the model's own sentence words (small LLMs prefer some values
+  whatever the word). A shape may be a phrase of up to 3 words after a color ("... shape": its head word).
 Which color is the background comes from the words around it that the model knows ("... background", "the
 backdrop is ..."), else from the distance to the shapes. Not the LLM itself nor the image model. Each word's answers
 are kept (a few LLM calls for a new word, none for a word seen before).
@@ -168,17 +165,13 @@ class SlotReader:
             spans, sized = [], set()
             for c in colors:
                 j = self._next_word(toks, c.end, found) if c is not background else None
-                k = self._phrase_end(toks, j, unknown)
+                k = j
+                while k is not None and k < len(toks) and k - j < 3 and (k in unknown or toks[k] in self.heads):
+                    k += 1
                 if j is not None and any(i in unknown for i in range(j, k)):
                     spans.append((j, k))
                     if self._is_size(toks, c.start - 1, found, unknown):
                         sized.add((j, k))  # "a huge red ...": a size before the color, so an object's color
-            if not spans:  # no color the model knows: the words after an unknown word the LLM takes for a color
-                for j in unknown:
-                    if j not in used and j + 1 in unknown and self.kind_of(toks[j])[0] == "color":
-                        spans.append((j + 1, self._phrase_end(toks, j + 1, unknown)))
-                        if self._is_size(toks, j - 1, found, unknown):
-                            sized.add(spans[-1])
             spans = spans or [(j, j + 1) for j in unknown if j not in used]
             if not spans:
                 return None
@@ -207,8 +200,7 @@ class SlotReader:
                 color = take_unknown(shape.start, "color", range(j, j + 1))
             size = min(near("size"), key=lambda m: _distance(m, shape), default=None)
             if size is None:
-                size = take_unknown(shape.start, "size", range(len(toks)) if len(shapes) == 1 else
-                                    range(shape.start - 4, shape.end + 5))
+                size = take_unknown(shape.start, "size", range(shape.start - 4, shape.end + 5))
             obj["color"] = color.value if color else None
             obj["size"] = size.value if size else None
             obj["position"] = self._position([m.value for m in near("position")])
@@ -226,15 +218,6 @@ class SlotReader:
             return True
         return j in unknown and self.llm is not None and \
             self.kind_of(toks[j])[1]["size"] > self.kind_of(toks[j])[1]["other"]
-
-    def _phrase_end(self, toks, j, unknown) -> int | None:
-        """The end of a shape phrase starting at token j: up to 3 unknown words or shape-phrase heads ("... shape"),
-        stopping before an unknown word the LLM takes for another kind of word ("ball sits", "sphere toward")."""
-        k = j
-        while k is not None and k < len(toks) and k - j < 3 and (toks[k] in self.heads or k in unknown and (
-                k == j or self.llm is None or self.kind_of(toks[k])[0] != "other")):
-            k += 1
-        return k
 
     def _next_word(self, toks: list[str], j: int, found: list[Mention]) -> int | None:
         while j < len(toks) and any(m.kind == "size" and m.start <= j < m.end for m in found):
@@ -286,14 +269,10 @@ class SlotReader:
                 if suffix is not None:
                     self._scores[key] = (suffix, {k: 0.0 if k == suffix else float("-inf") for k in kinds})
                 else:
-                    frame = self.spec.get("kind_frame", "{word} = {kind}")
-                    names = self.spec.get("kind_names", {})
                     if "kind" not in self._scorers:
-                        shots = "".join(frame.format(word=w, kind=names.get(k, k)) + "\n"
-                                        for w, k in self.spec["kind_examples"])
+                        shots = "".join(f"{w} = {k}\n" for w, k in self.spec["kind_examples"])
                         self._scorers["kind"] = PrefixScorer(self.llm, shots)
-                    query = frame[:frame.index("{kind}")].rstrip().format(word=phrase)
-                    s = torch.log_softmax(self._scorers["kind"].score(query, [names.get(k, k) for k in kinds]), 0)
+                    s = torch.log_softmax(self._scorers["kind"].score(f"{phrase} =", kinds), 0)
                     self._scores[key] = (kinds[int(s.argmax())], dict(zip(kinds, s.tolist())))
             return self._scores[key]
 

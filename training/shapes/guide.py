@@ -28,18 +28,9 @@ WARNING = ("gen-shapes, the default model, draws colored shapes only (a circle, 
            "background) and this prompt names none of them")
 
 
-WORD_FRAMES = {  # chosen on the enhancer's own development set (training/shapes/enhancer_dev.py); the scores of
-    # several frames are summed (dev words: size 26 -> 27 of 30, shape 34 -> 36 of 40 with the second frame)
-    "size": ["{word} means {value}.", "the size {word} is {value}."],
-    "color": "the color {word} is a shade of {value}.",
-    "shape": ["{word} = {value}", "the shape of a {word} is a {value}."],
+WORD_FRAMES = {  # chosen on the enhancer's own development set (training/shapes/enhancer_dev.py)
+    "size": "{word} means {value}.", "color": "the color {word} is a shade of {value}.", "shape": "{word} = {value}",
 }
-
-
-# which slot an unknown word names (chosen on the development set: 83% of its words and sentence words right, the
-# bare "{word} = {kind}" 74%)
-KIND_FRAME = "the word {word} describes {kind}."
-KIND_NAMES = {"size": "a size", "color": "a color", "shape": "a shape", "other": "something else"}
 
 
 def _interleave(lists: list[list]) -> list:
@@ -95,13 +86,9 @@ def slots() -> dict:
         "word_examples": word_examples,
         # how the LLM is asked for a word's value ("{word}" and "{value}" filled; the text before "{value}" is scored)
         "word_frames": WORD_FRAMES,
-        # which slot a word names at all: every one-word phrase of each slot, and the model's sentence words as
-        # "other", in turn; asked as KIND_FRAME with KIND_NAMES
-        "kind_examples": _interleave([[[w, kind] for w in _phrases(lexicon[kind]) if " " not in w]
-                                      for kind in ("size", "color", "shape")]
-                                     + [[[w, "other"] for w in fillers if len(w) > 2]]),
-        "kind_frame": KIND_FRAME,
-        "kind_names": KIND_NAMES,
+        # which slot a word names at all: the example words of each slot, and the model's sentence words as "other"
+        "kind_examples": _interleave(_balanced([[[w, kind] for w, _ in word_examples[kind]] for kind in word_examples]
+                                               + [[[w, "other"] for w in fillers if len(w) > 2]])),
         "defaults": {"size": "medium", "position": "center", "background": ["white", "black"]},
         "answer": {"one": "a {size1} {color1} {shape1} {position1} on {background} background",
                    "two": "a {size1} {color1} {shape1} {position1} and a {size2} {color2} {shape2} {position2} on "
