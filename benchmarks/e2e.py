@@ -56,6 +56,7 @@ sys.path.insert(0, str(ROOT))
 from benchmarks.common import environment, write_json  # noqa: E402
 from benchmarks.e2e_flux import _memory_api, memory_gib, peak_memory_gib, synced_timings  # noqa: E402
 from benchmarks.e2e_models import SPECS, Spec, Workload, param_counts  # noqa: E402
+from gen.types import save_options  # noqa: E402
 
 PROMPT = "a photo of an astronaut riding a horse on a mountain at sunset, detailed, golden light"
 COMPONENT_TIMERS = (("vae", "encode", "vae_encode"), ("vae", "decode", "vae_decode"),
@@ -159,12 +160,13 @@ def synced_stages(pipeline, device: torch.device):
         module.Timings = original
 
 
-def save_output(images, out_dir: Path) -> float:
-    """Seconds to encode the first image as PNG (the output encoding both sides pay); 0 for video frames."""
+def save_output(images, out_dir: Path, options: dict) -> float:
+    """Seconds to encode the first image as PNG (the output encoding both sides pay: ours with the options gen's CLI
+    and server write with, diffusers' as `image.save(path)` does); 0 for video frames."""
     if not images:
         return 0.0
     start = time.perf_counter()
-    images[0].save(out_dir / "out.png")
+    images[0].save(out_dir / "out.png", **options)
     return time.perf_counter() - start
 
 
@@ -191,7 +193,7 @@ def ours_once(gen, spec: Spec, work: Workload, steps: int, clock: Clock, args, i
         clock.begin(work.per_step)
         result = gen.run(req, progress=clock.step_end)
         row = dict(result.timings)
-        row["encode_output"] = save_output(result.images, out_dir)
+        row["encode_output"] = save_output(result.images, out_dir, save_options("png"))
         row["total"] = time.perf_counter() - clock.t0
     row["output"] = first_output(result.images, result.frames)
     return clock.finish(row, steps)
@@ -210,7 +212,7 @@ def diffusers_once(pipe, spec: Spec, work: Workload, steps: int, clock: Clock, a
         out = pipe(**kwargs, callback_on_step_end=on_step_end)
         images = out.images if hasattr(out, "images") else []
         frames = list(out.frames[0]) if hasattr(out, "frames") else None
-        row = {"encode_output": save_output(images, out_dir)}
+        row = {"encode_output": save_output(images, out_dir, {})}
         row["total"] = time.perf_counter() - clock.t0
     row["output"] = first_output(images, frames)
     row = clock.finish(row, steps)

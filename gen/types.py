@@ -97,7 +97,7 @@ class GenerationResult:
             raise GenError(f"image output must end in .png, .jpg or .webp, got {str(path)!r}", param="output")
         fmt = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP"}[suffix]
         image = self.images[index]
-        return _atomic_write(path, lambda tmp: image.convert("RGB").save(tmp, format=fmt))
+        return _atomic_write(path, lambda tmp: image.convert("RGB").save(tmp, format=fmt, **save_options(fmt)))
 
 
 def check_writable(path: str | os.PathLike) -> Path:
@@ -111,6 +111,13 @@ def check_writable(path: str | os.PathLike) -> Path:
     if not os.access(parent, os.W_OK) or (path.exists() and not os.access(path, os.W_OK)):
         raise GenError(f"output path {str(path)!r} is not writable", param="output")
     return path
+
+
+def save_options(fmt: str) -> dict:
+    """PIL save options for an output image format. PNG at zlib level 4 instead of PIL's 6: lossless either way, and on
+    a 1024 x 1024 image ~3x faster (0.11 vs 0.36 s on a 2-core CPU) for about the same size (0.98x on a smooth
+    multi-scale test image); level 6 took 3% of a FLUX.1 generation's end-to-end time on an H200 host."""
+    return {"compress_level": 4} if fmt.upper() == "PNG" else {}
 
 
 def _atomic_write(path: Path, write: Callable[[str], None]) -> Path:
