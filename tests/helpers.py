@@ -1,6 +1,7 @@
 """Small helpers shared by the tests."""
 from __future__ import annotations
 
+import threading
 import time
 
 import numpy as np
@@ -20,6 +21,21 @@ def psnr(a, b) -> float:
     assert a.shape == b.shape, (a.shape, b.shape)
     mse = np.mean((a - b) ** 2)
     return float("inf") if mse == 0 else 10 * np.log10(255.0**2 / mse)
+
+
+def run_together(call, items) -> list:
+    """`call(item)` for every item, each on its own thread started at once; the results in the items' order."""
+    results = [None] * len(items)
+
+    def run(i):
+        results[i] = call(items[i])
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(items))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return results
 
 
 def slow_steps(transformer: torch.nn.Module, monkeypatch, seconds: float = 0.1) -> list[float]:

@@ -4,7 +4,6 @@ torch.compile, counted with dynamo's counters); FP8 layers take unfused LoRAs; f
 input refused; concurrent generations with different sets; the CLI flags."""
 from __future__ import annotations
 
-import threading
 import types
 from pathlib import Path
 
@@ -23,7 +22,7 @@ from gen.transforms.compile import compile_blocks
 from gen.transforms.join import join_projections
 from gen.transforms.lora import LoraAdapters, LoraLayer
 from gen.types import GenerationRequest, LoraSpec
-from helpers import psnr, rel_err
+from helpers import psnr, rel_err, run_together
 from pipelines.flux import FLUX_DIT
 from pipelines.wan import WAN_DIT
 
@@ -249,16 +248,7 @@ def test_concurrent_generations_with_different_sets_get_their_own():
     gen = Generator.from_pretrained(ASSETS / "flux-tiny", device="cpu", max_batch=2, batch_wait_ms=50)
     sets = [[(KOHYA, 1.5)], [(DIFFUSERS, -1.0)], [(KOHYA, 1.5)], []]
     alone = [np.asarray(gen.generate(**kw, loras=s).images[0]) for s in sets]
-    results = [None] * len(sets)
-
-    def run(i):
-        results[i] = np.asarray(gen.generate(**kw, loras=sets[i]).images[0])
-
-    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(sets))]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    results = run_together(lambda s: np.asarray(gen.generate(**kw, loras=s).images[0]), sets)
     for got, want in zip(results, alone):
         assert psnr(got, want) >= 40
     assert psnr(alone[0], alone[1]) < 40

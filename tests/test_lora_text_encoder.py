@@ -8,7 +8,6 @@ other or at once."""
 from __future__ import annotations
 
 import re
-import threading
 
 import numpy as np
 import pytest
@@ -19,7 +18,7 @@ from safetensors.torch import load_file, save_file
 from gen import GenError, Generator
 from gen.lora import read_lora
 from gen.lora.formats import FLUX
-from helpers import psnr, rel_err
+from helpers import psnr, rel_err, run_together
 from lora_reference import ASSETS, LORAS, Parity, Reference, first
 from stages.text_encode import encode_clip_pooled, encode_t5
 
@@ -227,16 +226,7 @@ def test_no_stale_embeddings_after_a_text_encoder_lora(ours, tmp_path):
     sets = [[(te_only, 1.5)], [], [(T5, 1.0)], []]
     alone = [np.asarray(batched.generate(**KW, loras=s).images[0]) for s in sets]
     assert np.array_equal(alone[1], base)
-    results = [None] * len(sets)
-
-    def run(i):
-        results[i] = np.asarray(batched.generate(**KW, loras=sets[i]).images[0])
-
-    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(sets))]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    results = run_together(lambda s: np.asarray(batched.generate(**KW, loras=s).images[0]), sets)
     for got, want in zip(results, alone):
         assert psnr(got, want) >= 40
 
