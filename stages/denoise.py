@@ -24,10 +24,10 @@ def denoise(model_fn: ModelFn, scheduler, latents: torch.Tensor, timesteps: torc
             raise Cancelled(f"cancelled before step {i + 1} of {total}")
         pred = model_fn(latents, t, i)
         latents = scheduler.step(pred, t, latents, return_dict=False)[0]
+        if progress is not None:  # before the preview: a preview shown is never ahead of the progress reported
+            progress(i + 1, total)
         if preview is not None:
             preview(i + 1, total, latents)
-        if progress is not None:
-            progress(i + 1, total)
     if cancel is not None and cancel():
         raise Cancelled(f"cancelled after step {total} of {total}, before decoding")
     return latents
