@@ -39,7 +39,8 @@ FLUX_DIT = DiT(
     checkpoint_class="FluxTransformer2DModel", model=FluxTransformer, config=FluxConfig,
     blocks=("transformer_blocks", "single_transformer_blocks"),
     # packed latents and their position ids are the per-token inputs; RoPE is computed from the ids
-    shard_plan=ShardPlan(split_inputs={"hidden_states": 1, "img_ids": -2}, text_prefix="encoder_hidden_states"),
+    shard_plan=ShardPlan(split_inputs={"hidden_states": 1, "img_ids": -2}, text_prefix="encoder_hidden_states",
+                         text_inputs={"encoder_hidden_states": 1, "txt_ids": -2}),
     cache_layout=CacheLayout(streams=(2, 1), join=_single_stream),
     batch_args=("hidden_states", "encoder_hidden_states", "pooled_projections", "timestep", "guidance"),
 )

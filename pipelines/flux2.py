@@ -42,7 +42,8 @@ FLUX2_DIT = DiT(
     checkpoint_class="Flux2Transformer2DModel", model=Flux2Transformer, config=Flux2Config,
     blocks=("transformer_blocks", "single_transformer_blocks"),
     # the noise and reference-image tokens and their position ids are the per-token inputs; RoPE comes from the ids
-    shard_plan=ShardPlan(split_inputs={"hidden_states": 1, "img_ids": -2}, text_prefix="encoder_hidden_states"),
+    shard_plan=ShardPlan(split_inputs={"hidden_states": 1, "img_ids": -2}, text_prefix="encoder_hidden_states",
+                         text_inputs={"encoder_hidden_states": 1, "txt_ids": -2}),
     cache_layout=CacheLayout(streams=(2, 1), join=_single_stream),
     batch_args=("hidden_states", "encoder_hidden_states", "timestep", "guidance"),
 )

@@ -65,13 +65,18 @@ def _pipeline_cases(rank: int, device: torch.device) -> dict | None:
             if not ctx.member:
                 continue
             parallel = parallelize(gen.pipeline, ctx)
+            texts = []  # the text lengths the DiT's text stream saw on this rank
+            embedder = getattr(gen.pipeline.transformer, "context_embedder", None) if name == "flux" else None
+            hook = embedder.register_forward_hook(lambda m, a, o: texts.append(a[0].shape[1])) if embedder else None
             try:
                 latents, pictures = _run(gen, module, request)
             finally:
                 parallel.remove()
+                if hook is not None:
+                    hook.remove()
             if rank == 0:
                 report[(name, layout)] = ((latents - ref[0]).abs().max().item(), psnr(pictures, ref[1]),
-                                          float(ref[1].std()), parallel.cfg.exchanges)
+                                          float(ref[1].std()), parallel.cfg.exchanges, set(texts))
     return report if rank == 0 else None
 
 
@@ -83,8 +88,10 @@ def report() -> dict:
 @pytest.mark.parametrize("layout", LAYOUTS, ids=lambda l: "u{}r{}c{}".format(*l))
 @pytest.mark.parametrize("model", list(CASES))
 def test_parallel_equals_single_rank(report, model, layout):
-    latent_diff, picture_psnr, std, exchanges = report[(model, layout)]
+    latent_diff, picture_psnr, std, exchanges, texts = report[(model, layout)]
     assert std > 1.0, "reference pictures are flat: the comparison would prove nothing"
+    if model == "flux":  # FLUX's 512 text tokens are sharded with the image tokens, not replicated on every rank
+        assert texts == {512 // (layout[0] * layout[1])}, texts
     # CFG parallel learns the pairing on step 0, then splits the branches: 1 exchange in 2 steps
     assert exchanges == (1 if layout[2] == 2 else 0), exchanges
     assert latent_diff <= 1e-4, latent_diff
@@ -104,3 +111,31 @@ def test_plain_transformer_unchanged_after_remove():
     assert "forward" in model.__dict__
     parallel.remove()
     assert "forward" not in model.__dict__ and (model.forward, get_attention_backend()) == before
+
+
+def test_text_stays_replicated_when_it_does_not_shard_evenly():
+    """The text is split with the sequence only when its length divides by the sp degree and no mask pads it."""
+    from gen.distributed.apply import ShardedTransformer
+    from gen.distributed.attention import CallState
+    from gen.generator import Generator
+
+    gen = Generator.from_pretrained(ASSETS / "flux-tiny", device="cpu")
+    model = gen.pipeline.transformer
+    ctx = ParallelContext(ParallelConfig(ulysses_degree=2), 1, torch.device("cpu"))  # rank 1 of 2 (no call is run)
+    sharded = ShardedTransformer(model, gen.pipeline.dit.shard_plan, ctx, cfg=lambda run, args: run())
+    try:
+        def split(length, **extra):
+            args = {"encoder_hidden_states": torch.arange(2 * length).reshape(1, length, 2).float(),
+                    "txt_ids": torch.zeros(length, 3), **extra}
+            return sharded._shard_text(args, CallState(prefix_len=length)), args
+
+        done, args = split(8)
+        assert done and torch.equal(args["encoder_hidden_states"][0, :, 0], torch.arange(8.0, 16.0, 2.0))
+        assert args["txt_ids"].shape == (4, 3)  # rank 1's half
+        done, args = split(7)  # odd: replicated
+        assert not done and args["encoder_hidden_states"].shape[1] == 7
+        done, args = split(8, attention_mask=torch.tensor([[True] * 6 + [False] * 2]))  # padded by a mask
+        assert not done and args["txt_ids"].shape == (8, 3)
+        assert split(8, attention_mask=torch.ones(1, 8, dtype=torch.bool))[0]  # a mask of all ones pads nothing
+    finally:
+        sharded.remove()

@@ -152,11 +152,32 @@ class ShardedTransformer:
         if plan.seq_len is not None:
             state.full_len = plan.seq_len(self.model, a)
         with self._installed(state):
+            if self._shard_text(a, state):
+                state.sharded_text, state.prefix_len = state.prefix_len, 0
             for name, split in plan.split_inputs.items():
                 if name in a:
                     a[name] = self.apply_split(a[name], split)
             out = self.forward(*bound.args, **bound.kwargs)
             return out if plan.gather else self.gather(out)
+
+    def _shard_text(self, a: dict, state: CallState) -> bool:
+        """Split the plan's text inputs in `a` (in place) when the text prefix divides evenly over the sp ranks and
+        no mask argument holds a padded position; True when it did. Otherwise the text stays replicated."""
+        n, p = self.ctx.config.sp_degree, state.prefix_len
+        if not self.plan.text_inputs or p == 0 or p % n or any(
+                "mask" in name and isinstance(v, torch.Tensor) and not bool(v.all()) for name, v in a.items()):
+            return False
+
+        def piece(t: torch.Tensor, dim: int) -> torch.Tensor:
+            dim = dim % t.ndim
+            assert t.shape[dim] == p, f"text input of length {t.shape[dim]} at dim {dim}, the prefix is {p}"
+            return t.narrow(dim, self.ctx.sp_rank * (p // n), p // n)
+
+        for name, split in self.plan.text_inputs.items():
+            value = a.get(name)
+            if isinstance(value, torch.Tensor) or (value is not None and callable(split)):
+                a[name] = piece(value, split) if isinstance(split, int) else split(value, piece)
+        return True
 
     @contextlib.contextmanager
     def _installed(self, state: CallState):

@@ -174,6 +174,9 @@ class CallState:
     prefix_len: int = 0  # replicated tokens leading the joint sequence (text in FLUX / Qwen-Image)
     full_len: int | None = None  # the sharded sequence's true length (set by the first split)
     local_depth: int = 0  # > 0 inside modules whose attention stays on the rank (cross-attention to full text)
+    # text tokens sharded with the sequence (ShardPlan.text_inputs): each rank's shard leads with its piece of them, so
+    # the sequence the group holds is this much longer than full_len (its padding still only at the very end)
+    sharded_text: int = 0
 
 
 class SequenceParallelAttention:
@@ -209,7 +212,7 @@ class SequenceParallelAttention:
             tq, tk, tv = tq[:, :, hs], tk[:, :, hs], tv[:, :, hs]
         block = xq.shape[1]  # (B, Lb, h, D): ring block of sequence positions [ring_rank * Lb, ...)
         if cfg.ring_degree == 1:
-            n_valid = min(st.full_len, block)
+            n_valid = min(st.full_len + st.sharded_text, block)
             keys = torch.cat([tk, xk[:, :n_valid]], dim=1)
             values = torch.cat([tv, xv[:, :n_valid]], dim=1)
             kmask = None
@@ -218,7 +221,8 @@ class SequenceParallelAttention:
             out = self.inner(torch.cat([tq, xq], dim=1), keys, values, kmask)
         else:
             prefix = (tk, tv, tmask) if pk else None
-            out = ring_attention(torch.cat([tq, xq], dim=1), xk, xv, self.ctx, st.full_len, prefix, n_prefix_q=p)
+            out = ring_attention(torch.cat([tq, xq], dim=1), xk, xv, self.ctx, st.full_len + st.sharded_text, prefix,
+                                 n_prefix_q=p)
         t_out, x_out = out[:, :p], out[:, p:]
         if u > 1:
             x_out = heads_to_seq(x_out, self.ctx.ulysses_group)

@@ -25,6 +25,9 @@ class ShardPlan:
     # the replicated text leading joint attention: the forward argument whose dim 1 counts it, or
     # (model, forward arguments) -> its length when the model pads it (Z-Image)
     text_prefix: str | Callable | None = None
+    # the text prefix's per-token inputs, split with it when it shards evenly and nothing masks it: the text is then
+    # part of the sharded sequence (each rank's shard is [text piece, image piece]) instead of replicated on every rank
+    text_inputs: dict[str, Split] = field(default_factory=dict)
     seq_len: Callable | None = None  # (model, forward arguments) -> sequence length, when inputs do not show it
     heads_attr: str = "num_attention_heads"  # config field with the head count (checked against ulysses_degree)
 
