@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from gen.distributed.attention import CallState, SequenceParallelAttention
 from gen.distributed.groups import ParallelContext
 from gen.distributed.plans import ShardPlan
+from gen.distributed.vae import SplitDecode
 from gen.models.attention import get_attention_backend, set_attention_backend
 from gen.transforms.forward import unwrap_forward, wrap_forward
 
@@ -272,8 +273,16 @@ class SequenceParallel:
             self.remove()
             raise
         pipeline.request_hooks.append(self.cfg.reset)
+        vae = getattr(pipeline, "vae", None)
+        self.decode: SplitDecode | None = None  # the VAE decode split by rows over all ranks
+        if ctx.all_group is not None and hasattr(vae, "decoder"):
+            split = SplitDecode(vae, ctx.all_group, ctx.rank, ctx.config.world_size)
+            self.decode = None if split.unsupported else split
 
     def remove(self) -> None:
+        if self.decode is not None:
+            self.decode.remove()
+            self.decode = None
         for s in reversed(self.sharded):
             s.remove()
         self.sharded = []

@@ -102,6 +102,7 @@ class ParallelContext:
         self.ring_rank, self.ulysses_rank = divmod(sp_index, u)
         self.sp_rank = sp_index  # which sequence shard this rank holds
         self.ulysses_group = self.ring_group = self.sp_group = self.cfg_group = None
+        self.all_group = None  # every rank of the layout (VAE decode splits over it), when there are several
         self.ring_ranks: list[int] = [rank]
 
     @classmethod
@@ -134,6 +135,8 @@ class ParallelContext:
             ranks = [ci * sp + s for s in range(sp)]
             g = make(ranks) if sp > 1 else None
             ctx.sp_group = g if rank in ranks else ctx.sp_group
+        if config.world_size > 1:
+            ctx.all_group = make(list(range(config.world_size)))
         if c > 1:
             for s in range(sp):
                 ranks = [ci * sp + s for ci in range(c)]
