@@ -205,9 +205,9 @@ class SplitDecode:
             return nn.GroupNorm.forward(norm, x)
         b, c = x.shape[:2]
         g = x.float().reshape(b, norm.num_groups, -1)
-        count = torch.tensor([float(g.shape[-1])], device=x.device)
+        rows = x.shape[-2]  # this band's; the image's are as many per latent row
+        count = g.shape[-1] // rows * (rows // self.split[self.rank] * sum(self.split))
         total = g.sum(-1)
-        dist.all_reduce(count, group=self.group)
         dist.all_reduce(total, group=self.group)
         mean = total / count
         sq = (g - mean[..., None]).square().sum(-1)
