@@ -76,10 +76,12 @@ class Pipeline:
     def branches(self, model: nn.Module, *calls: dict) -> list:
         """The DiT `model` on each keyword set of one step (the CFG branches, conditional first), as one batched
         forward when `cfg_batch` is on: the same results up to batched-kernel rounding, twice the activations.
-        Branches whose sequences differ in length are batched only with `cfg_batch_padded` (padding masks keys)."""
-        if self.cfg_batch and len(calls) > 1 and self.dit.batch_args and (
-                self.cfg_batch_padded or not _needs_padding(calls, self.dit.batch_pad)):
-            return merge_calls(model, list(calls), self.dit.batch_args, self.dit.batch_pad)
+        Branches whose sequences differ in length are batched only with `cfg_batch_padded` (padding masks keys) or
+        when the DiT's attention can skip the padding without a mask (`DiT.padded_text_leads_keys`)."""
+        dit = self.dit
+        if self.cfg_batch and len(calls) > 1 and dit.batch_args and (
+                self.cfg_batch_padded or dit.padded_text_leads_keys or not _needs_padding(calls, dit.batch_pad)):
+            return merge_calls(model, list(calls), dit.batch_args, dit.batch_pad, dit.padded_text_leads_keys)
         return [model(**c) for c in calls]
 
     # ---- previews (stages/preview.py)

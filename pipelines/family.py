@@ -28,6 +28,9 @@ class DiT:
     # (none: this DiT's calls are never batched), and text arguments padded along dim 1 -> their mask argument
     batch_args: tuple[str, ...] = ()
     batch_pad: tuple[tuple[str, str], ...] = ()
+    # its one padded text leads the keys of every attention that takes its mask (and is the only masked part): a
+    # merged forward runs those attentions row by row over the real keys, unmasked (gen.transforms.batch.RealKeysByRow)
+    padded_text_leads_keys: bool = False
     # entry points besides forward that run weights (offload moves and streams around them): the model's, its blocks'
     entry_methods: tuple[str, ...] = ()
     block_methods: tuple[str, ...] = ()

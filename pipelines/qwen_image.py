@@ -39,6 +39,7 @@ QWEN_IMAGE_DIT = DiT(
     cache_layout=CacheLayout(streams=(2,)),
     batch_args=("hidden_states", "encoder_hidden_states", "timestep", "additional_t_cond"),
     batch_pad=(("encoder_hidden_states", "encoder_hidden_states_mask"),),
+    padded_text_leads_keys=True,  # every block's joint attention: keys [text, image tokens]
 )
 T2I_TEMPLATE = ("<|im_start|>system\nDescribe the image by detailing the color, shape, size, texture, quantity, text, "
                 "spatial relationships of the objects and background:<|im_end|>\n<|im_start|>user\n{}<|im_end|>\n"

@@ -227,11 +227,15 @@ def test_shapes_share_text_encodes_and_decodes():
 
 
 def test_default_cfg_batch_leaves_out_branches_that_need_padding(monkeypatch):
-    """By default (cfg_batch=None, as on an accelerator) Qwen-Image's prompt and negative prompt of different lengths
-    run as two forwards (a padded batch masks attention keys: slower on GPUs); of equal lengths, as one."""
+    """By default (cfg_batch=None, as on an accelerator) a prompt and negative prompt of different lengths run as two
+    forwards when the DiT's attention would need a key mask (a padded batch masks attention keys: slower on GPUs); of
+    equal lengths, as one. (Qwen-Image, declared otherwise, is made to need the mask here.)"""
+    import dataclasses
+
     gen = Generator.from_pretrained(ASSETS / "qwen-image-tiny", device="cpu", cfg_batch=True)
     pipe = gen.pipeline
     pipe.cfg_batch_padded = False  # what apply_transforms sets when cfg_batch is left to the default
+    pipe.dit = dataclasses.replace(pipe.dit, padded_text_leads_keys=False)
     calls = []
     hook = pipe.transformer.register_forward_pre_hook(lambda m, a, k: calls.append(1), with_kwargs=True)
     kw = dict(height=32, width=32, true_cfg_scale=2.0, num_inference_steps=2, seed=3)
@@ -241,3 +245,61 @@ def test_default_cfg_batch_leaves_out_branches_that_need_padding(monkeypatch):
     gen.generate("a red circle", negative_prompt="a red circle", **kw)
     assert len(calls) == 2  # equal lengths: one forward a step
     hook.remove()
+
+
+def test_padded_cfg_batch_attends_real_keys_unmasked():
+    """Qwen-Image's padded text leads its attention keys: by default its CFG branches of different lengths run as one
+    forward whose attentions go row by row over the real keys, unmasked (RealKeysByRow), and the image equals the
+    two-forward one."""
+    from gen.models import attention as A
+
+    kw = dict(height=32, width=32, true_cfg_scale=2.0, num_inference_steps=3, seed=3,
+              negative_prompt="a blue square on a green background x")
+    plain = Generator.from_pretrained(ASSETS / "qwen-image-tiny", device="cpu")  # CPU default: two forwards
+    assert not plain.pipeline.cfg_batch
+    ref = np.asarray(plain.generate("a red circle", **kw).images[0])
+    gen = Generator.from_pretrained(ASSETS / "qwen-image-tiny", device="cpu", cfg_batch=True)
+    pipe = gen.pipeline
+    pipe.cfg_batch_padded = False  # the accelerator default
+    calls, masks = [], []
+    hook = pipe.transformer.register_forward_pre_hook(lambda m, a, k: calls.append(1), with_kwargs=True)
+    inner = A.get_attention_backend()
+
+    def spy(q, k, v, mask=None):
+        masks.append(mask is not None)
+        return inner(q, k, v, mask)
+
+    previous = A.set_attention_backend(spy)
+    try:
+        out = np.asarray(gen.generate("a red circle", **kw).images[0])
+    finally:
+        A.set_attention_backend(previous)
+        hook.remove()
+    assert len(calls) == 3  # one forward a step
+    assert masks and not any(masks)  # no attention call took a mask
+    assert ref.std() > 1.0 and psnr(out, ref) >= 40, psnr(out, ref)
+
+
+def test_real_keys_by_row_equals_masked_attention():
+    """RealKeysByRow over rows of three text lengths (two alike) == the masked attention, queries at padded positions
+    included."""
+    from gen.models.attention import math_attention
+    from gen.transforms.batch import RealKeysByRow
+
+    g = torch.Generator().manual_seed(0)
+    lengths, padded, image = [5, 2, 2, 3], 5, 7
+    q, k, v = (torch.randn(4, padded + image, 2, 8, generator=g) for _ in range(3))
+    mask = torch.ones(4, padded + image, dtype=torch.bool)
+    for row, n in enumerate(lengths):
+        mask[row, n:padded] = False
+    seen = []
+
+    def inner(q, k, v, mask=None):
+        seen.append((q.shape[0], k.shape[1], mask is None))
+        return math_attention(q, k, v, mask)
+
+    out = RealKeysByRow(inner, lengths, padded)(q, k, v, mask)
+    torch.testing.assert_close(out, math_attention(q, k, v, mask), rtol=1e-5, atol=1e-6)
+    assert seen == [(1, 12, True), (2, 9, True), (1, 10, True)]  # rows of one length together, unmasked
+    RealKeysByRow(inner, lengths, padded)(q[:2], k[:2], v[:2], mask[:2])  # another shape: passed through as is
+    assert seen[-1] == (2, 12, False)

@@ -22,7 +22,8 @@ every caller gets back its own rows. Waiting callers are woken one by one (their
 next forward), not all at each change.
 
 Outputs equal those of unbatched calls up to the kernels' batch-size-dependent rounding (and, for padded texts, the
-masked attention kernel's). Not with the step cache (it keys its state by the text tensor of each call).
+masked attention kernel's; a DiT whose padded text leads its attention keys runs those attentions row by row over
+the real keys instead, unmasked: `RealKeysByRow`). Not with the step cache (it keys its state by the text tensor of each call).
 """
 from __future__ import annotations
 
@@ -39,6 +40,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
+from gen.models.attention import get_attention_backend, set_attention_backend
 from gen.transforms.forward import unwrap_forward, wrap_forward
 
 log = logging.getLogger(__name__)
@@ -187,8 +189,9 @@ class CallBatcher:
 
     def __init__(self, model: nn.Module, group: BatchGroup, batch_args: tuple[str, ...],
                  batch_pad: tuple[tuple[str, str], ...] = (), method: str = "forward",
-                 expects: tuple[str, ...] = (STEPPING, NEW), after: str | None = None):
+                 expects: tuple[str, ...] = (STEPPING, NEW), after: str | None = None, real_keys: bool = False):
         self.model, self.group, self.method, self.expects, self.after = model, group, method, expects, after
+        self.real_keys = real_keys  # merge_calls' real_keys (the DiT's padded_text_leads_keys)
         self.batch_args, self.batch_pad = set(batch_args), dict(batch_pad)
         self.queue: list[_Entry] = []  # calls waiting for this module
         self.busy = False  # a call of this module is gathering or running
@@ -335,18 +338,52 @@ class CallBatcher:
         return True
 
     def _run(self, calls: list[dict]) -> list[Any]:
-        return merge_calls(self.forward, calls, tuple(self.batch_args), tuple(self.batch_pad.items()))
+        return merge_calls(self.forward, calls, tuple(self.batch_args), tuple(self.batch_pad.items()), self.real_keys)
+
+
+class RealKeysByRow:
+    """The attention backend of a merged forward whose one padded text leads every masked attention's keys
+    (`DiT.padded_text_leads_keys`): a masked call runs over each row's real keys (its text's first `lengths[b]`
+    tokens, then everything from `padded` on), unmasked, rows of one length together, instead of as one masked
+    batch: the same keys attended, so the same result up to the kernels' rounding, without the masked kernel path
+    (cuDNN's was 1.4-2.6x slower than two unmasked calls at Qwen-Image's shapes: benchmarks/masked_attention.py).
+    Queries at padded positions attend to the real keys, as under the mask. Calls of another shape go to `inner`."""
+
+    def __init__(self, inner: Callable, lengths: list[int], padded: int):
+        self.inner, self.lengths, self.padded = inner, lengths, padded
+
+    def __call__(self, q, k, v, mask=None):
+        if mask is None or q.shape[0] != len(self.lengths) or k.shape[1] != mask.shape[-1] or k.shape[1] < self.padded:
+            return self.inner(q, k, v, mask)
+        outs, start = [], 0
+        while start < len(self.lengths):
+            n = self.lengths[start]
+            end = start
+            while end < len(self.lengths) and self.lengths[end] == n:
+                end += 1
+            rows = slice(start, end)
+            if n == self.padded:
+                kr, vr = k[rows], v[rows]
+            else:
+                kr = torch.cat([k[rows, :n], k[rows, self.padded:]], dim=1)
+                vr = torch.cat([v[rows, :n], v[rows, self.padded:]], dim=1)
+            outs.append(self.inner(q[rows], kr, vr, None))
+            start = end
+        return outs[0] if len(outs) == 1 else torch.cat(outs)
 
 
 def merge_calls(forward: Callable, calls: list[dict], batch_args: tuple[str, ...],
-                batch_pad: tuple[tuple[str, str], ...] = ()) -> list[Any]:
+                batch_pad: tuple[tuple[str, str], ...] = (), real_keys: bool = False) -> list[Any]:
     """`forward(**call)` for each of `calls` (keyword dicts of one signature) as one batched forward: `batch_args`
     concatenated along dim 0, padded texts (`batch_pad`: text -> mask argument) padded with zeros and masked,
-    everything else taken from the first call; each call gets its own rows of every output tensor."""
+    everything else taken from the first call; each call gets its own rows of every output tensor. `real_keys`
+    (the DiT's `padded_text_leads_keys`): when one text was padded and no call brought its own mask, its masked
+    attentions run through `RealKeysByRow`."""
     if len(calls) == 1:
         return [forward(**calls[0])]
     pads = dict(batch_pad)
     merged = dict(calls[0])
+    by_row = None  # (lengths per row, padded length) for RealKeysByRow
     for text, mask in pads.items():
         if calls[0].get(text) is None:
             continue
@@ -354,6 +391,8 @@ def merge_calls(forward: Callable, calls: list[dict], batch_args: tuple[str, ...
         if all(c[text].shape[1] == length and c.get(mask) is None for c in calls):
             merged[text] = torch.cat([c[text] for c in calls])  # nothing to pad: no mask, as unbatched
             continue
+        if real_keys and len(pads) == 1 and all(c.get(mask) is None for c in calls):
+            by_row = ([c[text].shape[1] for c in calls for _ in range(c[text].shape[0])], length)
         padded, masks = [], []
         for c in calls:
             t = c[text]
@@ -368,7 +407,14 @@ def merge_calls(forward: Callable, calls: list[dict], batch_args: tuple[str, ...
         if name in pads or calls[0].get(name) is None:
             continue
         merged[name] = torch.cat([c[name] for c in calls])
-    out = forward(**merged)
+    if by_row is None:
+        out = forward(**merged)
+    else:
+        previous = set_attention_backend(RealKeysByRow(get_attention_backend(), *by_row))
+        try:
+            out = forward(**merged)
+        finally:
+            set_attention_backend(previous)
     sizes = [_batch_size(c, batch_args) for c in calls]
     leaves, spec = tree_flatten(out)
     parts = [x.split(sizes) if isinstance(x, torch.Tensor) else [x] * len(calls) for x in leaves]
@@ -438,8 +484,8 @@ def enable_batching(pipeline, group: BatchGroup) -> list:
     """A CallBatcher on each of the pipeline's DiTs whose family declares batch arguments and on a 2D VAE's decode;
     the stages marked (text encoding serialized unless its encoder merges concurrent calls); other VAE calls
     serialized."""
-    undo: list = [CallBatcher(m, group, dit.batch_args, dit.batch_pad) for _, m, dit in pipeline.dits()
-                  if dit.batch_args]
+    undo: list = [CallBatcher(m, group, dit.batch_args, dit.batch_pad, real_keys=dit.padded_text_leads_keys)
+                  for _, m, dit in pipeline.dits() if dit.batch_args]
     undo.append(StageMarks(pipeline, group, serial_encode=not merges_encodes(pipeline.components.get("text_encoder"))))
     vae = pipeline.components.get("vae")
     if isinstance(vae, nn.Module):
