@@ -69,8 +69,10 @@ def test_gen_serve_answers_then_drains_on_sigterm(tmp_path):
         body = {"prompt": "a boat", "size": "64x64", "num_inference_steps": 2}
         assert httpx.post(f"{url}/v1/images/generations", json=body, timeout=60).status_code == 200
         with concurrent.futures.ThreadPoolExecutor(2) as pool:
+            # 256^2 x 40 steps (about 2 s here, the most --max-work allows): still running after the queued
+            # request's 503 and /ready, also on a busy CI (64^2 x 20 steps took 0.4 s)
             long = pool.submit(httpx.post, f"{url}/v1/images/generations",
-                               json={**body, "num_inference_steps": 20}, timeout=180)
+                               json={**body, "size": "256x256", "num_inference_steps": 40}, timeout=180)
             wait_for(lambda: metric(url, "gen_running") == 1 or long.done(), "the generation did not start")
             queued = pool.submit(httpx.post, f"{url}/v1/images/generations", json=body, timeout=60)
             wait_for(lambda: metric(url, "gen_queue_depth") == 1, "the second request was not queued")
@@ -93,7 +95,7 @@ def test_gen_serve_cancels_past_the_shutdown_timeout_with_json(tmp_path):
     try:
         with concurrent.futures.ThreadPoolExecutor(1) as pool:
             long = pool.submit(httpx.post, f"{url}/v1/images/generations",
-                               json={"prompt": "a boat", "size": "256x256", "num_inference_steps": 32}, timeout=180)
+                               json={"prompt": "a boat", "size": "256x256", "num_inference_steps": 40}, timeout=180)
             wait_for(lambda: metric(url, "gen_running") == 1 or long.done(), "the generation did not start")
             assert not long.done(), long.result().text
             proc.send_signal(signal.SIGTERM)

@@ -38,8 +38,9 @@ def server(tmp_path_factory):
 
 @pytest.fixture
 def slow(server, monkeypatch):
-    """Every denoising step of the served model takes at least 0.1 s; returns the list of steps run."""
-    return slow_steps(server[1].state.service.default.generator.pipeline.transformer, monkeypatch)
+    """Every denoising step of the served model takes at least 0.2 s (50 steps: 10 s for a cancel to land, also on a
+    busy CI); returns the list of steps run."""
+    return slow_steps(server[1].state.service.default.generator.pipeline.transformer, monkeypatch, 0.2)
 
 
 def outcomes(app) -> dict[str, float]:
@@ -126,6 +127,7 @@ def test_browser_generates_and_screenshots(server, tmp_path):
             final = page.locator("#result img[alt^=output]")  # previews (alt "preview") come before it
             final.first.wait_for(state="visible", timeout=90_000)
             assert page.locator("#result img").count() == 1
+            final.first.evaluate("img => img.decode()")  # its pixels: shown (alt text) may come before they load
             assert final.first.evaluate("img => img.naturalWidth") == 128
             page.screenshot(path=str(shot), full_page=True)
         finally:
@@ -186,7 +188,7 @@ def test_ui_shows_previews_while_it_runs(server, slow):
     job = client.submit(*args(steps=12), api_name="/generate")
     final = job.result(timeout=60)[0]
     shown = [out[0] for out in job.outputs()[:-1] if isinstance(out[0], str) and "gen-preview" in out[0]]
-    assert shown, "no preview was shown"  # 12 steps of 0.1 s, polled every 0.25 s
+    assert shown, "no preview was shown"  # 12 steps of 0.2 s, polled every 0.25 s
     for html in shown:
         assert re.search(r'<img src="data:image/png;base64,[A-Za-z0-9+/=]+" width="64" height="48"', html)
         assert "/tmp" not in html
