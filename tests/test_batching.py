@@ -298,8 +298,45 @@ def test_real_keys_by_row_equals_masked_attention():
         seen.append((q.shape[0], k.shape[1], mask is None))
         return math_attention(q, k, v, mask)
 
-    out = RealKeysByRow(inner, lengths, padded)(q, k, v, mask)
+    out = RealKeysByRow(lengths, padded)(q, k, v, mask, inner)
     torch.testing.assert_close(out, math_attention(q, k, v, mask), rtol=1e-5, atol=1e-6)
     assert seen == [(1, 12, True), (2, 9, True), (1, 10, True)]  # rows of one length together, unmasked
-    RealKeysByRow(inner, lengths, padded)(q[:2], k[:2], v[:2], mask[:2])  # another shape: passed through as is
+    RealKeysByRow(lengths, padded)(q[:2], k[:2], v[:2], mask[:2], inner)  # another shape: passed through as is
     assert seen[-1] == (2, 12, False)
+
+
+def test_real_keys_by_row_is_per_thread_and_compiles_once_per_lengths():
+    """masked_calls_through reaches only its own thread's attention calls; under torch.compile one set of lengths
+    compiles once (the lengths are guarded values), not once per merged forward."""
+    import torch._dynamo
+
+    from gen.models.attention import attention, masked_calls_through
+    from gen.transforms.batch import RealKeysByRow
+
+    q = k = v = torch.randn(2, 6, 1, 4)
+    mask = torch.ones(2, 6, dtype=torch.bool)
+    mask[1, 2:3] = False
+    routed = []
+
+    class Spy(RealKeysByRow):
+        def __call__(self, *a):
+            routed.append(threading.get_ident())
+            return super().__call__(*a)
+
+    with masked_calls_through(Spy([3, 2], 3)):
+        attention(q, k, v, mask)
+        other = threading.Thread(target=attention, args=(q, k, v, mask))
+        other.start()
+        other.join()
+        attention(q, k, v, None)  # unmasked: the backend as is
+    assert routed == [threading.get_ident()]
+
+    torch._dynamo.reset()
+    frames = []
+    compiled = torch.compile(lambda q, k, v, m: attention(q, k, v, m) * 2, backend="eager")
+    torch._dynamo.utils.counters.clear()
+    for _ in range(3):  # three merged forwards of one request
+        with masked_calls_through(RealKeysByRow([3, 2], 3)):
+            frames.append(compiled(q, k, v, mask))
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 1
+    torch.testing.assert_close(frames[0], frames[2])

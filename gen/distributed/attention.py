@@ -187,6 +187,8 @@ class SequenceParallelAttention:
     progress, or a local module such as cross-attention) it is just `inner`.
     """
 
+    shards_sequence = True  # gen.models.attention: masked calls are not split by rows around it
+
     def __init__(self, ctx: ParallelContext, inner: AttentionFn):
         self.ctx, self.inner = ctx, inner
         self.state: CallState | None = None

@@ -5,7 +5,9 @@ Not a module with weights: projections, norms and RoPE live in the model files. 
 """
 from __future__ import annotations
 
+import contextlib
 import logging
+import threading
 from typing import Callable
 
 import torch
@@ -129,8 +131,27 @@ def get_attention_backend() -> AttentionFn:
     return _BACKEND
 
 
+_MASKED = threading.local()  # `fn`: how this thread's masked calls run meanwhile (masked_calls_through)
+
+
+@contextlib.contextmanager
+def masked_calls_through(fn: Callable):
+    """In this thread, until the block ends, masked calls go to `fn(q, k, v, mask, backend)` (a merged forward's
+    gen.transforms.batch.RealKeysByRow), unless the backend shards the sequence. Other threads are unaffected."""
+    previous = getattr(_MASKED, "fn", None)
+    _MASKED.fn = fn
+    try:
+        yield
+    finally:
+        _MASKED.fn = previous
+
+
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
     """Attention over (B, L, H, D) tensors; `mask` (B, Lk) bool marks keys to attend. Returns (B, Lq, H, D)."""
+    if mask is not None:
+        masked = getattr(_MASKED, "fn", None)
+        if masked is not None and not getattr(_BACKEND, "shards_sequence", False):
+            return masked(q, k, v, mask, _BACKEND)
     return _BACKEND(q, k, v, mask)
 
 

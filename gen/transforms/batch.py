@@ -40,7 +40,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
-from gen.models.attention import get_attention_backend, set_attention_backend
+from gen.models.attention import masked_calls_through
 from gen.transforms.forward import unwrap_forward, wrap_forward
 
 log = logging.getLogger(__name__)
@@ -347,14 +347,16 @@ class RealKeysByRow:
     tokens, then everything from `padded` on), unmasked, rows of one length together, instead of as one masked
     batch: the same keys attended, so the same result up to the kernels' rounding, without the masked kernel path
     (cuDNN's was 1.4-2.6x slower than two unmasked calls at Qwen-Image's shapes: benchmarks/masked_attention.py).
-    Queries at padded positions attend to the real keys, as under the mask. Calls of another shape go to `inner`."""
+    Queries at padded positions attend to the real keys, as under the mask. Calls of another shape go to `inner`,
+    the backend installed. One per merged forward, for its thread only (gen.models.attention.masked_calls_through:
+    concurrent forwards of other models are not affected; under torch.compile, the lengths are guarded values)."""
 
-    def __init__(self, inner: Callable, lengths: list[int], padded: int):
-        self.inner, self.lengths, self.padded = inner, lengths, padded
+    def __init__(self, lengths: list[int], padded: int):
+        self.lengths, self.padded = lengths, padded
 
-    def __call__(self, q, k, v, mask=None):
-        if mask is None or q.shape[0] != len(self.lengths) or k.shape[1] != mask.shape[-1] or k.shape[1] < self.padded:
-            return self.inner(q, k, v, mask)
+    def __call__(self, q, k, v, mask, inner: Callable):
+        if q.shape[0] != len(self.lengths) or k.shape[1] != mask.shape[-1] or k.shape[1] < self.padded:
+            return inner(q, k, v, mask)
         outs, start = [], 0
         while start < len(self.lengths):
             n = self.lengths[start]
@@ -367,7 +369,7 @@ class RealKeysByRow:
             else:
                 kr = torch.cat([k[rows, :n], k[rows, self.padded:]], dim=1)
                 vr = torch.cat([v[rows, :n], v[rows, self.padded:]], dim=1)
-            outs.append(self.inner(q[rows], kr, vr, None))
+            outs.append(inner(q[rows], kr, vr, None))
             start = end
         return outs[0] if len(outs) == 1 else torch.cat(outs)
 
@@ -410,11 +412,8 @@ def merge_calls(forward: Callable, calls: list[dict], batch_args: tuple[str, ...
     if by_row is None:
         out = forward(**merged)
     else:
-        previous = set_attention_backend(RealKeysByRow(get_attention_backend(), *by_row))
-        try:
+        with masked_calls_through(RealKeysByRow(*by_row)):
             out = forward(**merged)
-        finally:
-            set_attention_backend(previous)
     sizes = [_batch_size(c, batch_args) for c in calls]
     leaves, spec = tree_flatten(out)
     parts = [x.split(sizes) if isinstance(x, torch.Tensor) else [x] * len(calls) for x in leaves]
