@@ -65,7 +65,7 @@ def _check_e2e_rows(result: dict, models: list[str], gpus: int) -> None:
         assert m["ours_classes"]["transformer"] == spec.dit_class_name()  # our DiT, not diffusers'
         assert m["ours_layout"] == (None if gpus == 1 else
                                     {"ulysses_degree": 2 if spec.parallel == "ulysses" else 1, "ring_degree": 1,
-                                     "cfg_degree": 2 if spec.parallel == "cfg" else 1})
+                                     "cfg_degree": 2 if spec.parallel == "cfg" else 1, "ulysses_chunks": 1})
         for row in m["workloads"]:
             assert row["ours_gpus"] == gpus and row["flops"]["per_step"] > 0
             # both pipelines did the same work on the same weights: fp32 outputs agree
