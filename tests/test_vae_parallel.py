@@ -14,7 +14,8 @@ from gen.distributed.ranks import run_on_ranks
 from gen.distributed.vae import SplitDecode, bands
 
 ASSETS = Path(__file__).resolve().parents[1] / "assets"
-VAES = ["flux-tiny", "flux2-tiny", "gen-shapes", "qwen-image-tiny", "qwen-image21-tiny", "wan-t2v-tiny"]
+# assets, and Wan2.2's residual VAE (TI2V-5B: channel-to-space up blocks, patchified output) built here
+VAES = ["flux-tiny", "flux2-tiny", "gen-shapes", "qwen-image-tiny", "qwen-image21-tiny", "wan-t2v-tiny", "wan2.2-vae"]
 ROWS, COLS = 7, 5
 
 
@@ -23,6 +24,13 @@ def _load(asset: str):
 
     import diffusers
 
+    if asset == "wan2.2-vae":  # Wan2.2-TI2V-5B's layout at a tiny width
+        torch.manual_seed(0)
+        vae = diffusers.AutoencoderKLWan(base_dim=8, decoder_base_dim=16, z_dim=4, dim_mult=[1, 2, 2, 2],
+                                         num_res_blocks=1, is_residual=True, in_channels=12, out_channels=12,
+                                         patch_size=2, scale_factor_spatial=16, latents_mean=[0.0] * 4,
+                                         latents_std=[1.0] * 4).eval()
+        return vae, torch.randn((1, 4, 2, ROWS, COLS), generator=torch.Generator().manual_seed(0))
     name = json.loads((ASSETS / asset / "vae" / "config.json").read_text())["_class_name"]
     vae = getattr(diffusers, name).from_pretrained(ASSETS / asset / "vae").eval()
     channels = vae.config.get("latent_channels") or vae.config.get("z_dim")

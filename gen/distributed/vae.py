@@ -31,7 +31,7 @@ CAUSAL_CONV = {"WanCausalConv3d", "QwenImageCausalConv3d", "QwenImage21CausalCon
 ROW_LOCAL = {
     "Decoder", "UNetMidBlock2D", "UpDecoderBlock2D", "ResnetBlock2D", "Upsample2D",  # AutoencoderKL (+ FLUX.2's)
     "WanDecoder3d", "WanMidBlock", "WanResidualBlock", "WanUpBlock", "WanResidualUpBlock", "WanResample",
-    "WanUpsample", "WanRMS_norm", "WanAvgDown3D", "WanDupUp3D",
+    "WanUpsample", "WanRMS_norm", "DupUp3D",  # Wan2.2: channels repeated into 2x2 (and time) blocks, row by row
     "QwenImageDecoder3d", "QwenImageMidBlock", "QwenImageResidualBlock", "QwenImageUpBlock", "QwenImageResample",
     "QwenImageUpsample", "QwenImageRMS_norm",
     "QwenImage21Decoder3d", "QwenImage21MidBlock", "QwenImage21ResidualBlock", "QwenImage21ResidualUpBlock",
