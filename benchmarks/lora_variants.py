@@ -18,6 +18,10 @@ Variants (gen/transforms/lora.py runs `fold`; eager, `inplace`):
 - `inplace_op`: the same as a custom op that mutates y (inductor re-inplaces it: one GEMM with beta = 1)
 - `bmm` (joined groups): the members' ups as one batched product (members with equal out sizes), one add on the
   joined output viewed (T, n, out)
+- `catk` (docs/LORA.md, "Not built"): the weight held in a wider buffer [W | ups in spare columns], one GEMM over
+  [x | x A^T]: the input copied once instead of the up product written and read
+- `wide_base`: no LoRA, the base with its weight read as the view W = buffer[:, :in] of that wider buffer (what
+  `catk` would cost plain requests; should equal the base)
 
   python benchmarks/lora_variants.py --ranks 64     # GPU, < 1 minute (compiles 27 small graphs)
   python benchmarks/lora_variants.py                # GPU, rank 16 and 64, ~1.5 minutes (49 graphs)
@@ -37,7 +41,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.common import environment, time_ms, write_json  # noqa: E402
 
-VARIANTS = ("mul", "fold", "addmm", "inplace", "inplace_op")
+VARIANTS = ("mul", "fold", "addmm", "inplace", "inplace_op", "catk", "wide_base")
 JOINED_VARIANTS = VARIANTS + ("bmm",)
 
 
@@ -75,6 +79,14 @@ def make_tensors(case: dict, tokens: int, rank: int, device, dtype, seed: int = 
              down=r(n * rank, din, std=din ** -0.5), up=[r(o, rank, std=0.1) for o in outs],
              scale=r(n * rank).abs() + 0.5, res=r(tokens, outs[0]), gate=r(outs[0]))
     t["down_folded"] = t["down"] * t["scale"][:, None]
+    # catk: [W | each member's up in its own rows and its own rank's columns], the rest of the spare columns zero
+    wide = torch.zeros(sum(outs), din + n * rank, device=device, dtype=dtype)
+    wide[:, :din] = t["w"]
+    row = 0
+    for i, (o, up) in enumerate(zip(outs, t["up"])):
+        wide[row:row + o, din + i * rank:din + (i + 1) * rank] = up
+        row += o
+    t["wide"] = wide
     same = outs[:3] if len(set(outs[:3])) == 1 and len(outs) >= 3 else ()
     if same:  # the q/k/v ups stacked for the batched variant: (3, out, R)
         t["up3"] = torch.stack(t["up"][:3])
@@ -96,6 +108,12 @@ def run(variant: str, case: dict, t: dict, rank: int, head: int) -> list[torch.T
     outs_sizes, x = case["outs"], t["x"]
     y = F.linear(x, t["w"], t["b"])  # (T, sum(outs))
     if variant is None:
+        return consume(list(y.split(outs_sizes, dim=-1)), case["consumer"], t, head)
+    if variant == "wide_base":
+        y = F.linear(x, t["wide"][:, :case["din"]], t["b"])
+        return consume(list(y.split(outs_sizes, dim=-1)), case["consumer"], t, head)
+    if variant == "catk":
+        y = F.linear(torch.cat([x, F.linear(x, t["down_folded"])], dim=-1), t["wide"], t["b"])
         return consume(list(y.split(outs_sizes, dim=-1)), case["consumer"], t, head)
     if variant == "mul":
         h = F.linear(x, t["down"]) * t["scale"]
@@ -155,6 +173,7 @@ def main(argv: list[str] | None = None) -> dict:
             for rank in [int(r) for r in args.ranks.split(",")]:
                 t = make_tensors(case, tokens, rank, device, dtype)
                 want = run("mul", case, t, rank, head)
+                plain = run(None, case, t, rank, head)  # what wide_base must equal
                 for mode in modes:
                     wrap = (lambda f: torch.compile(f, backend=backend, fullgraph=True, dynamic=False)) \
                         if mode == "compiled" else (lambda f: f)
@@ -167,7 +186,7 @@ def main(argv: list[str] | None = None) -> dict:
                         fn = wrap(lambda v=v: run(v, case, t, rank, head))
                         got = fn()
                         err = max(((a.float() - b.float()).abs().max() / b.float().abs().max()).item()
-                                  for a, b in zip(got, want))
+                                  for a, b in zip(got, plain if v == "wide_base" else want))
                         row[v] = {"ms": time_ms(fn, warmup, iters), "rel_err": err}
                     rows.append(row)
     result["rows"] = rows
@@ -181,7 +200,8 @@ def main(argv: list[str] | None = None) -> dict:
         cells = [f"{r[v]['ms']:.3f} ({100 * (r[v]['ms'] / r['base_ms'] - 1):+.0f}%)" if v in r else ""
                  for v in JOINED_VARIANTS]
         print(f"| {r['case']} | {r['rank']} | {r['mode']} | {r['base_ms']:.3f} | " + " | ".join(cells) + " |")
-    print("variants agree with `mul`" if result["all_agree"] else "SOME VARIANT DISAGREES with `mul` (rel_err in the JSON)")
+    print("variants agree with `mul` (wide_base with the base)" if result["all_agree"]
+          else "SOME VARIANT DISAGREES with `mul` (rel_err in the JSON)")
     out = args.out or (os.path.join(os.environ["OUT"], "lora_variants.json") if os.environ.get("OUT") else None)
     if out:
         write_json(out, result)
