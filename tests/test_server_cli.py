@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from helpers import psnr
+from helpers import metric, psnr
 
 pytest.importorskip("fastapi")
 
@@ -47,13 +47,6 @@ def start_serve(tmp_path, *flags) -> tuple[subprocess.Popen, str]:
         except httpx.TransportError:
             pass
         time.sleep(0.2)
-
-
-def metric(url: str, name: str) -> float:
-    for line in httpx.get(f"{url}/metrics").text.splitlines():
-        if line.startswith(name + " "):
-            return float(line.split()[-1])
-    return 0.0
 
 
 def wait_for(predicate, what: str, timeout: float = 60.0):
