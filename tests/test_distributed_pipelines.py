@@ -114,7 +114,7 @@ def test_plain_transformer_unchanged_after_remove():
 
 
 def test_text_stays_replicated_when_it_does_not_shard_evenly():
-    """The text is split with the sequence only when its length divides by the sp degree and no mask pads it."""
+    """The text is split with the sequence only when its length divides by the sp degree and no mask is passed."""
     from gen.distributed.apply import ShardedTransformer
     from gen.distributed.attention import CallState
     from gen.generator import Generator
@@ -134,8 +134,8 @@ def test_text_stays_replicated_when_it_does_not_shard_evenly():
         assert args["txt_ids"].shape == (4, 3)  # rank 1's half
         done, args = split(7)  # odd: replicated
         assert not done and args["encoder_hidden_states"].shape[1] == 7
-        done, args = split(8, attention_mask=torch.tensor([[True] * 6 + [False] * 2]))  # padded by a mask
+        done, args = split(8, attention_mask=torch.tensor([[True] * 6 + [False] * 2]))  # a mask: replicated
         assert not done and args["txt_ids"].shape == (8, 3)
-        assert split(8, attention_mask=torch.ones(1, 8, dtype=torch.bool))[0]  # a mask of all ones pads nothing
+        assert split(8, attention_mask=None)[0]  # no mask given
     finally:
         sharded.remove()

@@ -163,10 +163,11 @@ class ShardedTransformer:
 
     def _shard_text(self, a: dict, state: CallState) -> bool:
         """Split the plan's text inputs in `a` (in place) when the text prefix divides evenly over the sp ranks and
-        no mask argument holds a padded position; True when it did. Otherwise the text stays replicated."""
+        the call passes no mask (reading one would wait for the device); True when it did. Otherwise the text stays
+        replicated."""
         n, p = self.ctx.config.sp_degree, state.prefix_len
         if not self.plan.text_inputs or p == 0 or p % n or any(
-                "mask" in name and isinstance(v, torch.Tensor) and not bool(v.all()) for name, v in a.items()):
+                "mask" in name and isinstance(v, torch.Tensor) for name, v in a.items()):
             return False
 
         def piece(t: torch.Tensor, dim: int) -> torch.Tensor:

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+import itertools
 import logging
 import threading
 import time
@@ -358,19 +359,13 @@ class RealKeysByRow:
         if q.shape[0] != len(self.lengths) or k.shape[1] != mask.shape[-1] or k.shape[1] < self.padded:
             return inner(q, k, v, mask)
         outs, start = [], 0
-        while start < len(self.lengths):
-            n = self.lengths[start]
-            end = start
-            while end < len(self.lengths) and self.lengths[end] == n:
-                end += 1
-            rows = slice(start, end)
-            if n == self.padded:
-                kr, vr = k[rows], v[rows]
-            else:
-                kr = torch.cat([k[rows, :n], k[rows, self.padded:]], dim=1)
-                vr = torch.cat([v[rows, :n], v[rows, self.padded:]], dim=1)
+        for n, same in itertools.groupby(self.lengths):  # runs of rows with one text length
+            rows = slice(start, start + len(list(same)))
+            start = rows.stop
+            kr, vr = k[rows], v[rows]
+            if n < self.padded:
+                kr, vr = (torch.cat([t[:, :n], t[:, self.padded:]], dim=1) for t in (kr, vr))
             outs.append(inner(q[rows], kr, vr, None))
-            start = end
         return outs[0] if len(outs) == 1 else torch.cat(outs)
 
 
