@@ -116,8 +116,11 @@ def project(x: torch.Tensor, *layers: nn.Module) -> tuple[torch.Tensor, ...]:
         return tuple(layer(x) for layer in layers)
     if len(sizes) != len(layers):
         raise RuntimeError(f"layer joined as a group of {len(sizes)} called as a group of {len(layers)}")
-    out = F.linear(x, first.joined_weight, first.joined_bias).split(sizes, dim=-1)
     down = getattr(first, "joined_lora_down", None)
+    wide = getattr(first, "joined_lora_wide", None)
+    if wide is not None:  # LoRA's wide layout: one GEMM over [x | x A^T] against [W | the members' ups]
+        return F.linear(torch.cat([x, F.linear(x, down)], dim=-1), wide, first.joined_bias).split(sizes, dim=-1)
+    out = F.linear(x, first.joined_weight, first.joined_bias).split(sizes, dim=-1)
     if down is None:
         return out
     h = F.linear(x, down).split(first.joined_lora_ranks, dim=-1)  # (..., R) each
