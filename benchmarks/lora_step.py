@@ -100,12 +100,16 @@ def main(argv: list[str] | None = None) -> dict:
         fused_switch = timed_s(lambda: fused.set([(files[top][0], 1.0)]))
         rows.append((f"ours compiled, fused rank {top}", time_ms(step, warmup, iters), None))
         fused.set([])
+        agreement = {}  # rank -> relative difference of the two layouts' outputs (rounding only)
         for r in ranks:
+            outs = []
             for layout, adapters in (("wide", unfused), ("separate ups", separate)):
                 adapters.set([(files[r][0], 1.0)])
                 cold = timed_s(step)
                 rows.append((f"ours compiled, unfused rank {r} ({layout})", time_ms(step, warmup, iters), cold))
+                outs.append(step().float())
                 adapters.remove()
+            agreement[r] = ((outs[0] - outs[1]).norm() / outs[1].norm()).item()
         # switching between two cached rank-`top` sets: contents copied in place, no new graph
         unfused.set([(files[top][1], 1.0)])
         step()
@@ -120,6 +124,7 @@ def main(argv: list[str] | None = None) -> dict:
         result["ours"] = {name: {"ms": ms, "cold_s": cold} for name, ms, cold in rows}
         result["switch_ms"], result["recompiles_while_switching"] = switch_ms, recompiles
         result["fused_switch_s"] = fused_switch
+        result["wide_vs_separate_rel_err"] = agreement
         ref_rows = []
         if not args.no_reference:
             ref_step = lambda: call_reference("flux", ref, inputs)
@@ -135,6 +140,8 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"| {name} | {ms:.2f} | {ms / none_ms:.3f} | {'' if cold is None else f'{cold:.1f}'} |")
     for name, ms in ref_rows:
         print(f"| {name} | {ms:.2f} | {ms / ref_rows[0][1]:.3f} | |")
+    print("wide vs separate ups, relative difference of the outputs: "
+          + ", ".join(f"rank {r} {e:.1e}" for r, e in agreement.items()))
     print(f"switch between two cached rank-{top} sets: {switch_ms:.1f} ms, {recompiles} graphs compiled while "
           f"switching; fused switch (restore + merge): {1000 * fused_switch:.0f} ms")
     out = args.out or (os.path.join(os.environ["OUT"], "lora_step.json") if os.environ.get("OUT") else None)
