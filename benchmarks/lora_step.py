@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchmarks.common import environment, time_ms, write_json  # noqa: E402
+from benchmarks.common import environment, kernel_breakdown, time_ms, write_json  # noqa: E402
 from benchmarks.dit_step import build, call_ours, call_reference  # noqa: E402
 from gen.models.attention import select_attention_backend  # noqa: E402
 from gen.transforms.compile import compile_blocks  # noqa: E402
@@ -69,6 +69,8 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--ranks", default="16,64")
     p.add_argument("--iters", type=int, default=10)
     p.add_argument("--no-reference", action="store_true", help="skip diffusers' PEFT side")
+    p.add_argument("--profile", action="store_true",
+                   help="also GPU kernel ms per step by kind (torch.profiler): no LoRA and each unfused row")
     p.add_argument("--out", help="JSON output (default: $OUT/lora_step.json when OUT is set)")
     args = p.parse_args(argv)
     device = torch.device("cpu") if args.tiny or not torch.accelerator.is_available() \
@@ -76,6 +78,9 @@ def main(argv: list[str] | None = None) -> dict:
     dtype = torch.float32 if device.type == "cpu" else torch.bfloat16
     iters, warmup = (2, 1) if args.tiny else (args.iters, 3)
     ranks = [int(r) for r in args.ranks.split(",")]
+    if args.profile and device.type == "cpu":
+        print("--profile: GPU kernels only; skipped on the CPU")
+        args.profile = False
     torch._dynamo.config.automatic_dynamic_shapes = False  # one static graph per bank capacity
     from torch._dynamo.utils import counters
 
@@ -95,6 +100,7 @@ def main(argv: list[str] | None = None) -> dict:
         compile_blocks(ours, FLUX_DIT.blocks, **({"backend": "eager"} if args.tiny else {}))
         cold = timed_s(step)
         none_ms = time_ms(step, warmup, iters)
+        kernels = {"ours compiled, no LoRA": kernel_breakdown(step)} if args.profile else {}
         rows.append(("ours compiled, no LoRA", none_ms, cold))
         top = max(ranks)
         fused_switch = timed_s(lambda: fused.set([(files[top][0], 1.0)]))
@@ -107,6 +113,8 @@ def main(argv: list[str] | None = None) -> dict:
                 adapters.set([(files[r][0], 1.0)])
                 cold = timed_s(step)
                 rows.append((f"ours compiled, unfused rank {r} ({layout})", time_ms(step, warmup, iters), cold))
+                if args.profile:
+                    kernels[rows[-1][0]] = kernel_breakdown(step)
                 outs.append(step().float())
                 adapters.remove()
             agreement[r] = ((outs[0] - outs[1]).norm() / outs[1].norm()).item()
@@ -125,6 +133,8 @@ def main(argv: list[str] | None = None) -> dict:
         result["switch_ms"], result["recompiles_while_switching"] = switch_ms, recompiles
         result["fused_switch_s"] = fused_switch
         result["wide_vs_separate_rel_err"] = agreement
+        if kernels:
+            result["kernel_ms"] = kernels
         ref_rows = []
         if not args.no_reference:
             ref_step = lambda: call_reference("flux", ref, inputs)
@@ -140,6 +150,11 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"| {name} | {ms:.2f} | {ms / none_ms:.3f} | {'' if cold is None else f'{cold:.1f}'} |")
     for name, ms in ref_rows:
         print(f"| {name} | {ms:.2f} | {ms / ref_rows[0][1]:.3f} | |")
+    if kernels:
+        kinds = sorted({k for b in kernels.values() for k in b}, key=lambda k: -kernels["ours compiled, no LoRA"].get(k, 0))
+        print("\nGPU kernel ms per step by kind\n| kind | " + " | ".join(kernels) + " |\n" + "|---" * (len(kernels) + 1) + "|")
+        for k in kinds:
+            print(f"| {k} | " + " | ".join(f"{b.get(k, 0):.2f}" for b in kernels.values()) + " |")
     print("wide vs separate ups, relative difference of the outputs: "
           + ", ".join(f"rank {r} {e:.1e}" for r, e in agreement.items()))
     print(f"switch between two cached rank-{top} sets: {switch_ms:.1f} ms, {recompiles} graphs compiled while "
