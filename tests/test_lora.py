@@ -104,8 +104,9 @@ def test_joined_projections_take_the_lora_on_their_slice(tmp_path):
 
 def test_wide_layout_equals_the_up_products_and_compacts_back():
     """Widening layers (out >= 2 x in: the joined q/k/v(+MLP) groups, the MLP's first linear) run one GEMM over
-    [x | x A^T] against [W | ups]: the same output as adding each up product. While adapted their weights are views of those buffers; once the set is off they are contiguous tensors of their own again (a group's still views of
-    one joined tensor), bit for bit the originals, and the model computes exactly what it did before."""
+    [x | x A^T] against [W | ups]: the same output as adding each up product. While adapted, their weights are
+    views of that buffer; once the set is off they are contiguous tensors of their own again (a group's still views
+    of one joined tensor), bit for bit the originals, and the model computes what it did before."""
     x = flux_inputs(5)
     loras = [(KOHYA, 0.7), (DIFFUSERS, -0.4), (BFL, 1.2)]
     model, separate, plain = flux_model(join=True), flux_model(join=True), flux_model(join=True)
