@@ -70,6 +70,7 @@ def write_json(path, data) -> None:
 
 
 KERNEL_KINDS = (  # (kind, substrings of the lower-cased kernel name), first match wins
+    ("communication (nccl)", ("nccl",)),
     ("attention", ("flash", "fmha", "sdpa", "attention", "attn")),
     ("matmul", ("gemm", "nvjet", "xmma", "cutlass", "matmul", "_mm_", "scaled_mm")),
     ("fused elementwise / norm (triton)", ("triton",)),

@@ -334,6 +334,12 @@ def bench_model(spec: Spec, args, device: torch.device, dtype: torch.dtype, rank
         gen = Generator(pipeline, pipeline.components.index.path)
         sides["ours"] = time_side(lambda w, s: ours_once(gen, spec, w, s, clock, args, image, out_dir), works, args,
                                   device)
+        if args.profile and device.type != "cpu":  # every rank runs it (the collectives pair up); rank 0 reports
+            from benchmarks.common import kernel_breakdown
+
+            work = works[0]
+            per_gen = kernel_breakdown(lambda: ours_once(gen, spec, work, work.steps, clock, args, image, out_dir), 1)
+            result["ours_kernel_ms_per_step"] = {k: v / work.steps for k, v in per_gen.items()}
     if rank != 0:
         return {}
     result["workloads"] = [report_row(spec, w, f, i, sides, args) for i, (w, f) in enumerate(zip(works, flops))]
@@ -434,6 +440,9 @@ def notes(models: list[dict]) -> str:
                      for k, v in row.items() if k.startswith("psnr_")}
             lines.append(f"  - {row['workload']}: {row['flops']['per_step'] / 1e12:.1f} TFLOP per step, "
                          f"text tokens {row['flops']['text_tokens']}; ours vs diffusers output PSNR {agree} dB")
+        if "ours_kernel_ms_per_step" in m:  # --profile
+            kinds = ", ".join(f"{k} {v:.2f}" for k, v in m["ours_kernel_ms_per_step"].items())
+            lines.append(f"  - ours, GPU kernel ms per step (rank 0, the first workload's generation): {kinds}")
     return "\n".join(lines)
 
 
@@ -458,6 +467,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--no-cfg-batch", action="store_true",
                    help="ours: CFG branches as two forwards (default on one GPU: one batched forward)")
     p.add_argument("--attention", default="auto", help="ours: attention backend name or auto")
+    p.add_argument("--profile", action="store_true",
+                   help="ours: GPU kernel ms per step by kind over one more generation of the first workload (rank 0)")
     p.add_argument("--device", help="default: the accelerator (cpu with --tiny)")
     p.add_argument("--dtype", default="bf16", choices=["bf16", "fp16", "fp32"], help="(fp32 on the CPU)")
     p.add_argument("--seed", type=int, default=0)

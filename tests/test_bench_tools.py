@@ -19,6 +19,7 @@ def test_kernel_kinds():
     assert kernel_kind("triton_per_fused_add_mul_native_layer_norm_0") == "fused elementwise / norm (triton)"
     assert kernel_kind("void at::native::vectorized_elementwise_kernel<4, CUDAFunctor_add>") == "other elementwise"
     assert kernel_kind("Memcpy DtoD (Device -> Device)") == "copy / cat"
+    assert kernel_kind("ncclDevKernel_SendRecv(ncclDevKernelArgsStorage<4096ul>)") == "communication (nccl)"
 
 
 def test_sync_check_watches_only_the_denoise_stage():
