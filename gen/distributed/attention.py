@@ -135,6 +135,22 @@ def gather_heads(x: torch.Tensor, group) -> torch.Tensor:
     return torch.cat(parts, dim=2)
 
 
+def _leading(t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """[t, x] along the sequence; x itself when there is no replicated text t (no copy of the whole sequence)."""
+    return x if t.shape[1] == 0 else torch.cat([t, x], dim=1)
+
+
+def _joint_keys(tk, tv, tmask, xk, xv, n_valid: int):
+    """Keys, values and key mask of a joint attention: the replicated text's (tk, tv, its mask) and the gathered
+    sequence's first `n_valid` (the rest is padding). Without replicated text: views of xk, xv and no mask."""
+    if tk.shape[1] == 0:
+        return xk[:, :n_valid], xv[:, :n_valid], None
+    kmask = None
+    if tmask is not None:
+        kmask = torch.cat([tmask, tmask.new_ones(tmask.shape[0], n_valid)], dim=1)
+    return torch.cat([tk, xk[:, :n_valid]], dim=1), torch.cat([tv, xv[:, :n_valid]], dim=1), kmask
+
+
 # ---------------------------------------------------------------- Ring
 
 
@@ -238,12 +254,8 @@ class SequenceParallelAttention:
         block = xq.shape[1]  # (B, Lb, h, D): ring block of sequence positions [ring_rank * Lb, ...)
         if cfg.ring_degree == 1:
             n_valid = min(st.full_len + st.sharded_text, block)
-            keys = torch.cat([tk, xk[:, :n_valid]], dim=1)
-            values = torch.cat([tv, xv[:, :n_valid]], dim=1)
-            kmask = None
-            if tmask is not None:
-                kmask = torch.cat([tmask, tmask.new_ones(tmask.shape[0], n_valid)], dim=1)
-            out = self.inner(torch.cat([tq, xq], dim=1), keys, values, kmask)
+            keys, values, kmask = _joint_keys(tk, tv, tmask, xk, xv, n_valid)
+            out = self.inner(_leading(tq, xq), keys, values, kmask)
         else:
             prefix = (tk, tv, tmask) if pk else None
             out = ring_attention(torch.cat([tq, xq], dim=1), xk, xv, self.ctx, st.full_len + st.sharded_text, prefix,
@@ -272,12 +284,8 @@ class SequenceParallelAttention:
             gq, gk, gv = arriving[i]().split(b, dim=0)
             hs = slice(i * hc + me * hc // u, i * hc + (me + 1) * hc // u)  # this rank's heads of group i
             n_valid = min(st.full_len + st.sharded_text, gq.shape[1])
-            keys = torch.cat([tk[:, :, hs], gk[:, :n_valid]], dim=1)
-            values = torch.cat([tv[:, :, hs], gv[:, :n_valid]], dim=1)
-            kmask = None
-            if tmask is not None:
-                kmask = torch.cat([tmask, tmask.new_ones(tmask.shape[0], n_valid)], dim=1)
-            out = self.inner(torch.cat([tq[:, :, hs], gq], dim=1), keys, values, kmask)
+            keys, values, kmask = _joint_keys(tk[:, :, hs], tv[:, :, hs], tmask, gk, gv, n_valid)
+            out = self.inner(_leading(tq[:, :, hs], gq), keys, values, kmask)
             leaving.append(heads_to_seq_async(out[:, p:], group))
             if p:
                 texts.append(gather_heads(out[:, :p], group))
