@@ -2,9 +2,9 @@
 which prompts it reads as they are, and which prompts are outside what it makes. Built from the world's vocabulary
 (world.py).
 
-The enhancer's instructions and examples use only the training words and the augmentation words (world.AUGMENT_*),
-never the evaluation's held-out ones (world.EVAL_*), so the evaluation's paraphrase and synonym splits stay unseen by
-the enhancer too. `augmented` says whether the model was trained with the augmentation captions: the prompts it reads
+The enhancer's instructions and examples use only the training words and the first augmentation words
+(world.READER_AUGMENT_*, see `slots`), never the evaluation's held-out ones (world.EVAL_*), so the evaluation's
+paraphrase and synonym splits stay unseen by the enhancer too. `augmented` says whether the model was trained with the augmentation captions: the prompts it reads
 as they are then include them.
 
     python -m training.shapes.guide assets/gen-shapes [--augmented]
@@ -51,10 +51,12 @@ def _phrases(*tables: dict) -> list[str]:
     return sorted({p for table in tables for options in table.values() for p in options})
 
 
-def _table(kind: str, augmented: bool = True) -> dict[str, list[str]]:
-    """value -> phrases of a kind: the training words, and the augmentation words when `augmented`."""
+def _table(kind: str, augmented: bool = True, augment_words: dict | None = None) -> dict[str, list[str]]:
+    """value -> phrases of a kind: the training words, and the augmentation words (`augment_words`, default
+    world.AUGMENT_WORDS) when `augmented`."""
     base = world.COLOR_WORDS if kind == "color" else world.TRAIN_WORDS[kind]
-    return {v: list(base[v]) + (list(world.AUGMENT_WORDS[kind][v]) if augmented else []) for v in base}
+    extra = (augment_words or world.AUGMENT_WORDS)[kind]
+    return {v: list(base[v]) + (list(extra[v]) if augmented else []) for v in base}
 
 
 def _template_words(templates) -> set[str]:
@@ -62,10 +64,14 @@ def _template_words(templates) -> set[str]:
 
 
 def slots() -> dict:
-    """The enhancer's slot vocabulary (stages/slot_parse.py): training and augmentation words only."""
-    templates = (world.TRAIN_TEMPLATES + world.AUGMENT_TEMPLATES + world.TWO_OBJECT_TEMPLATES
-                 + world.AUGMENT_TWO_OBJECT_TEMPLATES)
-    lexicon = {kind: _table(kind) for kind in ("size", "color", "shape", "position")}
+    """The enhancer's slot vocabulary (stages/slot_parse.py): training words and the first augmentation vocabulary
+    (world.READER_AUGMENT_*), which the reader's cues and few-shot lines were built on. The model was later fine-tuned
+    on a wider one (world.AUGMENT_*); given to the reader, its extra phrases made cues that misread unseen words (of
+    positions, sizes and colors), so the reader keeps the first. It writes the training words anyway."""
+    templates = (world.TRAIN_TEMPLATES + world.READER_AUGMENT_TEMPLATES + world.TWO_OBJECT_TEMPLATES
+                 + world.READER_AUGMENT_TWO_OBJECT_TEMPLATES)
+    lexicon = {kind: _table(kind, augment_words=world.READER_AUGMENT_WORDS)
+               for kind in ("size", "color", "shape", "position")}
     lexicon_words = {w for table in lexicon.values() for ps in table.values() for p in ps for w in p.split()}
     after, before = set(), set()
     for t in templates:  # the words next to {background} in the sentences the model was trained on
@@ -76,7 +82,7 @@ def slots() -> dict:
     before -= {"on a", "against a", "over a"}  # these come before words such as "background", kept by `after`
     before |= {f"{a} is" for a in after}  # "the backdrop is ...", as "the background is ..."
     fillers = sorted(_template_words(templates) - lexicon_words)
-    word_examples = {kind: [[w, v] for v, ws in world.AUGMENT_WORDS[kind].items() for w in ws if " " not in w]
+    word_examples = {kind: [[w, v] for v, ws in world.READER_AUGMENT_WORDS[kind].items() for w in ws if " " not in w]
                      for kind in ("size", "color", "shape")}
     return {
         "lexicon": lexicon,

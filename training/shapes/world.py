@@ -165,7 +165,8 @@ COLOR_WORDS = {c: [c] for c in COLORS}  # training captions name colors (and bac
 
 # augmentation (training with --augment): synonyms and sentence forms that the augmented model was trained on, and
 # that the prompt enhancer's instructions and examples may use; each caption mixes them with the words above
-AUGMENT_WORDS = {
+# the first augmentation vocabulary; the prompt enhancer's slot reader still reads with these (training/shapes/guide.py)
+READER_AUGMENT_WORDS = {
     "size": {"small": ["tiny", "little", "small-sized"], "medium": ["mid-sized", "moderate", "medium-size"],
              "large": ["huge", "giant", "large-sized"]},
     "shape": {"circle": ["disk", "round dot", "dot"], "square": ["box", "block", "square shape"],
@@ -187,16 +188,59 @@ AUGMENT_WORDS = {
               "purple": ["violet", "grape"], "pink": ["rose", "fuchsia"], "white": ["snow-white", "ivory"],
               "black": ["jet-black", "charcoal"]},
 }
-AUGMENT_TEMPLATES = (
+READER_AUGMENT_TEMPLATES = (
     "{background} backdrop, {size} {color} {shape} {position}",
     "picture of a {size} {color} {shape} {position} against a {background} backdrop",
     "there is a {color} {shape}, {size}, {position}; everything else is {background}",
     "an image of a {size} {color} {shape} {position}, {background} background",
     "{size} {color} {shape} {position} over a {background} field",
 )
-AUGMENT_TWO_OBJECT_TEMPLATES = (
+READER_AUGMENT_TWO_OBJECT_TEMPLATES = (
     "{background} backdrop with a {o1} and a {o2}",
     "picture of a {o1} and a {o2} against a {background} backdrop",
+)
+# the wider vocabulary the shipped model was fine-tuned on (2026-11-28): more words for every value, more sentence
+# forms; still disjoint from the evaluation's (EVAL_WORDS, EVAL_TEMPLATES)
+_MORE_WORDS = {
+    "size": {"small": ["wee", "diminutive", "smallish", "undersized", "compact"],
+             "medium": ["middling", "mid-size", "regular-sized", "normal-sized", "intermediate-sized"],
+             "large": ["gigantic", "oversized", "jumbo", "colossal", "hefty"]},
+    "shape": {"circle": ["ball", "round shape", "circular shape", "bubble", "sphere"],
+              "square": ["boxy shape", "square patch", "square panel", "square slab", "square tablet"],
+              "triangle": ["triangular shape", "delta", "arrowhead", "triangular patch", "cone shape"],
+              "star": ["starfish shape", "star symbol", "star icon", "spiky star", "twinkle"]},
+    "position": {
+        "top left": ["in the northwest corner", "up and to the left", "near the top left"],
+        "top": ["top-center", "along the top", "at the top middle"],
+        "top right": ["in the northeast corner", "up and to the right", "near the top right"],
+        "left": ["at the middle left", "on the west side", "hugging the left edge", "left of center"],
+        "center": ["smack in the middle", "at the center point", "in the central spot"],
+        "right": ["at the middle right", "on the east side", "hugging the right edge", "right of center"],
+        "bottom left": ["in the southwest corner", "down and to the left", "near the bottom left"],
+        "bottom": ["bottom-center", "along the bottom", "at the bottom middle"],
+        "bottom right": ["in the southeast corner", "down and to the right", "near the bottom right"],
+    },
+    "color": {"red": ["vermilion", "tomato-red", "brick-red"], "orange": ["carrot-orange", "mandarin", "bright orange"],
+              "yellow": ["sunflower", "banana-yellow", "buttercup"], "green": ["leaf-green", "kelly green", "shamrock"],
+              "cyan": ["bright cyan", "electric cyan", "caribbean"], "blue": ["royal blue", "ultramarine", "denim"],
+              "purple": ["lilac", "orchid", "royal purple"], "pink": ["hot pink", "flamingo", "carnation"],
+              "white": ["chalk-white", "alabaster", "bright white"], "black": ["onyx", "coal-black", "inky"]},
+}
+AUGMENT_WORDS = {kind: {v: READER_AUGMENT_WORDS[kind][v] + _MORE_WORDS[kind][v] for v in table}
+                 for kind, table in READER_AUGMENT_WORDS.items()}
+AUGMENT_TEMPLATES = READER_AUGMENT_TEMPLATES + (
+    "show me a {size} {color} {shape} {position} on {background}",
+    "render a {color} {shape} ({size}) {position} with {background} behind it",
+    "a {background}-colored background with a {size} {color} {shape} {position}",
+    "make a {size} {color} {shape} {position}. background: {background}",
+    "{position} sits a {size} {color} {shape} on {background}",
+    "paint a {size} {color} {shape} {position}, the background {background}",
+    "a {size} {color} {shape}, placed {position}, on a solid {background} background",
+    "create an image: {background} backdrop, {color} {shape}, {size}, {position}",
+    "generate a {color} {shape} that is {size}, {position}, over {background}",
+)
+AUGMENT_TWO_OBJECT_TEMPLATES = READER_AUGMENT_TWO_OBJECT_TEMPLATES + (
+    "show me a {o1} and a {o2} on {background}",
 )
 AUGMENT_RATE = 0.6  # share of augmented captions that use the augmentation templates and words at all
 
