@@ -56,7 +56,7 @@ def dequantize(qtype: int, blob: np.ndarray, shape: tuple[int, ...]) -> np.ndarr
     raise ValueError(f"GGUF tensor type {qtype} is not one the pack handles (Q4_1, Q8_0, F32)")
 
 
-def pack(out_dir: Path, layers: int = ENCODER_LAYER, parts: int = 2) -> dict:
+def pack(out_dir: Path, layers: int = ENCODER_LAYER, parts: int = 3) -> dict:
     import gguf
 
     from gen.llm.gguf import NAMES, hf_config, smollm2_path, tokenizer_from_gguf
@@ -143,7 +143,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("out", type=Path)
     ap.add_argument("--layers", type=int, default=ENCODER_LAYER)
-    ap.add_argument("--parts", type=int, default=2)
+    ap.add_argument("--parts", type=int, default=3)
     args = ap.parse_args()
     print(pack(args.out, args.layers, args.parts))
 

@@ -1,18 +1,23 @@
-"""Fine-tune gen-shapes from its shipped weights on one GPU in one device call (about 6 minutes): the DiT on augmented
-captions (synonyms, paraphrased sentence forms, more two-object scenes; world.AUGMENT_*), the VAE's decoder on fresh
-renders (the corner blot), starting from assets/gen-shapes. Needs no diffusers and no gguf there: our DiT
-(gen/models/qwen_image.py), the training VAE (training/shapes/vae.py), the encoder pack (training/shapes/encoder_pack.py).
+"""Fine-tune gen-shapes from its shipped weights on one GPU, in calls of up to 10 minutes: the VAE against the corner
+blot (encoder and decoder, background latents flattened; see finetune_vae), then the DiT on augmented captions
+(synonyms, paraphrased sentence forms, more two-object scenes; world.AUGMENT_*) on the new latents. Needs no diffusers
+and no gguf there: our DiT (gen/models/qwen_image.py), the training VAE (training/shapes/vae.py), the encoder pack
+(training/shapes/encoder_pack.py).
 
-The pack is in two parts (13 and 14 MiB) because the repository and one part are what one call can carry: the first,
-short call stashes part 0 on the machine, the second (on the still-warm machine, within its 30 s) carries part 1 and
+The pack is in three parts (~9 MiB each) because the repository and one part are what one call can carry: two short
+calls stash parts 0 and 1 on the machine, the next (on the still-warm machine, within its 30 s) carries part 2 and
 trains. Here, once:
 
     python -m training.shapes.encoder_pack .shapes/pack
-There (device calls, in this order, the second right after the first; `carry` names the part):
+There (device calls, in this order, each right after the one before; `carry` names the part):
 
     python -m training.shapes.finetune stash .shapes/pack/part-0                       # carry .shapes/pack/part-0
-    python -m training.shapes.finetune train --pack .shapes/pack/part-1 --out $OUT      # carry .shapes/pack/part-1
-Here again: `python -m training.shapes.export RUN_DIR` (writes assets/gen-shapes and its prompt guide). Another call
+    python -m training.shapes.finetune stash .shapes/pack/part-1                       # carry .shapes/pack/part-1
+    python -m training.shapes.finetune train --pack .shapes/pack/part-2 --out $OUT/run1 --budget-s 570 --vae-s 120; \
+        cp -r $OUT/run1 /tmp/ft1                                                       # carry .shapes/pack/part-2
+    python -m training.shapes.finetune train --pack .shapes/pack/part-2 --out $OUT/run2 --resume /tmp/ft1 \
+        --vae-s 0 --budget-s 570 --seed 12                                             # carry .shapes/pack/part-2
+Here again: `python -m training.shapes.export RUN_DIR` (writes assets/gen-shapes and its prompt guide). A later call
 of `train` after the export continues from the exported weights.
 
 Writes under --out: dit-{0,1,2}.safetensors (EMA weights, fp32), vae.safetensors, vae_stats.json, run.json and
@@ -102,36 +107,72 @@ def latents_of(vae, images: np.ndarray, device, chunk: int = 1024) -> torch.Tens
     return torch.cat(out)
 
 
-def finetune_decoder(vae, images: np.ndarray, seconds: float, device, history: list, batch: int = 64,
-                     lr: float = 1e-4, min_steps: int = 0) -> int:
-    """Train the decoder (and post_quant_conv) on the frozen encoder's latents, slightly noised (the DiT's latents
-    are never exact): L1 + MSE + the mean of each image's worst 1% of pixels (small local blots weigh in)."""
+def background_cells(x: torch.Tensor, factor: int = 8, tol: float = 0.15) -> torch.Tensor:
+    """(B, h, w) bool: the latent cells whose pixels, and those of the 8 cells around them, are all background (within
+    `tol` of the image's median border color, in [-1, 1] units; the world's color jitter is +-0.08)."""
+    border = torch.cat([x[:, :, 0], x[:, :, -1], x[:, :, :, 0], x[:, :, :, -1]], dim=2)  # (B, 3, 4W)
+    bg = border.median(dim=2).values[:, :, None, None]
+    far = ((x - bg).abs().amax(1, keepdim=True) > tol).float()
+    cell = F.max_pool2d(far, factor)
+    return F.max_pool2d(cell, 3, stride=1, padding=1)[:, 0] == 0
+
+
+def finetune_vae(vae, images: np.ndarray, seconds: float, device, history: list, stats: dict, batch: int = 64,
+                 lr: float = 1e-4, min_steps: int = 0, place_weight: float = 1.0, flat_weight: float = 1.0,
+                 encoder: bool = True) -> int:
+    """Fine-tune the VAE on fresh renders against the corner blot.
+
+    The blot's source: for every image the encoder writes an outlier into the latents of the top-right corner (and
+    smaller ones along the right edge), also over a flat background, and the decoder turns it back into a visible
+    blot (in plain reconstructions too); the DiT learned to draw that outlier. With `encoder`, encoder and decoder
+    are trained together and each image's background latents are pulled to their mean (`flat_weight` x their mean
+    squared deviation, in the DiT's latent units): flat background, flat latents, nothing for the DiT to draw there.
+    Without it, only the decoder (the latent space, and so the DiT, unchanged). Loss: L1 + MSE + the mean of each
+    image's worst 1% of pixels + `place_weight` x the batch-mean error at its worst 0.1% of places (an artifact
+    drawn at the same place in every image; object edges move and average out) + 1e-5 KL (with the encoder).
+    Decoded latents are noised slightly: the DiT's are never exact."""
     params = list(vae.decoder.parameters()) + list(vae.post_quant_conv.parameters())
+    vae.requires_grad_(False)
+    if encoder:
+        params += list(vae.encoder.parameters()) + list(vae.quant_conv.parameters())
+    for p in params:
+        p.requires_grad_(True)
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
-    vae.encoder.requires_grad_(False)
-    vae.quant_conv.requires_grad_(False)
     g = torch.Generator().manual_seed(7)
+    scale = stats["scaling_factor"]
     step, start = 0, time.time()
     while time.time() - start < seconds or step < min_steps:
         idx = torch.randint(0, len(images), (batch,), generator=g).numpy()
         x = to_pixels(images[idx], device)
-        with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+        with torch.set_grad_enabled(encoder), \
+                torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
             mean, logvar = vae.encode(x)
-        z = mean.float() + 0.05 * mean.float().std() * torch.randn_like(mean.float())
+        mean, logvar = mean.float(), logvar.float()
+        z = mean + 0.05 * mean.detach().std() * torch.randn_like(mean)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
             rec = vae.decode(z).float()
         err = (rec - x).abs().mean(1).flatten(1)  # (B, H*W)
         worst = err.topk(max(1, err.shape[1] // 100), dim=1).values.mean()
+        fixed = err.mean(0).topk(max(1, err.shape[1] // 1000)).values.mean()
         l1, l2 = err.mean(), ((rec - x) ** 2).mean()
-        loss = l1 + l2 + 0.1 * worst
+        loss = l1 + l2 + 0.1 * worst + place_weight * fixed
+        cells = background_cells(x, factor=x.shape[-1] // mean.shape[-1]).unsqueeze(1).float()  # (B, 1, h, w)
+        n = cells.sum((2, 3)).clamp(min=1)
+        ref = (mean * cells).sum((2, 3)) / n  # each image's mean background latent
+        off = ((mean - ref[:, :, None, None]) * scale) ** 2 * cells
+        flat = (off.sum((1, 2, 3)) / (n[:, 0] * mean.shape[1])).mean()
+        if encoder:
+            kl = 0.5 * (mean ** 2 + logvar.exp() - 1 - logvar).mean()
+            loss = loss + flat_weight * flat + 1e-5 * kl
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         if step % 100 == 0:
-            history.append({"stage": "vae_decoder", "step": step, "l1": l1.item(), "mse": l2.item(),
-                            "worst1pct": worst.item(), "t": round(time.time() - start, 1)})
-            log(f"decoder step {step} l1 {l1.item():.4f} mse {l2.item():.5f} worst1% {worst.item():.3f}")
+            history.append({"stage": "vae", "step": step, "l1": l1.item(), "mse": l2.item(), "worst1pct": worst.item(),
+                            "fixed_place": fixed.item(), "flat": flat.item(), "t": round(time.time() - start, 1)})
+            log(f"vae step {step} l1 {l1.item():.4f} mse {l2.item():.5f} worst1% {worst.item():.3f} "
+                f"fixed place {fixed.item():.3f} background latent deviation {flat.item():.4f}")
         step += 1
     vae.requires_grad_(False)
     return step
@@ -187,8 +228,12 @@ def train(args) -> dict:
     log(f"encoded captions {tuple(emb.shape)}, longest {int(mask.sum(1).max())} tokens ({time.time() - t0:.0f} s)")
 
     vae, stats = load_vae(args.model, device)
-    dec_steps = finetune_decoder(vae, images, args.vae_s, device, history, batch=args.vae_batch,
-                                 min_steps=int(args.tiny)) if args.vae_s > 0 else 0
+    if args.resume is not None:  # a previous call's --out: its VAE and statistics, its (EMA) DiT below
+        vae.load_state_dict(load_file(str(args.resume / "vae.safetensors")))
+        stats = json.loads((args.resume / "vae_stats.json").read_text())
+    vae_steps = finetune_vae(vae, images, args.vae_s, device, history, stats, batch=args.vae_batch,
+                             min_steps=int(args.tiny), encoder=not args.decoder_only,
+                             flat_weight=args.flat_weight) if args.vae_s > 0 else 0
     vae.eval()
     latents = (latents_of(vae, images, device) - stats["shift_factor"]) * stats["scaling_factor"]
     latents = pack2x2(latents).to(torch.bfloat16)  # (N, 64, 32)
@@ -196,6 +241,10 @@ def train(args) -> dict:
     log(f"latents {tuple(latents.shape)} std {latents.float().std().item():.3f} ({time.time() - t0:.0f} s)")
 
     dit = load_dit(args.model, device)
+    if args.resume is not None:
+        from training.shapes.train import load_dit as load_run_dit
+
+        dit.load_state_dict(load_run_dit(args.resume))
     ema = copy.deepcopy(dit).requires_grad_(False)
     opt = torch.optim.AdamW(dit.parameters(), lr=args.lr, weight_decay=0.0, betas=(0.9, 0.99))
     n, b = len(latents), args.batch
@@ -234,12 +283,13 @@ def train(args) -> dict:
             history.append({"stage": "dit", "step": step, "loss": mean, "it_s": round(rate, 2),
                             "t": round(time.time() - t0, 1)})
             log(f"dit step {step} loss {mean:.4f} {rate:.1f} it/s")
-    log(f"trained {step} DiT steps, {dec_steps} decoder steps ({time.time() - t0:.0f} s)")
+    log(f"trained {step} DiT steps, {vae_steps} VAE steps ({time.time() - t0:.0f} s)")
     ema.eval()
     save_dit(ema, args.out)
     save_file({k: v.float().cpu().contiguous() for k, v in vae.state_dict().items()}, str(args.out / "vae.safetensors"))
     (args.out / "vae_stats.json").write_text(json.dumps(stats))
-    run = {"augmented": True, "from": str(args.model), "dit_steps": step, "decoder_steps": dec_steps,
+    run = {"augmented": True, "from": str(args.resume or args.model), "dit_steps": step, "vae_steps": vae_steps,
+           "vae_encoder": vae_steps > 0 and not args.decoder_only,
            "samples": args.samples, "batch": b, "lr": args.lr, "seconds": round(time.time() - t0, 1)}
     (args.out / "run.json").write_text(json.dumps(run))
     prompts = SAMPLE_PROMPTS_FT[-2:] if args.tiny else SAMPLE_PROMPTS_FT
@@ -264,9 +314,14 @@ def main(argv: list[str] | None = None) -> None:
     t.add_argument("--stash", type=Path, default=STASH, help="where `stash` left the other parts")
     t.add_argument("--model", type=Path, default=ROOT / "assets" / configs.MODEL_DIR)
     t.add_argument("--out", type=Path, required=True)
+    t.add_argument("--resume", type=Path, default=None,
+                   help="continue from a previous call's --out (copied to this machine's /tmp while warm)")
     t.add_argument("--budget-s", type=float, default=330, help="the whole call, rendering and saving included")
     t.add_argument("--reserve-s", type=float, default=25, help="left at the end to save and draw the samples")
-    t.add_argument("--vae-s", type=float, default=60, help="seconds of decoder fine-tuning (0: none)")
+    t.add_argument("--vae-s", type=float, default=60, help="seconds of VAE fine-tuning (0: none)")
+    t.add_argument("--decoder-only", action="store_true",
+                   help="fine-tune the VAE's decoder only (keeps the latent space; the blot's source stays)")
+    t.add_argument("--flat-weight", type=float, default=1.0, help="weight of the flat-background latent term")
     t.add_argument("--samples", type=int, default=120_000)
     t.add_argument("--two-object-rate", type=float, default=0.45, help="before rejection (the world's: 0.3)")
     t.add_argument("--batch", type=int, default=256)
@@ -281,8 +336,8 @@ def main(argv: list[str] | None = None) -> None:
     t.add_argument("--tiny", action="store_true", help="a seconds-long CPU check of the whole path (tests)")
     args = ap.parse_args(argv)
     if args.command == "train" and args.tiny:
-        for k, v in dict(samples=16, batch=2, vae_batch=2, vae_s=0.1, budget_s=0, reserve_s=0, sample_steps=1,
-                         log_every=1, device=args.device or "cpu").items():
+        for k, v in dict(samples=16, batch=2, vae_batch=2, vae_s=0.1 if args.vae_s > 0 else 0, budget_s=0,
+                         reserve_s=0, sample_steps=1, log_every=1, device=args.device or "cpu").items():
             setattr(args, k, v)
     if args.command == "stash":
         print(f"stashed {stash(args.part, args.to)}")
