@@ -4,8 +4,8 @@ which prompts it reads as they are, and which prompts are outside what it makes.
 
 The enhancer's instructions and examples use only the training words and the first augmentation words
 (world.READER_AUGMENT_*, see `slots`), never the evaluation's held-out ones (world.EVAL_*), so the evaluation's
-paraphrase and synonym splits stay unseen by the enhancer too. `augmented` says whether the model was trained with the augmentation captions: the prompts it reads
-as they are then include them.
+paraphrase and synonym splits stay unseen by the enhancer too. `augmented` says whether the model was trained with
+the augmentation captions (world.AUGMENT_*): the prompts it reads as they are then include them.
 
     python -m training.shapes.guide assets/gen-shapes [--augmented]
 """
