@@ -119,12 +119,18 @@ def project(x: torch.Tensor, *layers: nn.Module) -> tuple[torch.Tensor, ...]:
     down = getattr(first, "joined_lora_down", None)
     wide = getattr(first, "joined_lora_wide", None)
     if wide is not None:  # LoRA's wide layout: one GEMM over [x | x A^T] against [W | the members' ups]
-        return F.linear(torch.cat([x, F.linear(x, down)], dim=-1), wide, first.joined_bias).split(sizes, dim=-1)
+        return wide_lora_linear(x, down, wide, first.joined_bias).split(sizes, dim=-1)
     out = F.linear(x, first.joined_weight, first.joined_bias).split(sizes, dim=-1)
     if down is None:
         return out
     h = F.linear(x, down).split(first.joined_lora_ranks, dim=-1)  # (..., R) each
     return tuple(add_lora(o, hi, layer.lora_up) for o, hi, layer in zip(out, h, layers))
+
+
+def wide_lora_linear(x: torch.Tensor, down: torch.Tensor, wide: torch.Tensor, bias: torch.Tensor | None):
+    """A linear with LoRAs in the wide layout (gen/transforms/lora.py): [x | x down^T] @ wide^T + bias, where `wide` is
+    [W | ups]."""
+    return F.linear(torch.cat([x, F.linear(x, down)], dim=-1), wide, bias)
 
 
 def add_lora(y: torch.Tensor, h: torch.Tensor, up: torch.Tensor) -> torch.Tensor:

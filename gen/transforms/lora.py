@@ -59,7 +59,7 @@ from torch import nn
 
 from gen.lora.files import DEFAULT_CACHE_MB, DEFAULT_MAX_LORAS, LoraCache, check_specs, lora_file
 from gen.lora.formats import TEXT_ENCODERS, LoraWeights, Pair
-from gen.models.layers import add_lora
+from gen.models.layers import add_lora, wide_lora_linear
 from gen.types import GenError, LoraSpec
 
 log = logging.getLogger(__name__)
@@ -83,7 +83,7 @@ class WideLoraLayer(LoraLayer):
     its first columns)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(torch.cat([x, F.linear(x, self.lora_down)], dim=-1), self.lora_wide, self.bias)
+        return wide_lora_linear(x, self.lora_down, self.lora_wide, self.bias)
 
 
 _CLASSES: dict[tuple[type, type], type] = {}

@@ -44,6 +44,7 @@ from safetensors.torch import load_file, save_file
 from training.shapes import configs
 from training.shapes.train import (SAMPLE_PROMPTS, encode_texts, grid_png, log, make_data, pack2x2, save_dit,
                                    to_pixels, unpack2x2)
+from training.shapes.train import load_dit as run_dit_state  # a run folder's DiT weights (this file's load_dit: a model)
 
 ROOT = Path(__file__).resolve().parents[2]
 STASH = Path("/tmp/shapes-pack")
@@ -242,9 +243,7 @@ def train(args) -> dict:
 
     dit = load_dit(args.model, device)
     if args.resume is not None:
-        from training.shapes.train import load_dit as load_run_dit
-
-        dit.load_state_dict(load_run_dit(args.resume))
+        dit.load_state_dict(run_dit_state(args.resume))
     ema = copy.deepcopy(dit).requires_grad_(False)
     opt = torch.optim.AdamW(dit.parameters(), lr=args.lr, weight_decay=0.0, betas=(0.9, 0.99))
     n, b = len(latents), args.batch
