@@ -113,7 +113,7 @@ def test_wide_layout_equals_the_up_products_and_compacts_back():
     original = {k: v.clone() for k, v in model.state_dict().items()}
     a = adapters(model)
     a.set(loras)
-    adapters(separate, layout="separate").set(loras)
+    adapters(separate, wide=False).set(loras)
     block, single = model.transformer_blocks[0], model.single_transformer_blocks[0]
     fc1, out = block.ff.net[0].proj, block.attn.to_out[0]
     assert isinstance(fc1, WideLoraLayer) and fc1.lora_wide.shape == (128, 32 + 16)  # 3 LoRAs x rank 4 -> 16

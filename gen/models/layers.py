@@ -120,12 +120,6 @@ def project(x: torch.Tensor, *layers: nn.Module) -> tuple[torch.Tensor, ...]:
     wide = getattr(first, "joined_lora_wide", None)
     if wide is not None:  # LoRA's wide layout: one GEMM over [x | x A^T] against [W | the members' ups]
         return wide_lora_linear(x, down, wide, first.joined_bias).split(sizes, dim=-1)
-    up = getattr(first, "joined_lora_up", None)
-    if up is not None:  # LoRA's kernel layout: one Triton GEMM with each member's update in its K loop
-        from gen.kernels.lora_gemm import lora_linear
-
-        return lora_linear(x, first.joined_weight, F.linear(x, down), up, first.joined_bias,
-                           first.joined_lora_bounds).split(sizes, dim=-1)
     out = F.linear(x, first.joined_weight, first.joined_bias).split(sizes, dim=-1)
     if down is None:
         return out

@@ -19,20 +19,14 @@ gen/lora (key maps per format and family, an LRU cache bounded in MB). Two ways 
   on its first layer (`joined_lora_down`, each member's `lora_down` a view of its rows), so
   `gen.models.layers.project` runs one down matmul for the group and each member's up on its own rows: a LoRA on
   q, k or v lands on its slice.
-  How the banks run, per layer or joined group (`layout`; benchmarks/lora_step.py measures them):
-  - "kernel": one Triton GEMM (gen/kernels/lora_gemm.py) adds the up product inside the base matmul's K loop: no
-    up product written and read, no zero blocks for a joined group (its members' ups are the row blocks of one
-    `joined_lora_up`, each reading its own columns of the down product). Where Triton compiles for the device and
-    the shapes fit (a 16-bit dtype, tiles of 64 along N).
-  - "wide", for widening layers (out >= 2 x in: the joined q/k/v(+MLP) groups, the MLP's first linear): the weight
-    is the view `buf[:, :in]` of an (out, in + R) buffer whose spare columns hold the ups (a joined group's members
-    each in their own rows and their own R columns, the rest zero), and the layer runs one GEMM over [x | x A^T]:
-    the input copied once instead of an up product as wide as the output written and read (FLUX.1-dev-sized step,
-    rank 64, H200: +7.2% over no LoRA against +10.5%; docs/LORA.md). The buffer is made when banks are attached
-    and the weight compacted back (same values, contiguous) when they come off, so requests without LoRAs run the
-    plain GEMM as before; both are structure changes (the swaps that recompile anyway).
-  - "separate": every layer adds its own up product.
-  - "auto" (the default): kernel where it runs, else wide where the layer widens, else separate.
+  Widening layers (out >= 2 x in: the joined q/k/v(+MLP) groups, the MLP's first linear) take the "wide" layout
+  (`wide=True`, the default): the weight is the view `buf[:, :in]` of an (out, in + R) buffer whose spare columns
+  hold the ups (a joined group's members each in their own rows and their own R columns, the rest zero), and the
+  layer runs one GEMM over [x | x A^T]: the input copied once instead of an up product as wide as the output
+  written and read (FLUX.1-dev-sized step, rank 64, H200: +7.2% over no LoRA against +10.5%; docs/LORA.md). The
+  buffer is made when banks are attached and the weight compacted back (same values, contiguous) when they come
+  off, so requests without LoRAs run the plain GEMM as before; both are structure changes (the swaps that recompile
+  anyway). `wide=False`: every layer adds its own up product.
 - fused (`fuse=True`): W += sum_i scale_i B_i A_i, computed in fp32; no cost per step. The original weights are
   kept (in host memory when the model is on an accelerator) and copied back before another set goes in: unfusing
   restores them bit for bit.
@@ -53,7 +47,6 @@ run together (batching, gen/transforms/batch.py), one with another set waits unt
 from __future__ import annotations
 
 import contextlib
-import itertools
 import logging
 import os
 import threading
@@ -65,8 +58,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from gen.lora.files import DEFAULT_CACHE_MB, DEFAULT_MAX_LORAS, LoraCache, check_specs, lora_file
-from gen.kernels import lora_gemm
-from gen.kernels.lora_gemm import lora_linear
 from gen.lora.formats import TEXT_ENCODERS, LoraWeights, Pair
 from gen.models.layers import add_lora, wide_lora_linear
 from gen.types import GenError, LoraSpec
@@ -75,7 +66,6 @@ log = logging.getLogger(__name__)
 
 MIN_CAPACITY = 8
 WIDE_RATIO = 2  # the wide layout for layers with out >= WIDE_RATIO x in (benchmarks/lora_variants.py: it wins there)
-LAYOUTS = ("auto", "kernel", "wide", "separate")
 
 
 # ---------------------------------------------------------------- the adapted layer
@@ -86,13 +76,6 @@ class LoraLayer:
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return add_lora(super().forward(x), F.linear(x, self.lora_down), self.lora_up)
-
-
-class KernelLoraLayer(LoraLayer):
-    """The kernel layout (module doc): one Triton GEMM adding the up product inside the base matmul's K loop."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return lora_linear(x, self.weight, F.linear(x, self.lora_down), self.lora_up, self.bias)
 
 
 class WideLoraLayer(LoraLayer):
@@ -111,7 +94,7 @@ def lora_class(cls: type, mixin: type = LoraLayer) -> type:
     if issubclass(cls, LoraLayer):
         return cls
     if (cls, mixin) not in _CLASSES:
-        prefix = {WideLoraLayer: "WideLora", KernelLoraLayer: "KernelLora"}.get(mixin, "Lora")
+        prefix = "WideLora" if mixin is WideLoraLayer else "Lora"
         _CLASSES[(cls, mixin)] = type(f"{prefix}{cls.__name__}", (mixin, cls), {"__module__": __name__})
     return _CLASSES[(cls, mixin)]
 
@@ -126,15 +109,6 @@ def _widens(layers: list[nn.Module], dtype: torch.dtype) -> bool:
     banks' dtype whose outputs are at least WIDE_RATIO times their input."""
     return all(type(l) is nn.Linear and l.weight.dtype == dtype for l in layers) \
         and sum(l.out_features for l in layers) >= WIDE_RATIO * layers[0].in_features
-
-
-def _takes_kernel(layers: list[nn.Module], dtype: torch.dtype) -> bool:
-    """Whether these layers (one, or a joined group) can take the kernel layout: plain linears in the banks' dtype
-    whose weight the Triton kernel runs (gen/kernels/lora_gemm.supported)."""
-    if not all(type(l) is nn.Linear and l.weight.dtype == dtype for l in layers):
-        return False
-    bounds = tuple(itertools.accumulate(l.out_features for l in layers[:-1]))
-    return lora_gemm.supported(layers[0].weight, bounds)
 
 
 def _capacity(rank: int) -> int:
@@ -155,13 +129,11 @@ class LoraAdapters:
     doc. `fuse`: merge sets into the weights. `default`: the set of requests that name none (`loras=None`)."""
 
     def __init__(self, pipeline, fuse: bool = False, max_loras: int = DEFAULT_MAX_LORAS,
-                 max_cache_mb: float = DEFAULT_CACHE_MB, default=(), offloaded: bool = False, layout: str = "auto"):
+                 max_cache_mb: float = DEFAULT_CACHE_MB, default=(), offloaded: bool = False, wide: bool = True):
         if isinstance(max_loras, bool) or not isinstance(max_loras, int) or max_loras < 1:
             raise GenError(f"max_loras must be an integer >= 1, got {max_loras!r}", param="max_loras")
-        if layout not in LAYOUTS:
-            raise GenError(f"LoRA layout must be one of {', '.join(LAYOUTS)}, got {layout!r}", param="layout")
         self.pipeline, self.fuse, self.max_loras, self.offloaded = pipeline, fuse, max_loras, offloaded
-        self.layout = layout  # how unfused banks run (module doc); per layer, see _mode
+        self.wide = wide  # the wide layout for widening layers (module doc); False: every layer adds its up product
         dits = pipeline.dits()
         self.slots = tuple(slot for slot, _, _ in dits)  # the DiTs (what a LoRA's target names)
         self.models = {slot: m for slot, m, _ in dits}
@@ -450,20 +422,11 @@ class LoraAdapters:
                 dtype = self.dtypes[slot]
                 if path in groups:
                     members = [(p, self.models[slot].get_submodule(p)) for p in groups[path]]
-                    _attach_group(members, cap, dtype, self._mode([m for _, m in members], dtype))
+                    _attach_group(members, cap, dtype, self.wide and _widens([m for _, m in members], dtype))
                     done.update(p for p, _ in members)
                 else:
-                    _attach_layer(layer, cap, dtype, mode=self._mode([layer], dtype))
+                    _attach_layer(layer, cap, dtype, wide=self.wide and _widens([layer], dtype))
                     done.add(path)
-
-    def _mode(self, layers: list[nn.Module], dtype: torch.dtype) -> str:
-        """The layout these layers (one, or a joined group) run their banks in: the requested one where they can
-        take it; "auto": the kernel where it runs, else wide where they widen, else separate ups."""
-        if self.layout in ("auto", "kernel") and _takes_kernel(layers, dtype):
-            return "kernel"
-        if self.layout in ("auto", "kernel", "wide") and _widens(layers, dtype):
-            return "wide"
-        return "separate"
 
     def _detach(self, slot: str) -> None:
         for _, layer in self._all_layers(slot):
@@ -496,12 +459,12 @@ class LoraAdapters:
 
 
 def _attach_layer(layer: nn.Module, cap: int, dtype: torch.dtype, down: torch.Tensor | None = None,
-                  up: torch.Tensor | None = None, mode: str = "separate") -> None:
-    """Banks of capacity `cap` in `dtype` (the activations') on the layer, and its class made a LoraLayer of the
-    layout `mode` (module doc). Wide: the layer's weight moved into an (out, in + cap) buffer whose last columns are
-    its up bank. `down`, `up`: banks given (a joined group's, views of the group's tensors)."""
+                  up: torch.Tensor | None = None, wide: bool = False) -> None:
+    """Banks of capacity `cap` in `dtype` (the activations') on the layer, and its class made a LoraLayer. `wide`:
+    the layer's weight moved into an (out, in + cap) buffer whose last columns are its up bank (module doc); `down`,
+    `up`: banks given (a joined group's, views of the group's tensors)."""
     device, d = layer.weight.device, layer.in_features
-    if mode == "wide":
+    if wide:
         buf = torch.zeros(layer.out_features, d + cap, device=device, dtype=dtype)
         buf[:, :d].copy_(layer.weight)
         layer.weight.data = buf[:, :d]
@@ -513,24 +476,17 @@ def _attach_layer(layer: nn.Module, cap: int, dtype: torch.dtype, down: torch.Te
         up = torch.zeros(layer.out_features, cap, device=device, dtype=dtype)
     layer.register_buffer("lora_down", down, persistent=False)
     layer.register_buffer("lora_up", up, persistent=False)
-    mixin = {"wide": WideLoraLayer, "kernel": KernelLoraLayer}.get(mode, LoraLayer)
-    layer.__class__ = lora_class(type(layer), mixin)
+    layer.__class__ = lora_class(type(layer), WideLoraLayer if wide else LoraLayer)
 
 
-def _attach_group(members: list[tuple[str, nn.Module]], cap: int, dtype: torch.dtype, mode: str = "separate") -> None:
-    """A joined group: one down tensor on the first layer, each member's its rows (views). Wide: the joined weight
-    moved into an (out, in + n cap) buffer, member i's up bank its rows of columns in + i cap .. in + (i + 1) cap.
-    Kernel: the members' up banks are the row blocks of one (out, cap) tensor (`joined_lora_up`), member i reading
-    down rows i cap .. (i + 1) cap (gen/kernels/lora_gemm.py)."""
+def _attach_group(members: list[tuple[str, nn.Module]], cap: int, dtype: torch.dtype, wide: bool = False) -> None:
+    """A joined group: one down tensor on the first layer, each member's its rows (views). `wide`: the joined weight
+    moved into an (out, in + n cap) buffer, member i's up bank its rows of columns in + i cap .. in + (i + 1) cap."""
     first = members[0][1]
     n, d = len(members), first.in_features
     down = torch.zeros(n * cap, d, device=first.weight.device, dtype=dtype)
-    buf = joined_up = None
-    if mode == "kernel":
-        joined_up = torch.zeros(first.joined_weight.shape[0], cap, device=first.weight.device, dtype=dtype)
-        first.register_buffer("joined_lora_up", joined_up, persistent=False)
-        first.joined_lora_bounds = tuple(itertools.accumulate(l.out_features for _, l in members[:-1]))
-    if mode == "wide":
+    buf = None
+    if wide:
         joined = first.joined_weight
         buf = torch.zeros(joined.shape[0], d + n * cap, device=joined.device, dtype=dtype)
         buf[:, :d].copy_(joined)
@@ -543,10 +499,8 @@ def _attach_group(members: list[tuple[str, nn.Module]], cap: int, dtype: torch.d
         if buf is not None:
             layer.weight.data = buf[row:row + layer.out_features, :d]
             up = buf[row:row + layer.out_features, d + i * cap:d + (i + 1) * cap]
-        if joined_up is not None:
-            up = joined_up[row:row + layer.out_features]
-        row += layer.out_features
-        _attach_layer(layer, cap, dtype, down[i * cap:(i + 1) * cap], up)  # the group runs in project()
+            row += layer.out_features
+        _attach_layer(layer, cap, dtype, down[i * cap:(i + 1) * cap], up)
     first.register_buffer("joined_lora_down", down, persistent=False)
     first.joined_lora_ranks = [cap] * n
 
@@ -562,11 +516,10 @@ def _detach_layer(layer: nn.Module) -> None:
         for w in layer.__dict__.pop("_wide_weights"):
             w.data = joined[row:row + w.shape[0]]
             row += w.shape[0]
-    for name in ("lora_down", "lora_up", "lora_wide", "joined_lora_down", "joined_lora_wide", "joined_lora_up"):
+    for name in ("lora_down", "lora_up", "lora_wide", "joined_lora_down", "joined_lora_wide"):
         if name in layer._buffers:
             del layer._buffers[name]
     layer.__dict__.pop("joined_lora_ranks", None)
-    layer.__dict__.pop("joined_lora_bounds", None)
     if isinstance(layer, LoraLayer):
         layer.__class__ = next(c for c in type(layer).__mro__[1:] if not issubclass(c, LoraLayer))
 
