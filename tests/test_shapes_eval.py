@@ -274,3 +274,23 @@ def test_evaluate_with_and_without_the_enhancer():
     assert {r.split for r in only} == {"in-distribution +enhance", "paraphrase +enhance", "two objects +enhance"}
     with pytest.raises(ValueError, match="'sometimes'"):
         eval_model.evaluate_model(gen, rows, steps=1, enhance="sometimes")
+
+
+def test_marks_counts_spots_away_from_the_object_only():
+    """training/shapes/marks.py (the blot check): a clean render has no marks, with its object's own edge pixels
+    ignored; a planted 2 x 2 spot in the top-right 4 x 4 cell is counted there, a fainter one (under 12 levels) not."""
+    from training.shapes.marks import marks, summarize
+
+    rng = np.random.default_rng(3)
+    scene = world.sample_scene(rng, "train", two_object_rate=0.0)
+    image = world.render(scene, rng)
+    assert marks(image) == (0, [])
+    spotted = image.copy()
+    bg = np.median(np.concatenate([image[0], image[-1]]), axis=0)
+    spotted[10:12, 120:122] = np.clip(bg + 40, 0, 255)
+    faint = image.copy()
+    faint[10:12, 120:122] = np.clip(bg + 8, 0, 255)
+    assert marks(spotted) == (4, [(0, 3)])
+    assert marks(faint) == (0, [])
+    summary = summarize([marks(image), marks(spotted)])
+    assert summary["with_marks"] == 1 and summary["with_4px_marks"] == 1 and summary["images_per_cell"] == {"0,3": 1}
