@@ -136,6 +136,15 @@ def erode(mask: np.ndarray, steps: int = 1) -> np.ndarray:
     return m
 
 
+def dilate(mask: np.ndarray, steps: int = 1) -> np.ndarray:
+    """Binary dilation with the 4-neighbourhood, `steps` times (pixels outside the image count as False)."""
+    m = mask.copy()
+    for _ in range(steps):
+        p = np.pad(m, 1)
+        m = m | p[:-2, 1:-1] | p[2:, 1:-1] | p[1:-1, :-2] | p[1:-1, 2:]
+    return m
+
+
 def convex_hull(points: np.ndarray) -> np.ndarray:
     """Convex hull of 2D points, counter-clockwise (monotone chain), as an (h, 2) array."""
     pts = sorted(set(map(tuple, points.tolist())))

@@ -21,23 +21,11 @@ from pathlib import Path
 import numpy as np
 
 from training.shapes import world
-from training.shapes.evaluate import largest_component
+from training.shapes.evaluate import dilate, largest_component
 
 LEVEL = 12
 GAP = 3
 MIN_PIXELS = 1
-
-
-def _dilate(mask: np.ndarray, steps: int) -> np.ndarray:
-    out = mask.copy()
-    for _ in range(steps):
-        grown = out.copy()
-        grown[1:] |= out[:-1]
-        grown[:-1] |= out[1:]
-        grown[:, 1:] |= out[:, :-1]
-        grown[:, :-1] |= out[:, 1:]
-        out = grown
-    return out
 
 
 def marks(image: np.ndarray) -> tuple[int, list[tuple[int, int]]]:
@@ -48,7 +36,7 @@ def marks(image: np.ndarray) -> tuple[int, list[tuple[int, int]]]:
     off = np.abs(img - bg).max(-1) > LEVEL
     if not off.any():
         return 0, []
-    obj = _dilate(largest_component(off), GAP)
+    obj = dilate(largest_component(off), GAP)
     spots = off & ~obj
     h, w = spots.shape
     cells = sorted({(int(y) * 4 // h, int(x) * 4 // w) for y, x in zip(*np.nonzero(spots))})
