@@ -326,6 +326,11 @@ def bench_model(spec: Spec, args, device: torch.device, dtype: torch.dtype, rank
         applied = apply_transforms(pipeline, TransformOptions(compile=args.compile, attention=args.attention,
                                                             cfg_batch=False if args.no_cfg_batch else None),
                                    parallel)
+        if args.no_gelu_epilogue:  # the library before gen/transforms/epilogue.py, for a same-run comparison
+            from gen.transforms.epilogue import unfuse_gelu_epilogues
+
+            for _, m, _ in pipeline.dits():
+                unfuse_gelu_epilogues(m)
         result["ours_setup_s"] = time.perf_counter() - start
         result["ours_transforms"] = {k: v for k, v in applied.summary().items() if k != "parallel"}
         result["ours_layout"] = None if parallel is None else asdict(parallel.config)
@@ -467,6 +472,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--no-cfg-batch", action="store_true",
                    help="ours: CFG branches as two forwards (default on one GPU: one batched forward)")
     p.add_argument("--attention", default="auto", help="ours: attention backend name or auto")
+    p.add_argument("--no-gelu-epilogue", action="store_true",
+                   help="ours: GELU(tanh) and its matmul as separate kernels (gen/transforms/epilogue.py off)")
     p.add_argument("--profile", action="store_true",
                    help="ours: GPU kernel ms per step by kind over one more generation of the first workload (rank 0)")
     p.add_argument("--device", help="default: the accelerator (cpu with --tiny)")

@@ -32,12 +32,16 @@ def test_apply_then_undo_gives_back_the_plain_model():
     pipeline.transforms.undo()  # whatever from_pretrained applied: the plain model
     plain, state = image(gen), {k: v.clone() for k, v in model.state_dict().items()}
     applied = apply_transforms(pipeline, TransformOptions(join=True, step_cache=0.05, cfg_batch=False))
-    assert [s.name for s in applied] == ["cfg_batch", "attention", "joined_projections", "lora", "step_cache", "vae"]
+    assert [s.name for s in applied] == ["cfg_batch", "attention", "joined_projections", "gelu_epilogues", "lora",
+                                        "step_cache", "vae"]
     assert wrapper_names(model) == ["step_cache"] and hasattr(model.transformer_blocks[0].attn.to_q, "joined_sizes")
+    # a double block's image and text feed-forwards, and each single block
+    n = 2 * len(model.transformer_blocks) + len(model.single_transformer_blocks)
+    assert applied.get("gelu_epilogues").detail == n and model.transformer_blocks[0].ff.net[0].gelu_epilogue
     image(gen)  # runs with them
     applied.undo()
     assert wrapper_names(model) == [] and "forward" not in model.__dict__
-    assert not any(hasattr(m, "joined_sizes") for m in model.modules())
+    assert not any(hasattr(m, "joined_sizes") or "gelu_epilogue" in m.__dict__ for m in model.modules())
     after = model.state_dict()
     assert list(after) == list(state) and all(torch.equal(after[k], state[k]) for k in state)
     assert np.array_equal(image(gen), plain)

@@ -8,8 +8,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from gen.models.attention import attention
-from gen.models.layers import (AdaNormOut, FeedForward, MLPEmbedder, apply_rope, project, timestep_embedding,
-                               unbatch_ids)
+from gen.models.layers import (AdaNormOut, FeedForward, MLPEmbedder, apply_rope, linear_gelu_tanh, plain_linears,
+                               project, timestep_embedding, unbatch_ids)
 
 Rope = tuple[torch.Tensor, torch.Tensor]  # (cos, sin), each (S, head_dim / 2) float32
 
@@ -207,6 +207,7 @@ class FluxSingleBlock(nn.Module):
     """Parallel attention + MLP over the joint [txt, img] sequence, one fused output projection."""
 
     joinable = (("attn.to_q", "attn.to_k", "attn.to_v", "proj_mlp"),)
+    gelu_epilogue = False  # set by gen/transforms/epilogue.py: see mlp_in_epilogue
 
     def __init__(self, dim: int, heads: int, head_dim: int, mlp_ratio: float = 4.0):
         super().__init__()
@@ -220,10 +221,30 @@ class FluxSingleBlock(nn.Module):
         """x (B, T+L, dim) -> same."""
         shift, scale, gate = self.norm(temb)
         h = modulate(x, shift, scale)
-        q, k, v, mlp = project(h, self.attn.to_q, self.attn.to_k, self.attn.to_v, self.proj_mlp)
-        mlp = F.gelu(mlp, approximate="tanh")  # (B, S, mlp_dim)
-        out = self.proj_out(torch.cat([self.attn(q, k, v, rope), mlp], dim=-1))  # (B, S, dim)
+        a = self.attn
+        if self.gelu_epilogue and h.is_cuda and plain_linears(h, a.to_q, a.to_k, a.to_v, self.proj_mlp, self.proj_out):
+            out = self.mlp_in_epilogue(h, rope)
+        else:
+            q, k, v, mlp = project(h, a.to_q, a.to_k, a.to_v, self.proj_mlp)
+            mlp = F.gelu(mlp, approximate="tanh")  # (B, S, mlp_dim)
+            out = self.proj_out(torch.cat([a(q, k, v, rope), mlp], dim=-1))  # (B, S, dim)
         return _clip_fp16(x + gate[:, None] * out)
+
+    def mlp_in_epilogue(self, h: torch.Tensor, rope: Rope) -> torch.Tensor:
+        """The same as the concatenated path without writing [attention | GELU(mlp)]: the MLP's projection with its
+        GELU in the matmul's epilogue (linear_gelu_tanh), and proj_out as two accumulating matmuls over its column
+        blocks (views of its weight). On an H200 at FLUX.1-dev 1024^2: the step 2% faster (docs/BENCHMARKS.md)."""
+        a, inner = self.attn, self.proj_out.in_features - self.proj_mlp.out_features
+        if getattr(a.to_q, "joined_sizes", None) == [inner] * 3 + [self.proj_mlp.out_features]:  # row blocks
+            w, b, n = a.to_q.joined_weight, a.to_q.joined_bias, 3 * inner
+            q, k, v = F.linear(h, w[:n], b[:n]).split(inner, dim=-1)
+            mlp = linear_gelu_tanh(h, w[n:], b[n:])
+        else:
+            q, k, v = project(h, a.to_q, a.to_k, a.to_v)
+            mlp = linear_gelu_tanh(h, self.proj_mlp.weight, self.proj_mlp.bias)
+        w = self.proj_out.weight
+        y = F.linear(a(q, k, v, rope), w[:, :inner], self.proj_out.bias)  # (B, S, dim)
+        return torch.addmm(y.flatten(0, 1), mlp.flatten(0, 1), w[:, inner:].t()).view_as(y)
 
 
 # ---------------------------------------------------------------- model

@@ -25,7 +25,10 @@ class MLPEmbedder(nn.Module):
 
 
 class GeluProj(nn.Module):
-    """Linear then GELU (the checkpoint names the linear `proj`)."""
+    """Linear then GELU (the checkpoint names the linear `proj`). `gelu_epilogue` (set by
+    gen/transforms/epilogue.py): tanh GELU applied in the matmul's epilogue, one cuBLASLt call, on CUDA inputs."""
+
+    gelu_epilogue = False
 
     def __init__(self, dim_in: int, dim_out: int, approximate: str = "tanh"):
         super().__init__()
@@ -33,7 +36,25 @@ class GeluProj(nn.Module):
         self.approximate = approximate
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.gelu(self.proj(x), approximate=self.approximate)
+        p = self.proj
+        if self.gelu_epilogue and x.is_cuda and plain_linears(x, p):
+            return linear_gelu_tanh(x, p.weight, p.bias)
+        return F.gelu(p(x), approximate=self.approximate)
+
+
+def plain_linears(x: torch.Tensor, *layers: nn.Module) -> bool:
+    """Whether `layers` are all plain nn.Linear with a bias, in x's dtype (not LoRA or FP8 layers, whose own forward
+    must run)."""
+    return all(type(m) is nn.Linear and m.bias is not None and m.weight.dtype == x.dtype for m in layers)
+
+
+def linear_gelu_tanh(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """GELU(tanh)(x W^T + b); on CUDA one cuBLASLt call with bias and GELU in its epilogue (torch._addmm_activation
+    there is the tanh approximation on the accumulator; elsewhere it means exact GELU, so the separate calls)."""
+    if not x.is_cuda:
+        return F.gelu(F.linear(x, weight, bias), approximate="tanh")
+    out = torch._addmm_activation(bias, x.reshape(-1, x.shape[-1]), weight.t(), use_gelu=True)
+    return out.view(*x.shape[:-1], weight.shape[0])
 
 
 class FeedForward(nn.Module):

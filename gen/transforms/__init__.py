@@ -11,6 +11,7 @@ and returns an `Applied` record whose `undo()` takes them off in the reverse ord
 | 1b| offload            | gen/transforms/offload.py   | components in host memory, moved in per call / per block|
 | 2 | fp8 (lossy)        | gen/transforms/fp8.py       | block nn.Linear -> Fp8Linear                            |
 | 3 | join (exact)       | gen/transforms/join.py      | q/k/v (+MLP) weights become views of one joined weight  |
+| 3a| GELU epilogue      | gen/transforms/epilogue.py  | feed-forward matmul + GELU(tanh) as one cuBLASLt call   |
 | 3b| LoRA               | gen/transforms/lora.py      | adapter banks on the linears, or sets merged; per request |
 | 4 | compile            | gen/transforms/compile.py   | each block torch.compile'd (regional)                   |
 | 5 | step cache (lossy) | gen/transforms/step_cache.py| forward wrapper skipping later blocks on quiet steps     |
@@ -52,7 +53,7 @@ class TransformOptions:
     step_cache: float | None = None
     cuda_graphs: bool = False
     vae_tiling: bool = False
-    join: bool = True
+    join: bool = True  # the exact fusions: joined projections and GELU epilogues (gen/transforms/join.py, epilogue.py)
     cfg_batch: bool | None = None  # CFG branches in one batched forward; None: on accelerators, one process
     max_batch: int = 1  # > 1: batch the DiT calls of up to this many concurrent generations
     batch_wait_ms: float = 5.0  # how long a call waits for others to join its batch
@@ -186,6 +187,10 @@ def apply_transforms(pipeline, options: TransformOptions = TransformOptions(), p
 
             n = sum(join_projections(m) for _, m, _ in dits)
             applied.append(Step("joined_projections", n, lambda: [unjoin_projections(m) for _, m, _ in dits]))
+            from gen.transforms.epilogue import fuse_gelu_epilogues, unfuse_gelu_epilogues
+
+            n = sum(fuse_gelu_epilogues(m) for _, m, _ in dits)
+            applied.append(Step("gelu_epilogues", n, lambda: [unfuse_gelu_epilogues(m) for _, m, _ in dits]))
         from gen.transforms.lora import LoraAdapters
 
         loras = LoraAdapters(pipeline, options.fuse_lora, options.max_loras, options.max_lora_cache_mb, options.loras,

@@ -28,8 +28,11 @@ WARNING = ("gen-shapes, the default model, draws colored shapes only (a circle, 
            "background) and this prompt names none of them")
 
 
-WORD_FRAMES = {  # chosen on the enhancer's own development set (training/shapes/enhancer_dev.py)
-    "size": "{word} means {value}.", "color": "the color {word} is a shade of {value}.", "shape": "{word} = {value}",
+WORD_FRAMES = {  # chosen on the enhancer's own development set (training/shapes/enhancer_dev.py); a list: the frames'
+    # calibrated scores summed (dev words read right, one frame -> two: size 87 -> 90%, shape 85 -> 90%)
+    "size": ["{word} means {value}.", "something {word} is {value}."],
+    "color": "the color {word} is a shade of {value}.",
+    "shape": ["{word} = {value}", "{word} means {value}."],
 }
 
 
