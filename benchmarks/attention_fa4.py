@@ -23,6 +23,9 @@ from gen.models import attention as A  # noqa: E402
 # model -> (B, L, H, D): one attention call of one block
 SHAPES = {
     "FLUX.1-dev 1024^2": (1, 4608, 24, 128),
+    "FLUX.1-dev 1024^2, Ulysses 2 ranks": (1, 4608, 12, 128),
+    "Qwen-Image 1024^2 (text ~32)": (1, 4096 + 32, 24, 128),
+    "Qwen-Image 1024^2, CFG batched": (2, 4096 + 32, 24, 128),
     "Qwen-Image 1328^2": (1, 6889 + 256, 24, 128),
     "Wan2.1-1.3B 480p 81f": (1, 32760, 12, 128),
     "Wan2.1-14B 480p 81f": (1, 32760, 40, 128),

@@ -283,6 +283,7 @@ def bench_models(args, device: torch.device, dtype: torch.dtype, rank: int = 0, 
 def bench_model(spec: Spec, args, device: torch.device, dtype: torch.dtype, rank: int = 0, group=None) -> dict:
     from gen import Generator
     from gen.transforms import TransformOptions, apply_transforms
+    from gen.models.attention import get_attention_backend
 
     clock = Clock(device, group)
     works = spec.workloads(args)
@@ -345,6 +346,9 @@ def bench_model(spec: Spec, args, device: torch.device, dtype: torch.dtype, rank
             work = works[0]
             per_gen = kernel_breakdown(lambda: ours_once(gen, spec, work, work.steps, clock, args, image, out_dir), 1)
             result["ours_kernel_ms_per_step"] = {k: v / work.steps for k, v in per_gen.items()}
+        choices = getattr(get_attention_backend(), "choices", None)  # ByShape: the kernel raced in per shape
+        if choices is not None:
+            result["ours_attention_by_shape"] = {" ".join(map(str, key[0])): name for key, name in choices().items()}
     if rank != 0:
         return {}
     result["workloads"] = [report_row(spec, w, f, i, sides, args) for i, (w, f) in enumerate(zip(works, flops))]

@@ -73,10 +73,68 @@ def test_fa4_wrapper_is_one_opaque_op_and_masks_go_to_cudnn(monkeypatch):
     assert torch.allclose(out, A.attention(q, k[:, :4], v[:, :4]), atol=1e-6)
 
 
-def test_faster_backend_times_both_and_keeps_the_first_on_a_tie(monkeypatch):
+def test_by_shape_races_once_per_shape_and_keeps_the_first_on_a_tie(monkeypatch):
+    """ByShape times its candidates on a shape's first call and then calls only the winner there; another shape is
+    raced on its own; a masked call goes to the first candidate; under torch.compile it is one op (fake kernel)."""
     import time
 
-    monkeypatch.setitem(A.BACKENDS, "slow", lambda q, k, v, m: time.sleep(0.002) or A.math_attention(q, k, v))
-    cpu = torch.device("cpu")
-    assert A.faster_backend("slow", "math", cpu, torch.float32, shape=(1, 8, 2, 8), iters=3) == "math"
-    assert A.faster_backend("math", "slow", cpu, torch.float32, shape=(1, 8, 2, 8), iters=3) == "math"
+    calls = {"slow": 0, "long-slow": 0}
+
+    def slow(q, k, v, m):  # slow everywhere
+        calls["slow"] += 1
+        time.sleep(0.003)
+        return A.math_attention(q, k, v, m)
+
+    def long_slow(q, k, v, m):  # slow only on long sequences
+        calls["long-slow"] += 1
+        if q.shape[1] > 8:
+            time.sleep(0.009)
+        return A.math_attention(q, k, v, m)
+
+    monkeypatch.setitem(A.BACKENDS, "slow", slow)
+    monkeypatch.setitem(A.BACKENDS, "long-slow", long_slow)
+    monkeypatch.setattr(A, "_SHAPE_CHOICE", {})
+    g = torch.Generator().manual_seed(0)
+    short = [torch.randn(1, 8, 2, 16, generator=g) for _ in range(3)]
+    long = [torch.randn(1, 24, 2, 16, generator=g) for _ in range(3)]
+
+    backend = A.ByShape(("slow", "long-slow"))
+    assert backend.name == "slow|long-slow by shape"
+    out = backend(*short)
+    assert torch.allclose(out, A.math_attention(*short), atol=1e-6) and out.is_contiguous()
+    assert backend(*long).shape == (1, 24, 2, 16)
+    assert backend.choices() == {((1, 8, 2, 16),) * 3: "long-slow", ((1, 24, 2, 16),) * 3: "slow"}
+    before = dict(calls)
+    backend(*short)
+    backend(*long)
+    assert calls == {"slow": before["slow"] + 1, "long-slow": before["long-slow"] + 1}  # no new race
+
+    mask = torch.tensor([[True] * 6 + [False] * 2])
+    n = calls["slow"]
+    assert torch.allclose(backend(*short, mask), A.math_attention(*short, mask), atol=1e-6)
+    assert calls["slow"] == n + 1  # the first candidate takes the mask
+
+    compiled = torch.compile(lambda a, b, c: backend(a, b, c) * 2, backend="aot_eager", fullgraph=True)
+    assert torch.allclose(compiled(*long), 2 * A.math_attention(*long), atol=1e-6)
+
+    tie = A.ByShape(("math", "sdpa"))
+    monkeypatch.setattr(time, "perf_counter", lambda: 0.0)
+    assert A.fastest_for_shape(tie.names, *short) == "math"  # equal times: the first name
+    with pytest.raises(ValueError, match="two or more known backends"):
+        A.ByShape(("math", "nope"))
+
+
+def test_auto_races_fa4_with_the_preferred_kernel_where_it_agrees(monkeypatch):
+    """On an accelerator with flash-attn-4 installed and agreeing, auto installs the per-shape race between the
+    preferred SDPA kernel and FA4 (the agreement checks are stood in for: no GPU here)."""
+    monkeypatch.setattr(A, "backend_agrees", lambda name, device, dtype: name in {"cudnn", "fa4"})
+    before = A.get_attention_backend()
+    try:
+        name = A.select_attention_backend(torch.device("cuda"), torch.bfloat16)
+        assert name == "cudnn|fa4 by shape"
+        assert A.get_attention_backend().names == ("cudnn", "fa4")
+        monkeypatch.setattr(A, "backend_agrees", lambda name, device, dtype: name == "cudnn")
+        assert A.select_attention_backend(torch.device("cuda"), torch.bfloat16) == "cudnn"
+        assert A.get_attention_backend() is A.cudnn_attention
+    finally:
+        A.set_attention_backend(before)

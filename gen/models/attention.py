@@ -86,7 +86,7 @@ def _fa4_op():
 
         @fa4_forward.register_fake
         def _(q, k, v):
-            return torch.empty_like(q)
+            return q.new_empty(q.shape)  # FA4 writes a fresh contiguous (B, L, H, D) output
 
         _FA4_OP = fa4_forward
     return _FA4_OP
@@ -176,45 +176,106 @@ def backend_agrees(name: str, device: torch.device, dtype: torch.dtype, head_dim
 
 
 def select_attention_backend(device: torch.device, dtype: torch.dtype, name: str = "auto") -> str:
-    """Choose once at start-up: on accelerators the first of PREFERENCE that runs and agrees; plain SDPA on CPU."""
+    """Choose once at start-up: on accelerators the first of PREFERENCE that runs and agrees; plain SDPA on CPU.
+    Where FlashAttention-4 is installed and agrees too, the two are raced per attention shape (`ByShape`): on an
+    H200 FA4 is 6% slower than cuDNN at FLUX.1's 4608 tokens and 7-13% faster at Qwen-Image 1328^2 and Wan's
+    32760 (docs/BENCHMARKS.md), so one choice for every shape would lose somewhere."""
     if name != "auto":
         if name not in BACKENDS:
             raise ValueError(f"unknown attention backend {name!r}; known: {sorted(BACKENDS)}")
         set_attention_backend(name)
         return name
-    chosen = "sdpa"
+    chosen, backend = "sdpa", sdpa_attention
     if device.type != "cpu":
         chosen = next((n for n in PREFERENCE if backend_agrees(n, device, dtype)), "sdpa")
-        if backend_agrees("fa4", device, dtype):  # installed and exact: kept only where it is faster
-            chosen = faster_backend(chosen, "fa4", device, dtype)
-    set_attention_backend(chosen)
+        backend = BACKENDS[chosen]
+        if backend_agrees("fa4", device, dtype):  # installed and exact: raced per shape, kept where it is faster
+            backend = ByShape((chosen, "fa4"))
+            chosen = backend.name
+    set_attention_backend(backend)
     log.info("attention backend: %s", chosen)
     return chosen
 
 
-def faster_backend(a: str, b: str, device: torch.device, dtype: torch.dtype, shape=(1, 4608, 24, 128),
-                   iters: int = 5) -> str:
-    """Of backends `a` and `b`, the one with the lower median time at a DiT-sized `shape` (B, L, H, D) (FLUX.1 at
-    1024^2 by default); `a` on a tie."""
+# (candidates, q shape, k shape, v shape, dtype, device) -> the candidate that was fastest there
+_SHAPE_CHOICE: dict[tuple, str] = {}
+
+
+class ByShape:
+    """Attention through whichever of `names` (exact backends, all agreeing with the math reference) was fastest at
+    this call's shape, timed once per shape on that first call's own tensors (attention has no side effects, so
+    running it a few more times is harmless); later calls at the shape go straight to the winner. Masked calls go
+    to the first name (FA4 takes no key mask). Under torch.compile the race and the call are one opaque op, so the
+    graph is traced once and the choice is made with real tensors at run time."""
+
+    def __init__(self, names: tuple[str, ...]):
+        unknown = [n for n in names if n not in BACKENDS]
+        if len(names) < 2 or unknown:
+            raise ValueError(f"ByShape needs two or more known backends; got {names!r}")
+        self.names = tuple(names)
+        self.name = "|".join(self.names) + " by shape"
+        _by_shape_op()
+
+    def __call__(self, q, k, v, mask=None) -> torch.Tensor:
+        if mask is not None:
+            return BACKENDS[self.names[0]](q, k, v, mask)
+        return _by_shape_op()(q, k, v, ",".join(self.names))
+
+    def choices(self) -> dict[tuple, str]:
+        """(q shape, k shape, v shape) -> chosen backend, for the shapes seen so far."""
+        return {key[1:4]: name for key, name in _SHAPE_CHOICE.items() if key[0] == self.names}
+
+
+def fastest_for_shape(names: tuple[str, ...], q, k, v, iters: int = 3) -> str:
+    """The backend of `names` to use at q/k/v's shape: cached, else timed now (median of `iters` after one warm-up
+    call, which also compiles a JIT kernel); the first name on a tie, and without timing while a CUDA graph is
+    being captured (synchronizing there is not allowed)."""
     import statistics
     import time
 
-    g = torch.Generator("cpu").manual_seed(0)
-    q, k, v = (torch.randn(*shape, generator=g).to(device, dtype) for _ in range(3))
+    key = (names, tuple(q.shape), tuple(k.shape), tuple(v.shape), q.dtype, q.device)
+    name = _SHAPE_CHOICE.get(key)
+    if name is not None:
+        return name
+    if q.device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+        return names[0]
     times = {}
-    for name in (a, b):
-        fn = BACKENDS[name]
-        fn(q, k, v, None)  # warm-up (kernel compilation)
+    for n in names:
+        fn = BACKENDS[n]
+        fn(q, k, v, None)
         samples = []
         for _ in range(iters):
-            _synchronize(device)
+            _synchronize(q.device)
             start = time.perf_counter()
             fn(q, k, v, None)
-            _synchronize(device)
+            _synchronize(q.device)
             samples.append(time.perf_counter() - start)
-        times[name] = statistics.median(samples)
-    log.info("attention %s %.3f ms vs %s %.3f ms", a, times[a] * 1e3, b, times[b] * 1e3)
-    return b if times[b] < times[a] else a
+        times[n] = statistics.median(samples)
+    name = min(names, key=lambda n: (times[n], names.index(n)))
+    _SHAPE_CHOICE[key] = name
+    log.info("attention at q %s k %s: %s (%s)", tuple(q.shape), tuple(k.shape), name,
+             ", ".join(f"{n} {t * 1e3:.3f} ms" for n, t in times.items()))
+    return name
+
+
+_BY_SHAPE_OP = None
+
+
+def _by_shape_op():
+    """ByShape's race and call as one torch custom op (`names`: the candidates, comma-separated)."""
+    global _BY_SHAPE_OP
+    if _BY_SHAPE_OP is None:
+        @torch.library.custom_op("gen::attention_by_shape", mutates_args=())
+        def by_shape(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, names: str) -> torch.Tensor:
+            candidates = tuple(names.split(","))
+            return BACKENDS[fastest_for_shape(candidates, q, k, v)](q, k, v, None).contiguous()
+
+        @by_shape.register_fake
+        def _(q, k, v, names):
+            return q.new_empty((*q.shape[:-1], v.shape[-1]))
+
+        _BY_SHAPE_OP = by_shape
+    return _BY_SHAPE_OP
 
 
 def _synchronize(device: torch.device) -> None:
