@@ -138,3 +138,21 @@ def test_auto_races_fa4_with_the_preferred_kernel_where_it_agrees(monkeypatch):
         assert A.get_attention_backend() is A.cudnn_attention
     finally:
         A.set_attention_backend(before)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_by_shape_on_the_gpu_agrees_with_math_for_each_choice():
+    """On a GPU with flash-attn-4 installed: the race between cuDNN and FA4 gives math attention's output (bf16
+    tolerance) at two shapes, whichever kernel won each, and compiled the same as eager."""
+    pytest.importorskip("flash_attn.cute")
+    device = torch.device("cuda")
+    backend = A.ByShape(("cudnn", "fa4"))
+    g = torch.Generator("cpu").manual_seed(0)
+    for shape in ((1, 1024, 8, 128), (2, 4128, 24, 128)):
+        q, k, v = (torch.randn(*shape, generator=g).to(device, torch.bfloat16) for _ in range(3))
+        ref = A.math_attention(q.float(), k.float(), v.float())
+        out = backend(q, k, v)
+        assert ((out.float() - ref).norm() / ref.norm()).item() < 2e-2
+        compiled = torch.compile(lambda a, b, c: backend(a, b, c), fullgraph=True)
+        assert torch.equal(compiled(q, k, v), out)
+    assert set(backend.choices().values()) <= {"cudnn", "fa4"} and len(backend.choices()) == 2

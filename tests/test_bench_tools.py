@@ -46,6 +46,15 @@ def test_batching_benchmark_runs_on_cpu():
     assert all(r["p95_s"] >= r["p50_s"] > 0 for r in result["rows"])
 
 
+def test_quack_gemm_benchmark_runs_on_cpu():
+    """benchmarks/quack_gemm.py --tiny: the cuBLAS side of every row, the quack columns reported unavailable."""
+    from benchmarks.quack_gemm import main
+
+    rows = main(["--tiny"])
+    assert len(rows) == 1 and rows[0]["cublas_ms"] > 0 and rows[0]["cublas_k64_ms"] > 0
+    assert "quack_tuned_ms" not in rows[0]
+
+
 def test_attention_fa4_benchmark_runs_on_cpu():
     from benchmarks.attention_fa4 import main
 
