@@ -2,8 +2,9 @@
 PyTorch SDPA) at the attention shapes of FLUX.1-dev 1024^2, Qwen-Image 1328^2, Wan2.1-1.3B and Wan2.1-14B 480p 81
 frames; bf16, one H100 / H200. Also the agreement of each kernel with fp32 math attention on a smaller shape.
 
-FA4 is chosen at start-up (gen/models/attention.select_attention_backend) only where it agrees and is faster than the
-SDPA backend chosen before it, at the FLUX shape; this table says whether that holds at every model's shape.
+Where FA4 is installed and agrees, gen/models/attention.select_attention_backend races it against the SDPA backend
+chosen before it at each attention shape on first use (ByShape); this table shows why one choice for every shape
+would lose somewhere.
 
   python benchmarks/attention_fa4.py [--out fa4.json]      # GPU machine, with flash-attn-4 installed (~1 minute)
   python benchmarks/attention_fa4.py --tiny                # CPU: the script's own logic, FA4 reported unavailable
