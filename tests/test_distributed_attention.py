@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from gen.distributed.attention import CallState, SequenceParallelAttention, merge, reference_attention_lse
 from gen.distributed.groups import ParallelConfig, ParallelContext
 from gen.distributed.ranks import run_on_ranks
-from gen.models.attention import sdpa_attention
+from gen.models.attention import ByShape, sdpa_attention
 from gen.types import GenError
 
 # (ulysses, ring, cfg[, ulysses_chunks])
@@ -135,6 +135,17 @@ def _attention_cases(rank: int, device: torch.device) -> dict:
         shard = want.shape[1] - piece
         valid = piece + max(0, min(length - ctx.sp_rank * shard, shard))
         errors[(layout, "sharded text")] = (out[:, :valid] - want[:, :valid]).abs().max().item()
+    # Ulysses over a per-shape race of two kernels (gen.models.attention.ByShape, as installed with FlashAttention-4)
+    ctx = ParallelContext.build(ParallelConfig(2, 1, 1), device, timeout_s=60)
+    q, k, v = (torch.randn(b, length, h, d).to(device) for _ in range(3))
+    ref = sdpa_attention(q, k, v)
+    if ctx.member:
+        attn = SequenceParallelAttention(ctx, ByShape(("math", "sdpa")))
+        attn.state = CallState(full_len=length)
+        out, want = attn(*(_shard(x, 2, ctx.sp_rank) for x in (q, k, v))), _shard(ref, 2, ctx.sp_rank)
+        valid = max(0, min(length - ctx.sp_rank * want.shape[1], want.shape[1]))
+        errors["ulysses over ByShape"] = (out[:, :valid] - want[:, :valid]).abs().max().item()
+        errors["ByShape shapes raced"] = len(attn.inner.choices())
     return errors
 
 
@@ -149,6 +160,12 @@ def test_sequence_parallel_attention_equals_whole(four_rank_errors, layout, pref
     ranks = ParallelConfig(*layout).world_size
     for rank in range(ranks):
         assert four_rank_errors[rank][(layout, prefix)] < 1e-5, (rank, four_rank_errors[rank])
+
+
+def test_ulysses_over_a_per_shape_race_equals_whole(four_rank_errors):
+    for rank in range(2):
+        assert four_rank_errors[rank]["ulysses over ByShape"] < 1e-5, four_rank_errors[rank]
+        assert four_rank_errors[rank]["ByShape shapes raced"] >= 1  # the local heads' shape was raced on each rank
 
 
 @pytest.mark.skipif(not torch.accelerator.is_available(), reason="needs an accelerator (GPU kernels with LSE)")
