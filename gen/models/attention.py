@@ -237,7 +237,7 @@ def fastest_for_shape(names: tuple[str, ...], q, k, v, iters: int = 3) -> str:
     name = _SHAPE_CHOICE.get(key)
     if name is not None:
         return name
-    if q.device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+    if q.is_cuda and torch.cuda.is_current_stream_capturing():
         return names[0]
     times = {}
     for n in names:
