@@ -178,7 +178,7 @@ def backend_agrees(name: str, device: torch.device, dtype: torch.dtype, head_dim
 def select_attention_backend(device: torch.device, dtype: torch.dtype, name: str = "auto") -> str:
     """Choose once at start-up: on accelerators the first of PREFERENCE that runs and agrees; plain SDPA on CPU.
     Where FlashAttention-4 is installed and agrees too, the two are raced per attention shape (`ByShape`): on an
-    H200 FA4 is 6% slower than cuDNN at FLUX.1's 4608 tokens and 7-13% faster at Qwen-Image 1328^2 and Wan's
+    H200 FA4 is 3-6% slower than cuDNN at FLUX.1's 4608 tokens and 10-13% faster at Qwen-Image 1328^2 and Wan's
     32760 (docs/BENCHMARKS.md), so one choice for every shape would lose somewhere."""
     if name != "auto":
         if name not in BACKENDS:
