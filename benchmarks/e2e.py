@@ -348,7 +348,7 @@ def bench_model(spec: Spec, args, device: torch.device, dtype: torch.dtype, rank
             result["ours_kernel_ms_per_step"] = {k: v / work.steps for k, v in per_gen.items()}
         choices = getattr(get_attention_backend(), "choices", None)  # ByShape: the kernel raced in per shape
         if choices is not None:
-            result["ours_attention_by_shape"] = {" ".join(map(str, key[0])): name for key, name in choices().items()}
+            result["ours_attention_by_shape"] = {f"q {q} k {k}": name for (q, k, _), name in choices().items()}
     if rank != 0:
         return {}
     result["workloads"] = [report_row(spec, w, f, i, sides, args) for i, (w, f) in enumerate(zip(works, flops))]

@@ -214,12 +214,11 @@ class ByShape:
             raise ValueError(f"ByShape needs two or more known backends; got {names!r}")
         self.names = tuple(names)
         self.name = "|".join(self.names) + " by shape"
-        _by_shape_op()
 
     def __call__(self, q, k, v, mask=None) -> torch.Tensor:
         if mask is not None:
             return BACKENDS[self.names[0]](q, k, v, mask)
-        return _by_shape_op()(q, k, v, ",".join(self.names))
+        return _by_shape_op(q, k, v, ",".join(self.names))
 
     def choices(self) -> dict[tuple, str]:
         """(q shape, k shape, v shape) -> chosen backend, for the shapes seen so far."""
@@ -258,24 +257,15 @@ def fastest_for_shape(names: tuple[str, ...], q, k, v, iters: int = 3) -> str:
     return name
 
 
-_BY_SHAPE_OP = None
-
-
-def _by_shape_op():
+@torch.library.custom_op("gen::attention_by_shape", mutates_args=())
+def _by_shape_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, names: str) -> torch.Tensor:
     """ByShape's race and call as one torch custom op (`names`: the candidates, comma-separated)."""
-    global _BY_SHAPE_OP
-    if _BY_SHAPE_OP is None:
-        @torch.library.custom_op("gen::attention_by_shape", mutates_args=())
-        def by_shape(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, names: str) -> torch.Tensor:
-            candidates = tuple(names.split(","))
-            return BACKENDS[fastest_for_shape(candidates, q, k, v)](q, k, v, None).contiguous()
+    return BACKENDS[fastest_for_shape(tuple(names.split(",")), q, k, v)](q, k, v, None).contiguous()
 
-        @by_shape.register_fake
-        def _(q, k, v, names):
-            return q.new_empty((*q.shape[:-1], v.shape[-1]))
 
-        _BY_SHAPE_OP = by_shape
-    return _BY_SHAPE_OP
+@_by_shape_op.register_fake
+def _(q, k, v, names):
+    return q.new_empty((*q.shape[:-1], v.shape[-1]))
 
 
 def _synchronize(device: torch.device) -> None:
