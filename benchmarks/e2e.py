@@ -56,7 +56,7 @@ sys.path.insert(0, str(ROOT))
 from benchmarks.common import environment, write_json  # noqa: E402
 from benchmarks.e2e_flux import _memory_api, memory_gib, peak_memory_gib, synced_timings  # noqa: E402
 from benchmarks.e2e_models import SPECS, Spec, Workload, param_counts  # noqa: E402
-from gen.types import save_options  # noqa: E402
+from gen.types import image_bytes  # noqa: E402
 
 PROMPT = "a photo of an astronaut riding a horse on a mountain at sunset, detailed, golden light"
 COMPONENT_TIMERS = (("vae", "encode", "vae_encode"), ("vae", "decode", "vae_decode"),
@@ -160,13 +160,16 @@ def synced_stages(pipeline, device: torch.device):
         module.Timings = original
 
 
-def save_output(images, out_dir: Path, options: dict) -> float:
-    """Seconds to encode the first image as PNG (the output encoding both sides pay: ours with the options gen's CLI
-    and server write with, diffusers' as `image.save(path)` does); 0 for video frames."""
+def save_output(images, out_dir: Path, ours: bool) -> float:
+    """Seconds to write the first image as PNG (the output encoding both sides pay: ours as gen's CLI and server
+    encode it, gen.types.image_bytes; diffusers' as `image.save(path)` does); 0 for video frames."""
     if not images:
         return 0.0
     start = time.perf_counter()
-    images[0].save(out_dir / "out.png", **options)
+    if ours:
+        (out_dir / "out.png").write_bytes(image_bytes(images[0], "png"))
+    else:
+        images[0].save(out_dir / "out.png")
     return time.perf_counter() - start
 
 
@@ -193,7 +196,7 @@ def ours_once(gen, spec: Spec, work: Workload, steps: int, clock: Clock, args, i
         clock.begin(work.per_step)
         result = gen.run(req, progress=clock.step_end)
         row = dict(result.timings)
-        row["encode_output"] = save_output(result.images, out_dir, save_options("png"))
+        row["encode_output"] = save_output(result.images, out_dir, ours=True)
         row["total"] = time.perf_counter() - clock.t0
     row["output"] = first_output(result.images, result.frames)
     return clock.finish(row, steps)

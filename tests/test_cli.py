@@ -85,18 +85,21 @@ def test_unwritable_output(tmp_path, capsys):
 
 
 def test_failed_write_leaves_no_partial_file(tmp_path, monkeypatch):
-    """An error while encoding the file leaves neither the output nor a temp file behind."""
+    """An error while writing the file (image or video) leaves neither the output nor a temp file behind."""
+    import gen.types
     from gen.types import GenerationResult
 
-    def broken_save(self, fp, *a, **k):
+    def broken_write(fp, *a, **k):
         Path(fp).write_bytes(b"half")
         raise OSError("disk full")
 
-    monkeypatch.setattr(Image.Image, "save", broken_save)
-    result = GenerationResult(seed=0, images=[Image.new("RGB", (8, 8))])
-    with pytest.raises(OSError, match="disk full"):
-        result.save(tmp_path / "x.png")
-    assert list(tmp_path.iterdir()) == []
+    monkeypatch.setattr(gen.types, "_write_bytes", broken_write)
+    monkeypatch.setattr(gen.types, "write_mp4", broken_write)
+    for result, name in ((GenerationResult(seed=0, images=[Image.new("RGB", (8, 8))]), "x.png"),
+                         (GenerationResult(seed=0, frames=[Image.new("RGB", (8, 8))] * 2, fps=8), "x.mp4")):
+        with pytest.raises(OSError, match="disk full"):
+            result.save(tmp_path / name)
+        assert list(tmp_path.iterdir()) == []
 
 
 def test_outputs_are_lossless_and_encoded_quicker(tmp_path):

@@ -13,7 +13,7 @@ from typing import Any, Literal
 from PIL import Image, UnidentifiedImageError
 from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
 
-from gen.types import GenerationRequest, save_options
+from gen.types import GenerationRequest, image_bytes
 
 _SIZE = re.compile(r"(\d{1,5})x(\d{1,5})")
 MAX_INPUT_PIXELS = 4096 * 4096  # an uploaded image may not decode to more (decompression bombs)
@@ -200,9 +200,4 @@ def decode_image(data: bytes, param: str) -> Image.Image:
 
 def encode_image(image: Image.Image, fmt: str, compression: int | None) -> bytes:
     """PNG / JPEG / WEBP bytes; `compression` (0-100, as OpenAI's: 100 is best quality) is the JPEG/WEBP quality."""
-    buf = io.BytesIO()
-    kwargs = save_options(fmt)
-    if fmt in ("jpeg", "webp"):
-        kwargs["quality"] = compression if compression is not None else 95
-    image.convert("RGB").save(buf, format=fmt.upper(), **kwargs)
-    return buf.getvalue()
+    return image_bytes(image, fmt, compression if fmt in ("jpeg", "webp") else None)
