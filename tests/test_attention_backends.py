@@ -117,6 +117,19 @@ def test_by_shape_races_once_per_shape_and_keeps_the_first_on_a_tie(monkeypatch)
     compiled = torch.compile(lambda a, b, c: backend(a, b, c) * 2, backend="aot_eager", fullgraph=True)
     assert torch.allclose(compiled(*long), 2 * A.math_attention(*long), atol=1e-6)
 
+    def no_small_heads(q, k, v, m):  # as FA4 on SM90: head dims it has no kernel for are refused
+        assert q.shape[-1] % 8 == 0, f"head_dim {q.shape[-1]} is not supported"
+        return A.math_attention(q, k, v, m)
+
+    monkeypatch.setitem(A.BACKENDS, "picky", no_small_heads)
+    odd = [torch.randn(1, 8, 2, 12, generator=g) for _ in range(3)]
+    picky = A.ByShape(("slow", "picky"))
+    assert torch.allclose(picky(*odd), A.math_attention(*odd), atol=1e-6)
+    assert picky.choices()[((1, 8, 2, 12),) * 3] == "slow"  # left out where it cannot run, not an error
+    assert picky(*short).shape == short[0].shape and picky.choices()[((1, 8, 2, 16),) * 3] == "picky"
+    with pytest.raises(AssertionError):  # the first candidate is the installed backend: its failure is not hidden
+        A.ByShape(("picky", "slow"))(*[torch.randn(1, 4, 2, 12, generator=g) for _ in range(3)])
+
     tie = A.ByShape(("math", "sdpa"))
     monkeypatch.setattr(time, "perf_counter", lambda: 0.0)
     assert A.fastest_for_shape(tie.names, *short) == "math"  # equal times: the first name
