@@ -215,7 +215,7 @@ def diffusers_once(pipe, spec: Spec, work: Workload, steps: int, clock: Clock, a
         out = pipe(**kwargs, callback_on_step_end=on_step_end)
         images = out.images if hasattr(out, "images") else []
         frames = list(out.frames[0]) if hasattr(out, "frames") else None
-        row = {"encode_output": save_output(images, out_dir, {})}
+        row = {"encode_output": save_output(images, out_dir, ours=False)}
         row["total"] = time.perf_counter() - clock.t0
     row["output"] = first_output(images, frames)
     row = clock.finish(row, steps)
@@ -327,9 +327,10 @@ def bench_model(spec: Spec, args, device: torch.device, dtype: torch.dtype, rank
             from gen.distributed.groups import ParallelContext
 
             parallel = ParallelContext.build(layout(spec, args), device, timeout_s=1800)
-        applied = apply_transforms(pipeline, TransformOptions(compile=args.compile, attention=args.attention,
-                                                            cfg_batch=False if args.no_cfg_batch else None),
-                                   parallel)
+        options = TransformOptions(compile=args.compile, attention=args.attention,
+                                   cfg_batch=False if args.no_cfg_batch else None,
+                                   modulation_schedule=False if args.no_modulation_schedule else None)
+        applied = apply_transforms(pipeline, options, parallel)
         if args.no_gelu_epilogue:  # the library before gen/transforms/epilogue.py, for a same-run comparison
             from gen.transforms.epilogue import unfuse_gelu_epilogues
 
@@ -479,6 +480,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--no-cfg-batch", action="store_true",
                    help="ours: CFG branches as two forwards (default on one GPU: one batched forward)")
     p.add_argument("--attention", default="auto", help="ours: attention backend name or auto")
+    p.add_argument("--no-modulation-schedule", action="store_true",
+                   help="ours: the adaLN modulations per step (before gen/transforms/modulation.py), for an A/B")
     p.add_argument("--no-gelu-epilogue", action="store_true",
                    help="ours: GELU(tanh) and its matmul as separate kernels (gen/transforms/epilogue.py off)")
     p.add_argument("--profile", action="store_true",

@@ -69,7 +69,8 @@ class Generator:
                         cfg_parallel: bool = False, offload: str | None = None,
                         max_gpu_memory: float | None = None, transformer: str | os.PathLike | None = None,
                         loras=(), fuse_lora: bool = False, max_loras: int = 4, max_lora_cache_mb: float = 2048,
-                        lora_dir: str | os.PathLike | None = None) -> "Generator":
+                        lora_dir: str | os.PathLike | None = None,
+                        modulation_schedule: bool | None = None) -> "Generator":
         """Load a diffusers-layout folder (`None`: the embedded default) on `device` in `dtype`.
 
         `num_gpus` > 1: one generation runs on that many ranks (Ulysses x Ring sequence parallel, `cfg_parallel`
@@ -100,6 +101,9 @@ class Generator:
         the set of requests that name none; `fuse_lora` merges sets into the weights (no per-step cost, a switch
         rewrites them); at most `max_loras` per request; loaded LoRAs kept up to `max_lora_cache_mb` (LRU);
         `lora_dir`: a folder whose LoRAs requests may name by file stem.
+
+        `modulation_schedule` (exact): every step's adaLN modulations computed in one product when the denoise loop
+        starts (gen/transforms/modulation.py); None: on accelerators, where CUDA graphs, offload and batching are off.
         """
         from gen.transforms import TransformOptions, check_options
 
@@ -111,7 +115,8 @@ class Generator:
                                    max_batch=max_batch,
                                    batch_wait_ms=batch_wait_ms, offload=offload, max_gpu_memory=max_gpu_memory,
                                    loras=cls._lora_specs(loras, lora_dir, max_loras), fuse_lora=fuse_lora,
-                                   max_loras=max_loras, max_lora_cache_mb=max_lora_cache_mb)
+                                   max_loras=max_loras, max_lora_cache_mb=max_lora_cache_mb,
+                                   modulation_schedule=modulation_schedule)
         parallel = num_gpus != 1 or ulysses_degree not in (None, 1) or ring_degree not in (None, 1) or cfg_parallel
         check_options(options, device, dtype, parallel)  # before any weight is loaded
         if parallel:

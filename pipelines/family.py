@@ -7,7 +7,9 @@ DiT's blocks, sequence-parallel plan and step-cache layout from its `DiT`. Nothi
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
+import torch
 from torch import nn
 
 from gen.distributed.plans import ShardPlan
@@ -31,6 +33,11 @@ class DiT:
     # its one padded text leads the keys of every attention that takes its mask (and is the only masked part): a
     # merged forward runs those attentions row by row over the real keys, unmasked (gen.transforms.batch.RealKeysByRow)
     padded_text_leads_keys: bool = False
+    # every step's adaLN modulations prepared at once (gen/transforms/modulation.py): the modules whose one input is
+    # the model's time_embedding (none: not applied), and the call's timestep for a schedule value t, batch and dtype
+    # (the expression the family's pipelines pass; they call this)
+    modulations: Callable[[nn.Module], list[nn.Module]] | None = None
+    call_timestep: Callable[[torch.Tensor, int, torch.dtype], torch.Tensor] | None = None
     # entry points besides forward that run weights (offload moves and streams around them): the model's, its blocks'
     entry_methods: tuple[str, ...] = ()
     block_methods: tuple[str, ...] = ()

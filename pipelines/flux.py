@@ -43,6 +43,9 @@ FLUX_DIT = DiT(
                          text_inputs={"encoder_hidden_states": 1, "txt_ids": -2}),
     cache_layout=CacheLayout(streams=(2, 1), join=_single_stream),
     batch_args=("hidden_states", "encoder_hidden_states", "pooled_projections", "timestep", "guidance"),
+    modulations=lambda m: [n for b in m.transformer_blocks for n in (b.norm1, b.norm1_context)]
+    + [b.norm for b in m.single_transformer_blocks],
+    call_timestep=lambda t, batch, dtype: t.expand(batch).to(dtype) / 1000,
 )
 
 
@@ -106,7 +109,7 @@ class FluxPipeline(Pipeline):
 
         def model_fn(x: torch.Tensor, ts: torch.Tensor, i: int) -> torch.Tensor:
             x_in = x if ref is None else torch.cat([x, ref], dim=1)  # the noise tokens first, then the reference's
-            kw = dict(hidden_states=x_in, timestep=ts.expand(x.shape[0]).to(x.dtype) / 1000, img_ids=img_ids,
+            kw = dict(hidden_states=x_in, timestep=FLUX_DIT.call_timestep(ts, x.shape[0], x.dtype), img_ids=img_ids,
                       txt_ids=txt_ids, guidance=guidance)
             if not use_cfg:
                 return self.transformer(encoder_hidden_states=seq, pooled_projections=pooled, **kw)[:, : x.shape[1]]

@@ -40,6 +40,10 @@ QWEN_IMAGE_DIT = DiT(
     batch_args=("hidden_states", "encoder_hidden_states", "timestep", "additional_t_cond"),
     batch_pad=(("encoder_hidden_states", "encoder_hidden_states_mask"),),
     padded_text_leads_keys=True,  # every block's joint attention: keys [text, image tokens]
+    # with zero_cond_t the text modulation reads half the embedding: not prepared
+    modulations=lambda m: [] if m.config.zero_cond_t else [n for b in m.transformer_blocks
+                                                            for n in (b.img_mod, b.txt_mod)],
+    call_timestep=lambda t, batch, dtype: t.expand(batch).to(dtype) / 1000,
 )
 T2I_TEMPLATE = ("<|im_start|>system\nDescribe the image by detailing the color, shape, size, texture, quantity, text, "
                 "spatial relationships of the objects and background:<|im_end|>\n<|im_start|>user\n{}<|im_end|>\n"
@@ -210,7 +214,7 @@ class QwenImagePipeline(Pipeline):
             embeds, mask = text
             x_in = x if ref is None else torch.cat([x, ref], dim=1)
             return dict(hidden_states=x_in, encoder_hidden_states=embeds, encoder_hidden_states_mask=mask,
-                        timestep=t.expand(x.shape[0]).to(x.dtype) / 1000, img_shapes=img_shapes)
+                        timestep=QWEN_IMAGE_DIT.call_timestep(t, x.shape[0], x.dtype), img_shapes=img_shapes)
 
         def model_fn(x: torch.Tensor, t: torch.Tensor, i: int) -> torch.Tensor:
             texts = (pos, neg) if use_cfg else (pos,)

@@ -3,6 +3,7 @@
 before the decode)."""
 from __future__ import annotations
 
+import threading
 from typing import Callable
 
 import torch
@@ -11,6 +12,14 @@ from gen.types import CancelFn, Cancelled, ProgressFn
 
 # (latents, t, step_index) -> prediction with the latents' shape
 ModelFn = Callable[[torch.Tensor, torch.Tensor, int], torch.Tensor]
+
+_STEP = threading.local()
+
+
+def current_step() -> tuple[int, torch.Tensor] | None:
+    """(step index, the whole timestep schedule) while this thread's denoise loop runs its model function, else None:
+    what a transform that prepares every step's work at once reads (gen/transforms/modulation.py)."""
+    return getattr(_STEP, "value", None)
 
 
 @torch.no_grad()
@@ -22,7 +31,11 @@ def denoise(model_fn: ModelFn, scheduler, latents: torch.Tensor, timesteps: torc
     for i, t in enumerate(timesteps):
         if cancel is not None and cancel():
             raise Cancelled(f"cancelled before step {i + 1} of {total}")
-        pred = model_fn(latents, t, i)
+        _STEP.value = (i, timesteps)
+        try:
+            pred = model_fn(latents, t, i)
+        finally:
+            _STEP.value = None
         latents = scheduler.step(pred, t, latents, return_dict=False)[0]
         if progress is not None:  # before the preview: a preview shown is never ahead of the progress reported
             progress(i + 1, total)

@@ -270,6 +270,14 @@ class FluxTransformer(nn.Module):
         """(cos, sin) for the joint sequence [txt, img], each (T+L, head_dim)."""
         return rope_from_ids(torch.cat([txt_ids, img_ids], dim=0), self.config.axes_dims_rope)
 
+    def time_embedding(self, timestep: torch.Tensor, guidance: torch.Tensor | None, pooled_projections: torch.Tensor,
+                       dtype: torch.dtype) -> torch.Tensor:
+        """temb (B, dim) of a call's timestep (B,) in [0, 1], guidance (B,) or None and pooled text (B, P); `dtype`:
+        the image tokens' dtype. What every modulation of the step reads."""
+        t = timestep.to(dtype) * 1000
+        g = guidance.to(dtype) * 1000 if guidance is not None else None
+        return self.time_text_embed(t, g, pooled_projections)
+
     def forward(
         self,
         hidden_states: torch.Tensor,
@@ -291,9 +299,7 @@ class FluxTransformer(nn.Module):
 
         img = self.x_embedder(hidden_states)  # (B, L, dim)
         txt = self.context_embedder(encoder_hidden_states)  # (B, T, dim)
-        t = timestep.to(img.dtype) * 1000
-        g = guidance.to(img.dtype) * 1000 if guidance is not None else None
-        temb = self.time_text_embed(t, g, pooled_projections)  # (B, dim)
+        temb = self.time_embedding(timestep, guidance, pooled_projections, img.dtype)  # (B, dim)
 
         for block in self.transformer_blocks:
             img, txt = block(img, txt, temb, rope)

@@ -213,6 +213,15 @@ class QwenImageTransformer(nn.Module):
         """((cos, sin) for image tokens, (cos, sin) for text tokens); computed once per forward."""
         return qwen_rope(img_shapes, txt_len, self.config.axes_dims_rope, self.config.use_layer3d_rope, device)
 
+    def time_embedding(self, timestep: torch.Tensor, additional_t_cond: torch.Tensor | None,
+                       dtype: torch.dtype) -> torch.Tensor:
+        """temb of a call's timestep (B,) in [0, 1] (and additional_t_cond (B,) for the layered layout); `dtype`: the
+        image tokens' dtype. (B, D), or (2B, D) with zero_cond_t: the rows at t, then the rows at t = 0."""
+        t = timestep.to(dtype)
+        if self.config.zero_cond_t:  # first image at t, reference images at t = 0
+            t = torch.cat([t, t * 0], dim=0)  # (2B,)
+        return self.time_text_embed(t, dtype, additional_t_cond)
+
     def forward(
         self,
         hidden_states: torch.Tensor,
@@ -244,13 +253,11 @@ class QwenImageTransformer(nn.Module):
 
         img = self.img_in(hidden_states)  # (B, L, D)
         txt = self.txt_in(self.txt_norm(encoder_hidden_states))  # (B, T, D)
-        t = timestep.to(img.dtype)
         mod_index = None
         if self.config.zero_cond_t:  # first image at t, reference images at t = 0
-            t = torch.cat([t, t * 0], dim=0)  # (2B,)
             first = prod(shapes[0])
             mod_index = (torch.arange(l, device=img.device) >= first).to(torch.int)[None].expand(b, l)  # (B, L)
-        temb = self.time_text_embed(t, img.dtype, additional_t_cond)  # (B or 2B, D)
+        temb = self.time_embedding(timestep, additional_t_cond, img.dtype)  # (B or 2B, D)
         rope = self.rope(shapes, t_len, img.device)
 
         for block in self.transformer_blocks:

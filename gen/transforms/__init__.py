@@ -13,6 +13,7 @@ and returns an `Applied` record whose `undo()` takes them off in the reverse ord
 | 3 | join (exact)       | gen/transforms/join.py      | q/k/v (+MLP) weights become views of one joined weight  |
 | 3a| GELU epilogue      | gen/transforms/epilogue.py  | feed-forward matmul + GELU(tanh) as one cuBLASLt call   |
 | 3b| LoRA               | gen/transforms/lora.py      | adapter banks on the linears, or sets merged; per request |
+| 3c| modulation schedule| gen/transforms/modulation.py| every step's adaLN modulations made in one product      |
 | 4 | compile            | gen/transforms/compile.py   | each block torch.compile'd (regional)                   |
 | 5 | step cache (lossy) | gen/transforms/step_cache.py| forward wrapper skipping later blocks on quiet steps     |
 | 6 | sequence parallel  | gen/distributed/apply.py    | forward wrapper + hooks sharding tokens over ranks      |
@@ -63,6 +64,9 @@ class TransformOptions:
     fuse_lora: bool = False  # merge LoRA sets into the weights (no per-step cost; a switch rewrites the weights)
     max_loras: int = 4  # LoRAs per request
     max_lora_cache_mb: float = 2048  # loaded LoRA tensors kept (LRU), on the device
+    # every step's adaLN modulations in one product per generation (gen/transforms/modulation.py); None: on
+    # accelerators, where neither CUDA graphs, offload nor concurrent-generation batching is on
+    modulation_schedule: bool | None = None
 
 
 def check_options(options: TransformOptions, device: torch.device, dtype: torch.dtype, parallel: bool = False) -> None:
@@ -109,6 +113,14 @@ def check_options(options: TransformOptions, device: torch.device, dtype: torch.
         if options.max_batch > 1:
             raise GenError(f"max_batch={options.max_batch} and offload cannot be combined: concurrent generations in "
                            "different stages would move each other's weights", param="max_batch")
+    if options.modulation_schedule:
+        clash = ("cuda_graphs" if options.cuda_graphs else "offload" if offloaded
+                 else "max_batch" if options.max_batch > 1 else None)
+        if clash is not None:
+            raise GenError(f"modulation_schedule and {clash} cannot be combined: it copies each step's prepared rows "
+                           "into one buffer before the forward, which a CUDA graph would replay with one step's rows, "
+                           "offloaded weights are not all on the device to prepare them, and concurrent generations "
+                           "would share the buffer", param="modulation_schedule")
     if options.cuda_graphs:
         check_cuda_graphs(device, options.step_cache)
         if parallel:
@@ -199,6 +211,16 @@ def apply_transforms(pipeline, options: TransformOptions = TransformOptions(), p
         applied.append(Step("lora", loras, lambda: (loras.remove(), setattr(pipeline, "loras", None))))
         if loras.default:
             loras.set(None)
+        schedule = options.modulation_schedule
+        if schedule is None:
+            schedule = pipeline.device.type != "cpu"
+        if schedule and not options.cuda_graphs and offload is None and options.max_batch == 1:
+            from gen.transforms.modulation import prepare_modulations
+
+            schedules = [s for s in (prepare_modulations(m, dit) for _, m, dit in dits) if s is not None]
+            if schedules:
+                applied.append(Step("modulation_schedule", sum(len(s.modules) for s in schedules),
+                                    lambda: [s.remove() for s in reversed(schedules)]))
         if options.compile:
             from gen.transforms.compile import compile_blocks, uncompile_blocks
 
