@@ -138,3 +138,26 @@ def test_default_is_off_on_the_cpu_and_clashes_are_refused():
         with pytest.raises(GenError, match=f"modulation_schedule and {clash}") as e:
             check_options(TransformOptions(modulation_schedule=True, **opts), CPU, torch.float32)
         assert e.value.param == "modulation_schedule"
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_on_the_gpu_compiled_with_inductor():
+    """bf16, blocks compiled by inductor: the schedule is on by default there, serves every call, gives the per-step
+    result up to bf16 rounding and compiles nothing new in a second generation."""
+    from torch._dynamo.utils import counters
+
+    cuda = torch.device("cuda")
+    for name, kw, calls in (("flux-tiny", {}, 1), ("qwen-image-tiny", {"negative_prompt": "blurry"}, 1)):
+        torch._dynamo.reset()
+        outs = {}
+        for on in (False, True):
+            pipe = load_pipeline(ASSETS / name, cuda, torch.bfloat16,
+                                 options=TransformOptions(compile=True, modulation_schedule=None if on else False))
+            assert (pipe.transforms.get("modulation_schedule") is not None) == on
+            outs[on] = _latents_of(pipe, **kw).float()
+        graphs = counters["stats"]["unique_graphs"]
+        again = _latents_of(pipe, **kw).float()
+        assert counters["stats"]["unique_graphs"] == graphs and torch.equal(again, outs[True])
+        assert _schedules(pipe)[0]._prepared_calls == 8 * calls  # Qwen's two branches run as one batched forward
+        rel = ((outs[True] - outs[False]).norm() / outs[False].norm()).item()
+        assert rel < 2e-2, (name, rel)
