@@ -161,3 +161,16 @@ def test_on_the_gpu_compiled_with_inductor():
         assert _schedules(pipe)[0]._prepared_calls == 8 * calls  # Qwen's two branches run as one batched forward
         rel = ((outs[True] - outs[False]).norm() / outs[False].norm()).item()
         assert rel < 2e-2, (name, rel)
+
+
+def test_loras_on_the_modulation_linears_are_in_the_prepared_rows():
+    """The test LoRAs adapt the modulation linears (img_mod / norm1 ...): the rows are made through the adapters, so
+    a switched set between generations gives that set's per-step result."""
+    loras = ASSETS / "loras" / "flux-tiny"
+    plain, pipe = _pipeline("flux-tiny", modulation_schedule=False), _pipeline("flux-tiny", modulation_schedule=True)
+    for lora_set in ([(loras / "kohya.safetensors", 1.0)], [(loras / "diffusers.safetensors", -0.7)], []):
+        plain.loras.set(lora_set)
+        pipe.loras.set(lora_set)
+        a, b = _latents_of(plain), _latents_of(pipe)
+        assert ((b - a).norm() / a.norm()).item() < 1e-5, lora_set
+    assert _schedules(pipe)[0]._prepared_calls == 12
