@@ -260,3 +260,19 @@ def test_eval_prompts_sizes_splits_and_determinism():
         assert len(scene.objects) == 1 and world.is_held_out(scene) == (split == "held-out")
         assert parse(prompt, "paraphrase" if split == "paraphrase" else "train") == {scene}, prompt
     assert len({prompt for _, _, prompt in rows}) >= 490  # nearly all distinct
+
+
+def test_the_probes_extra_vocabulary_holds_no_evaluation_word():
+    """training/shapes/probe.py --more-words: its words are neither evaluation words nor hold one, nor sit inside
+    one, and are new; its sentence forms use none of the evaluation's template words."""
+    from training.shapes.probe import MORE_TEMPLATES, MORE_WORDS
+
+    for kind, table in MORE_WORDS.items():
+        assert set(table) == set(world.EVAL_WORDS[kind])
+        held = {p for options in world.EVAL_WORDS[kind].values() for p in options}
+        for words in table.values():
+            for w in words:
+                assert w not in _trained(kind), w
+                assert not any(re.search(rf"\b{re.escape(w)}\b", h) or re.search(rf"\b{re.escape(h)}\b", w)
+                               for h in held), w
+    assert all(w not in t for t in MORE_TEMPLATES for w in ("canvas", "scene", "the rest is", "i would like"))
