@@ -105,7 +105,8 @@ def test_tiny_finetune_then_export(pack_dir, tmp_path, monkeypatch):
         m.setitem(sys.modules, "diffusers", None)
         m.setitem(sys.modules, "gguf", None)
         finetune.main(["train", *common, "--out", str(out)])
-        finetune.main(["train", *common, "--out", str(again), "--resume", str(out), "--vae-s", "0"])
+        finetune.main(["train", *common, "--out", str(again), "--resume", str(out), "--vae-s", "0",
+                       "--aux-weight", "0.1"])  # with the auxiliary text readout
         finetune.main(["train", *common, "--out", str(decoder), "--decoder-only"])
     files = sorted(p.name for p in out.iterdir())
     assert files == ["dit-0.safetensors", "dit-1.safetensors", "dit-2.safetensors", "meta.tar", "run.json",

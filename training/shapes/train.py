@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
 from training.shapes.configs import ENCODER_LAYER, PROMPT_TEMPLATE, TRANSFORMER, VAE
-from training.shapes.world import caption, render, sample_scene, training_sample
+from training.shapes.world import COLORS, POSITIONS, SHAPES, SIZES, caption, render, sample_scene, training_sample
 
 T0 = time.time()
 SAMPLE_PROMPTS = [
@@ -46,30 +46,48 @@ def log(msg: str) -> None:
     print(f"[{time.time() - T0:6.1f}s] {msg}", flush=True)
 
 
+# the attributes of a one-object scene, as class indices (scene_labels): what an auxiliary text readout learns
+LABELS = {"size": list(SIZES), "shape": list(SHAPES), "position": list(POSITIONS), "color": list(COLORS),
+          "background": list(COLORS)}
+
+
+def scene_labels(scene) -> list[int]:
+    """LABELS' class indices of a one-object scene; -1 each for a two-object scene (no single answer)."""
+    if len(scene.objects) != 1:
+        return [-1] * len(LABELS)
+    o = scene.objects[0]
+    return [LABELS[k].index(scene.background if k == "background" else getattr(o, k)) for k in LABELS]
+
+
 def _render_chunk(args):
     seed, n, augment, two_object_rate = args
     rng = np.random.default_rng(seed)
-    images, texts = np.empty((n, 128, 128, 3), np.uint8), []
+    images, texts, labels = np.empty((n, 128, 128, 3), np.uint8), [], []
     for i in range(n):
         if two_object_rate is None:
-            images[i], text, _ = training_sample(rng, augment)
+            images[i], text, scene = training_sample(rng, augment)
         else:
             scene = sample_scene(rng, "train", two_object_rate)
             images[i], text = render(scene, rng), caption(scene, rng, "augmented" if augment else "train")
         texts.append(text)
-    return images, texts
+        labels.append(scene_labels(scene))
+    return images, texts, labels
 
 
-def make_data(n: int, seed: int, workers: int, augment: bool = False,
-              two_object_rate: float | None = None) -> tuple[np.ndarray, list[str]]:
+def make_data(n: int, seed: int, workers: int, augment: bool = False, two_object_rate: float | None = None,
+              with_labels: bool = False):
     """n rendered training samples and their captions (`augment`: the augmented captions; `two_object_rate`: how often
-    a two-object scene is drawn, before rejection; None: the world's default)."""
+    a two-object scene is drawn, before rejection; None: the world's default); `with_labels`: also (n, 5) int64
+    scene_labels."""
     chunk = 2000
     jobs = [(seed * 100003 + i, min(chunk, n - i * chunk), augment, two_object_rate)
             for i in range(math.ceil(n / chunk))]
     with mp.get_context("fork").Pool(workers) as pool:
         parts = pool.map(_render_chunk, jobs)
-    return np.concatenate([p[0] for p in parts]), [t for p in parts for t in p[1]]
+    images, texts = np.concatenate([p[0] for p in parts]), [t for p in parts for t in p[1]]
+    if with_labels:
+        return images, texts, np.array([row for p in parts for row in p[2]], dtype=np.int64)
+    return images, texts
 
 
 @torch.no_grad()
