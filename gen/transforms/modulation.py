@@ -110,8 +110,9 @@ class ModulationSchedule:
         if self._call >= len(self._tables):
             return False
         table = self._tables[self._call]
-        if (table.rows is None or table.batch != timestep.shape[0] or table.dtype != timestep.dtype or len(table.rest) != len(rest)
-                or any(a is not b for a, b in zip(table.rest, rest))):
+        same_call = (table.batch == timestep.shape[0] and table.dtype == timestep.dtype
+                     and len(table.rest) == len(rest) and all(a is b for a, b in zip(table.rest, rest)))
+        if table.rows is None or not same_call:
             return False
         buffer = self._buffer
         if buffer is None or (buffer.shape, buffer.dtype, buffer.device) != (table.rows.shape[1:], table.rows.dtype,
