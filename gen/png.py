@@ -26,6 +26,7 @@ MIN_BAND_ROWS = 64  # a band smaller than this costs more in thread hand-off and
 MOD_ADLER = 65521
 
 _pool: ThreadPoolExecutor | None = None
+_pool_pid = 0  # the process that made _pool: a forked child has the object but none of its threads
 _pool_lock = threading.Lock()
 
 
@@ -34,10 +35,10 @@ def _threads() -> int:
 
 
 def _get_pool() -> ThreadPoolExecutor:
-    global _pool
+    global _pool, _pool_pid
     with _pool_lock:
-        if _pool is None:
-            _pool = ThreadPoolExecutor(_threads(), thread_name_prefix="gen-png")
+        if _pool is None or _pool_pid != os.getpid():
+            _pool, _pool_pid = ThreadPoolExecutor(_threads(), thread_name_prefix="gen-png"), os.getpid()
         return _pool
 
 

@@ -120,3 +120,24 @@ def test_to_pil_rounds_as_diffusers_image_processor():
         ref = (ref * 255).round().astype(np.uint8)
         ours = np.stack([np.asarray(im) for im in to_pil(x)])
         assert ours.dtype == np.uint8 and np.array_equal(ours, ref)
+
+
+def test_a_forked_child_gets_threads_of_its_own():
+    """The band pool made before a fork has no threads in the child: the child makes its own (no hang)."""
+    import multiprocessing as mp
+
+    pixels = _smooth(256, 64)
+    encode_png(pixels, bands=4)  # the parent's pool exists now
+    ctx = mp.get_context("fork")
+    child = ctx.Process(target=_encode_in_child, args=(pixels,))
+    child.start()
+    child.join(timeout=60)
+    alive = child.is_alive()
+    if alive:
+        child.kill()
+    assert not alive and child.exitcode == 0
+
+
+def _encode_in_child(pixels):
+    data = encode_png(pixels, bands=4)
+    raise SystemExit(0 if np.array_equal(_decode(data), pixels) else 3)
