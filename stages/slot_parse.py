@@ -64,6 +64,9 @@ class SlotReader:
         self.before = [tuple(tokens(m)) for m in markers.get("before", [])]
         # words the model knows that name no value (its sentences' other words, and those inside its phrases)
         self.known = set(spec.get("fillers", [])) | {w for p, _, _ in self.phrases for w in p}
+        # a dictionary's words for the slot values (the guide's optional `thesaurus`), consulted before the LLM
+        self.thesaurus = {p: (kind, value) for kind, table in spec.get("thesaurus", {}).items()
+                          for value, phrases in table.items() for p in phrases}
         self._scores: dict = {}
         self._baseline: dict = {}
         self._scorers: dict = {}
@@ -257,15 +260,26 @@ class SlotReader:
 
     # ---- the LLM, one word or phrase at a time
 
+    def looked_up(self, phrase: str) -> tuple[str, str] | None:
+        """(kind, value) of a phrase in the guide's thesaurus: the whole phrase, else its longest first words that are
+        there ("delta toward": "delta"; "circular shape": "circular")."""
+        words = phrase.split()
+        for n in range(len(words), 0, -1):
+            if (found := self.thesaurus.get(" ".join(words[:n]))) is not None:
+                return found
+        return None
+
     def kind_of(self, phrase: str) -> tuple[str, dict[str, float]]:
-        """(kind, {kind: log-probability}): which slot an unknown phrase names (size, color, shape) or "other", by
-        few-shot "word = kind" lines (uncalibrated: the examples are balanced); a word with the ending of the known
-        words of one kind ("-sized") is of that kind."""
+        """(kind, {kind: log-probability}): which slot an unknown phrase names (size, color, shape) or "other": the
+        thesaurus's kind, else a word with the ending of the known words of one kind ("-sized") is of that kind, else
+        by few-shot "word = kind" lines (uncalibrated: the examples are balanced)."""
         key = (phrase, "kind")
         with self._lock:
             if key not in self._scores:
                 suffix = self.suffixes.get("-" + phrase.rsplit("-", 1)[1]) if "-" in phrase else None
                 kinds = sorted({k for _, k in self.spec["kind_examples"]} | set(KINDS))
+                if (found := self.looked_up(phrase)) is not None:
+                    suffix = found[0]
                 if suffix is not None:
                     self._scores[key] = (suffix, {k: 0.0 if k == suffix else float("-inf") for k in kinds})
                 else:
@@ -277,8 +291,12 @@ class SlotReader:
             return self._scores[key]
 
     def map_word(self, word: str, kind: str) -> tuple[str, float]:
-        """(value, calibrated log-probability) of `word` read as a `kind` value by the LLM."""
+        """(value, calibrated log-probability) of `word` read as a `kind` value: the thesaurus's value (log-probability
+        0), else by the LLM."""
         key = (word, kind)
+        found = self.looked_up(word)
+        if found is not None and found[0] == kind:
+            return found[1], 0.0
         with self._lock:
             if key not in self._scores:
                 values = list(self.lexicon[kind])

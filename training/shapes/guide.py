@@ -16,7 +16,7 @@ import json
 import re
 from pathlib import Path
 
-from training.shapes import world
+from training.shapes import thesaurus, world
 
 GUIDE_FILE = "prompt_guide.json"
 CANONICAL_POSITIONS = {  # the one training phrase of each position the enhancer answers with
@@ -85,6 +85,7 @@ def slots() -> dict:
     before -= {"on a", "against a", "over a"}  # these come before words such as "background", kept by `after`
     before |= {f"{a} is" for a in after}  # "the backdrop is ...", as "the background is ..."
     fillers = sorted(_template_words(templates) - lexicon_words)
+    known = set(fillers) | {p for table in lexicon.values() for ps in table.values() for p in ps}
     word_examples = {kind: [[w, v] for v, ws in world.READER_AUGMENT_WORDS[kind].items() for w in ws if " " not in w]
                      for kind in ("size", "color", "shape")}
     return {
@@ -93,6 +94,8 @@ def slots() -> dict:
         "background_markers": {"after": sorted(after), "before": sorted(before)},
         "fillers": fillers,
         "word_examples": word_examples,
+        # words a dictionary (WordNet) gives for the values, by a fixed rule from the lexicon (thesaurus.py)
+        "thesaurus": thesaurus.build(lexicon, known),
         # how the LLM is asked for a word's value ("{word}" and "{value}" filled; the text before "{value}" is scored)
         "word_frames": WORD_FRAMES,
         # which slot a word names at all: the example words of each slot, and the model's sentence words as "other"
