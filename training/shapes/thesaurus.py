@@ -17,7 +17,7 @@ The words come from a general dictionary, so they include words of the evaluatio
 not chosen by looking at them. tests/test_prompt_guide.py checks that the shipped guide's table is the rule's, and
 tests/test_thesaurus.py what it gives for the development set's words.
 
-    python -m training.shapes.thesaurus [--show WORD ...]     # sizes of the table; what a word maps to
+    python -m training.shapes.thesaurus [--show WORD ...]     # the shipped table's sizes; what a word maps to
 """
 from __future__ import annotations
 
@@ -216,12 +216,13 @@ def build(lexicon: dict, known: set[str]) -> dict[str, dict[str, list[str]]]:
 
 
 def main() -> None:
-    from training.shapes import guide
+    import json
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--guide", type=Path, default=Path("assets/gen-shapes/prompt_guide.json"))
     ap.add_argument("--show", nargs="*", default=[], help="words to look up in the table")
     args = ap.parse_args()
-    table = guide.slots()["thesaurus"]
+    table = json.loads(args.guide.read_text())["slots"]["thesaurus"]
     for kind, values in table.items():
         print(kind, {v: len(ws) for v, ws in values.items()})
     index = {p: (k, v) for k, vs in table.items() for v, ps in vs.items() for p in ps}
