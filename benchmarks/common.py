@@ -86,6 +86,26 @@ def kernel_kind(name: str) -> str:
     return "other elementwise"
 
 
+def top_kernels(fn, iters: int = 3, n: int = 40) -> list[dict]:
+    """The `n` kernels with the most GPU time per call of `fn` (torch.profiler): name, kind, ms and launches per
+    call; for comparing two implementations kernel by kernel."""
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()
+    _sync()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(iters):
+            fn()
+        _sync()
+    rows = []
+    for evt in prof.key_averages():
+        us = getattr(evt, "self_device_time_total", 0) or 0
+        if us and evt.device_type == torch.autograd.DeviceType.CUDA:
+            rows.append({"name": evt.key[:120], "kind": kernel_kind(evt.key), "ms": us / 1e3 / iters,
+                         "calls": evt.count / iters})
+    return sorted(rows, key=lambda r: -r["ms"])[:n]
+
+
 def kernel_breakdown(fn, iters: int = 3) -> dict:
     """GPU kernel milliseconds per call of `fn` by kind (torch.profiler), plus the wall time per call and the
     share of it no kernel ran ('gpu idle'): launch gaps and host waits."""

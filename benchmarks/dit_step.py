@@ -25,7 +25,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.common import (cold_start_s, count_flops, environment, kernel_breakdown, time_ms,  # noqa: E402
-                               write_json)
+                               top_kernels, write_json)
 from gen.transforms.cuda_graph import GraphedCall  # noqa: E402
 from gen.transforms.join import join_projections  # noqa: E402
 from gen.models.attention import select_attention_backend  # noqa: E402
@@ -261,6 +261,10 @@ def bench_model(name: str, args, device, dtype) -> dict:
         row["kernels_ours"] = kernel_breakdown(run_ours)
         if "diffusers_compiled_ms" in row:
             row["kernels_diffusers_compiled"] = kernel_breakdown(run_ref_c)
+        if args.top_kernels:
+            row["top_kernels_ours"] = top_kernels(run_ours, n=args.top_kernels)
+            if "diffusers_compiled_ms" in row:
+                row["top_kernels_diffusers_compiled"] = top_kernels(run_ref_c, n=args.top_kernels)
     if args.cuda_graphs and device.type == "cuda":
         ours.forward = GraphedCall(ours.forward)
         row["ours_graphed_cold_s"] = cold_start_s(run_ours)
@@ -380,6 +384,7 @@ def main() -> None:
     p.add_argument("--no-join", action="store_true", help="skip the joined-projections variant")
     p.add_argument("--cuda-graphs", action="store_true", help="also time ours replayed from a CUDA graph")
     p.add_argument("--profile", action="store_true", help="GPU kernel time by kind (matmul, attention, ...)")
+    p.add_argument("--top-kernels", type=int, default=0, help="with --profile: the N longest kernels of each, by name")
     p.add_argument("--out", default="dit_step.json")
     args = p.parse_args()
     device = torch.accelerator.current_accelerator() if torch.accelerator.is_available() else torch.device("cpu")

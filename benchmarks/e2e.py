@@ -336,6 +336,11 @@ def bench_model(spec: Spec, args, device: torch.device, dtype: torch.dtype, rank
 
             for _, m, _ in pipeline.dits():
                 unfuse_gelu_epilogues(m)
+        if args.no_norm_rope:  # the library before gen/transforms/norm_rope.py, for a same-run comparison
+            from gen.transforms.norm_rope import unfuse_norm_rope
+
+            for _, m, _ in pipeline.dits():
+                unfuse_norm_rope(m)
         result["ours_setup_s"] = time.perf_counter() - start
         result["ours_transforms"] = {k: v for k, v in applied.summary().items() if k != "parallel"}
         result["ours_layout"] = None if parallel is None else asdict(parallel.config)
@@ -484,6 +489,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="ours: the adaLN modulations per step (before gen/transforms/modulation.py), for an A/B")
     p.add_argument("--no-gelu-epilogue", action="store_true",
                    help="ours: GELU(tanh) and its matmul as separate kernels (gen/transforms/epilogue.py off)")
+    p.add_argument("--no-norm-rope", action="store_true",
+                   help="ours: q/k RMSNorm and RoPE as compiled plain ops, not the fused kernel (an A/B)")
     p.add_argument("--profile", action="store_true",
                    help="ours: GPU kernel ms per step by kind over one more generation of the first workload (rank 0)")
     p.add_argument("--device", help="default: the accelerator (cpu with --tiny)")

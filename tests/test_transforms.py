@@ -32,8 +32,11 @@ def test_apply_then_undo_gives_back_the_plain_model():
     pipeline.transforms.undo()  # whatever from_pretrained applied: the plain model
     plain, state = image(gen), {k: v.clone() for k, v in model.state_dict().items()}
     applied = apply_transforms(pipeline, TransformOptions(join=True, step_cache=0.05, cfg_batch=False))
-    assert [s.name for s in applied] == ["cfg_batch", "attention", "joined_projections", "gelu_epilogues", "lora",
-                                        "step_cache", "vae"]
+    assert [s.name for s in applied] == ["cfg_batch", "attention", "joined_projections", "gelu_epilogues",
+                                        "norm_rope", "lora", "step_cache", "vae"]
+    # the q/k norms of every double (4) and single (2) block's attention
+    assert applied.get("norm_rope").detail == 4 * len(model.transformer_blocks) + 2 * len(
+        model.single_transformer_blocks) and model.transformer_blocks[0].attn.norm_added_k.fused_rope
     assert wrapper_names(model) == ["step_cache"] and hasattr(model.transformer_blocks[0].attn.to_q, "joined_sizes")
     # a double block's image and text feed-forwards, and each single block
     n = 2 * len(model.transformer_blocks) + len(model.single_transformer_blocks)

@@ -8,8 +8,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from gen.models.attention import attention
-from gen.models.layers import (AdaNormOut, FeedForward, MLPEmbedder, apply_rope, linear_gelu_tanh, plain_linears,
-                               project, timestep_embedding, unbatch_ids)
+from gen.models.layers import (AdaNormOut, FeedForward, MLPEmbedder, apply_rope, linear_gelu_tanh, norm_rope,
+                               plain_linears, project, timestep_embedding, unbatch_ids)
 
 Rope = tuple[torch.Tensor, torch.Tensor]  # (cos, sin), each (S, head_dim / 2) float32
 
@@ -116,6 +116,8 @@ class SelfAttention(nn.Module):
 
     The block computes q/k/v itself (with its MLP input projection, one joined matmul when gen/transforms/join.py joined them)."""
 
+    rope_norms = ("norm_q", "norm_k")  # gen/transforms/norm_rope.py
+
     def __init__(self, dim: int, heads: int, head_dim: int):
         super().__init__()
         self.head_dim = head_dim
@@ -128,12 +130,15 @@ class SelfAttention(nn.Module):
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rope: Rope) -> torch.Tensor:
         """Projected q, k, v (B, S, H*D) -> attention output (B, S, H*D)."""
         q, k, v = (t.unflatten(-1, (-1, self.head_dim)) for t in (q, k, v))  # (B, S, H, D)
-        out = attention(rotate(self.norm_q(q), rope), rotate(self.norm_k(k), rope), v)
+        cos, sin = (t.to(q.device) for t in rope)
+        out = attention(norm_rope((self.norm_q, q, cos, sin)), norm_rope((self.norm_k, k, cos, sin)), v)
         return out.flatten(2)
 
 
 class JointAttention(nn.Module):
     """Double-stream attention: separate image (to_*) and text (add_*_proj) weights, one attention over [txt, img]."""
+
+    rope_norms = ("norm_q", "norm_k", "norm_added_q", "norm_added_k")  # gen/transforms/norm_rope.py
 
     def __init__(self, dim: int, heads: int, head_dim: int):
         super().__init__()
@@ -152,20 +157,16 @@ class JointAttention(nn.Module):
         self.add_v_proj = nn.Linear(dim, inner)
         self.to_add_out = nn.Linear(inner, dim)
 
-    def img_qkv(self, img: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        q, k, v = (_heads(t, self.head_dim) for t in project(img, self.to_q, self.to_k, self.to_v))
-        return self.norm_q(q), self.norm_k(k), v  # (B, L, H, D)
-
-    def txt_qkv(self, txt: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        qkv = project(txt, self.add_q_proj, self.add_k_proj, self.add_v_proj)
-        q, k, v = (_heads(t, self.head_dim) for t in qkv)
-        return self.norm_added_q(q), self.norm_added_k(k), v
-
     def forward(self, img: torch.Tensor, txt: torch.Tensor, rope: Rope) -> tuple[torch.Tensor, torch.Tensor]:
         """img (B, L, dim), txt (B, T, dim), rope over the T + L joint positions -> (img_out, txt_out)."""
-        (iq, ik, iv), (tq, tk, tv) = self.img_qkv(img), self.txt_qkv(txt)  # (B, L|T, H, D)
-        q = rotate(torch.cat([tq, iq], dim=1), rope)  # (B, T+L, H, D)
-        k = rotate(torch.cat([tk, ik], dim=1), rope)
+        iq, ik, iv = (_heads(t, self.head_dim) for t in project(img, self.to_q, self.to_k, self.to_v))  # (B, L, H, D)
+        tq, tk, tv = (_heads(t, self.head_dim) for t in project(txt, self.add_q_proj, self.add_k_proj,
+                                                                 self.add_v_proj))  # (B, T, H, D)
+        t = txt.shape[1]
+        cos, sin = (r.to(img.device) for r in rope)
+        tc, ts, ic, is_ = cos[:t], sin[:t], cos[t:], sin[t:]
+        q = norm_rope((self.norm_added_q, tq, tc, ts), (self.norm_q, iq, ic, is_))  # (B, T+L, H, D)
+        k = norm_rope((self.norm_added_k, tk, tc, ts), (self.norm_k, ik, ic, is_))
         v = torch.cat([tv, iv], dim=1)
         out = attention(q, k, v).flatten(2)  # (B, T+L, H*D)
         txt_out, img_out = out.split([txt.shape[1], img.shape[1]], dim=1)

@@ -116,6 +116,21 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return torch.stack([xr * cos - xi * sin, xr * sin + xi * cos], dim=-1).flatten(-2).type_as(x)
 
 
+def norm_rope(*parts: tuple[nn.Module, torch.Tensor, torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    """Parts (norm, x (B, L_i, H, D), cos, sin (L_i, D/2)) -> (B, sum L_i, H, D): each x through its RMSNorm
+    (per head) and rotated by its part of the joint sequence's angles, concatenated along the sequence. One fused
+    kernel on CUDA where gen/transforms/norm_rope.py marked every norm (`fused_rope`)."""
+    norms = [p[0] for p in parts]
+    if parts[0][1].is_cuda and all(getattr(n, "fused_rope", False) for n in norms):
+        eps = {n.eps if n.eps is not None else torch.finfo(torch.float32).eps for n in norms}
+        fp32 = {isinstance(n, nn.RMSNorm) for n in norms}  # torch's multiplies the weight in fp32 (see RMSNorm)
+        if len(eps) == 1 and len(fp32) == 1:
+            return torch.ops.gen.rms_norm_rope([p[1] for p in parts], [n.weight for n in norms],
+                                               [p[2] for p in parts], [p[3] for p in parts], eps.pop(), fp32.pop())
+    outs = [apply_rope(n(x), cos[None, :, None], sin[None, :, None]) for n, x, cos, sin in parts]
+    return outs[0] if len(outs) == 1 else torch.cat(outs, dim=1)
+
+
 def unbatch_ids(ids: torch.Tensor, name: str) -> torch.Tensor:
     """Position ids (S, n_axes), or the deprecated (B, S, n_axes) read from its first entry as diffusers does."""
     if ids.ndim == 3:

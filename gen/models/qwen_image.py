@@ -12,7 +12,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from gen.models.attention import attention
-from gen.models.layers import AdaNormOut, FeedForward, MLPEmbedder, RMSNorm, apply_rope, project, timestep_embedding
+from gen.models.layers import (AdaNormOut, FeedForward, MLPEmbedder, RMSNorm, apply_rope, norm_rope, project,
+                               timestep_embedding)
 
 
 @dataclass(frozen=True)
@@ -111,6 +112,8 @@ class TimeTextEmbed(nn.Module):
 class JointAttention(nn.Module):
     """Attention over the concatenation [txt, img]: per-stream q/k/v projections, q/k RMSNorm, RoPE on both."""
 
+    rope_norms = ("norm_q", "norm_k", "norm_added_q", "norm_added_k")  # gen/transforms/norm_rope.py
+
     def __init__(self, dim: int, heads: int, head_dim: int):
         super().__init__()
         self.heads, self.head_dim = heads, head_dim
@@ -127,10 +130,9 @@ class JointAttention(nn.Module):
         split = lambda x: x.unflatten(-1, (-1, self.head_dim))  # (B, L, H, D)
         q, k, v = (split(t) for t in project(img, self.to_q, self.to_k, self.to_v))
         tq, tk, tv = (split(t) for t in project(txt, self.add_q_proj, self.add_k_proj, self.add_v_proj))
-        q, k = rotate(self.norm_q(q), img_cos, img_sin), rotate(self.norm_k(k), img_cos, img_sin)
-        tq = rotate(self.norm_added_q(tq), txt_cos, txt_sin)
-        tk = rotate(self.norm_added_k(tk), txt_cos, txt_sin)
-        out = attention(torch.cat([tq, q], 1), torch.cat([tk, k], 1), torch.cat([tv, v], 1), mask)  # (B, T+L, H, D)
+        q = norm_rope((self.norm_added_q, tq, txt_cos, txt_sin), (self.norm_q, q, img_cos, img_sin))  # (B, T+L, H, D)
+        k = norm_rope((self.norm_added_k, tk, txt_cos, txt_sin), (self.norm_k, k, img_cos, img_sin))
+        out = attention(q, k, torch.cat([tv, v], 1), mask)  # (B, T+L, H, D)
         out = out.flatten(2).to(q.dtype)
         t = txt.shape[1]
         return self.to_out[0](out[:, t:]), self.to_add_out(out[:, :t])

@@ -12,6 +12,7 @@ and returns an `Applied` record whose `undo()` takes them off in the reverse ord
 | 2 | fp8 (lossy)        | gen/transforms/fp8.py       | block nn.Linear -> Fp8Linear                            |
 | 3 | join (exact)       | gen/transforms/join.py      | q/k/v (+MLP) weights become views of one joined weight  |
 | 3a| GELU epilogue      | gen/transforms/epilogue.py  | feed-forward matmul + GELU(tanh) as one cuBLASLt call   |
+| 3a| q/k norm + RoPE    | gen/transforms/norm_rope.py | q/k RMSNorm and rotation as one Triton kernel (CUDA)    |
 | 3b| LoRA               | gen/transforms/lora.py      | adapter banks on the linears, or sets merged; per request |
 | 3c| modulation schedule| gen/transforms/modulation.py| every step's adaLN modulations made in one product      |
 | 4 | compile            | gen/transforms/compile.py   | each block torch.compile'd (regional)                   |
@@ -54,7 +55,8 @@ class TransformOptions:
     step_cache: float | None = None
     cuda_graphs: bool = False
     vae_tiling: bool = False
-    join: bool = True  # the exact fusions: joined projections and GELU epilogues (gen/transforms/join.py, epilogue.py)
+    join: bool = True  # the exact fusions: joined projections, GELU epilogues, q/k norm + RoPE (join.py, epilogue.py,
+    # norm_rope.py in gen/transforms)
     cfg_batch: bool | None = None  # CFG branches in one batched forward; None: on accelerators, one process
     max_batch: int = 1  # > 1: batch the DiT calls of up to this many concurrent generations
     batch_wait_ms: float = 5.0  # how long a call waits for others to join its batch
@@ -203,6 +205,10 @@ def apply_transforms(pipeline, options: TransformOptions = TransformOptions(), p
 
             n = sum(fuse_gelu_epilogues(m) for _, m, _ in dits)
             applied.append(Step("gelu_epilogues", n, lambda: [unfuse_gelu_epilogues(m) for _, m, _ in dits]))
+            from gen.transforms.norm_rope import fuse_norm_rope, unfuse_norm_rope
+
+            n = sum(fuse_norm_rope(m) for _, m, _ in dits)
+            applied.append(Step("norm_rope", n, lambda: [unfuse_norm_rope(m) for _, m, _ in dits]))
         from gen.transforms.lora import LoraAdapters
 
         loras = LoraAdapters(pipeline, options.fuse_lora, options.max_loras, options.max_lora_cache_mb, options.loras,
