@@ -355,6 +355,11 @@ def bench_model(spec: Spec, args, device: torch.device, dtype: torch.dtype, rank
             work = works[0]
             per_gen = kernel_breakdown(lambda: ours_once(gen, spec, work, work.steps, clock, args, image, out_dir), 1)
             result["ours_kernel_ms_per_step"] = {k: v / work.steps for k, v in per_gen.items()}
+            from benchmarks.common import top_kernels
+
+            top = top_kernels(lambda: ours_once(gen, spec, work, work.steps, clock, args, image, out_dir), 1, n=40)
+            result["ours_top_kernels_per_step"] = [dict(k, ms=k["ms"] / work.steps, calls=k["calls"] / work.steps)
+                                                   for k in top]
         choices = getattr(get_attention_backend(), "choices", None)  # ByShape: the kernel raced in per shape
         if choices is not None:
             result["ours_attention_by_shape"] = {f"q {q} k {k}": name for (q, k, _), name in choices().items()}
