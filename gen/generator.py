@@ -216,7 +216,7 @@ class Generator:
 
     def _run(self, req: GenerationRequest, progress: ProgressFn | None,
              cancel: CancelFn | None) -> GenerationResult:
-        if (warning := self.domain_warning(req.prompt)) is not None:
+        if (warning := self.domain_warning(req.prompt, enhanced=req.enhance_prompt)) is not None:
             log.warning(warning)
         if not req.enhance_prompt:
             return self.pipeline(req, progress=progress, cancel=cancel)
@@ -248,7 +248,8 @@ class Generator:
             self._prompt_guide = PromptGuide.load(self.model_path)
         return self._prompt_guide
 
-    def domain_warning(self, prompt: str) -> str | None:
-        """The model's warning for a prompt outside what it can draw (its prompt guide's domain), else None."""
+    def domain_warning(self, prompt: str, enhanced: bool = False) -> str | None:
+        """The model's warning for a prompt outside what it can draw (its prompt guide's domain), else None;
+        `enhanced`: counting the words the enhancer maps onto the model's own."""
         guide = self.prompt_guide
-        return None if guide is None or not isinstance(prompt, str) else guide.out_of_domain(prompt)
+        return None if guide is None or not isinstance(prompt, str) else guide.out_of_domain(prompt, enhanced)

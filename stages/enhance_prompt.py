@@ -91,12 +91,16 @@ class PromptGuide:
         """Whether the prompt is one the model was trained to read (a `reads` template filled with its words)."""
         return self.reads is not None and _reads_regex(self.path, self.reads).fullmatch(normalize(prompt)) is not None
 
-    def out_of_domain(self, prompt: str) -> str | None:
-        """The domain warning when the prompt names none of the domain words, else None."""
+    def out_of_domain(self, prompt: str, enhanced: bool = False) -> str | None:
+        """The domain warning when the prompt names none of the domain words, else None. `enhanced`: the prompt goes
+        through the enhancer, whose thesaurus (slots.thesaurus) maps more words onto the model's shapes."""
         if self.domain is None:
             return None
         text = normalize(prompt)
-        words = sorted(self.domain["words"], key=len, reverse=True)
+        words = list(self.domain["words"])
+        if enhanced and self.slots is not None:
+            words += [p for ps in self.slots.get("thesaurus", {}).get("shape", {}).values() for p in ps]
+        words = sorted(words, key=len, reverse=True)
         if re.search(r"\b(?:" + "|".join(re.escape(normalize(w)) for w in words) + r")(?:e?s)?\b", text):
             return None
         return self.domain["warning"]

@@ -93,6 +93,10 @@ def test_domain_warning(guide):
     assert "draws colored shapes only" in guide.out_of_domain("a beautiful sunset over the ocean")
     for prompt in ("a red circle", "two blue Stars", "a large yellow star in the center on a purple background"):
         assert guide.out_of_domain(prompt) is None, prompt
+    # a word only the enhancer's thesaurus maps onto a shape: the warning holds unless the prompt is enhanced
+    assert guide.out_of_domain("a red rectangle") is not None
+    assert guide.out_of_domain("a red rectangle", enhanced=True) is None
+    assert "draws colored shapes only" in guide.out_of_domain("a photo of a cat", enhanced=True)
 
 
 def test_bad_guides_are_named(tmp_path, guide):
