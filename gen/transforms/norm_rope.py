@@ -20,6 +20,9 @@ ops). Applied with the other exact fusions (TransformOptions.join).
 """
 from __future__ import annotations
 
+import importlib.util
+from functools import lru_cache
+
 import torch
 from torch import nn
 
@@ -79,9 +82,16 @@ def reference(xs: list[torch.Tensor], weights: list[torch.Tensor], coss: list[to
     return outs[0] if len(outs) == 1 else torch.cat(outs, dim=1)
 
 
+@lru_cache(maxsize=1)
+def _have_triton() -> bool:
+    return importlib.util.find_spec("triton") is not None
+
+
 def _supported(xs: list[torch.Tensor], weights: list[torch.Tensor]) -> bool:
+    """Inputs the kernel takes: CUDA with Triton installed, a power-of-two head size of at least 16, channels
+    contiguous; anything else runs the plain ops."""
     d = xs[0].shape[-1]
-    return (xs[0].is_cuda and d >= 16 and d & (d - 1) == 0 and all(x.stride(-1) == 1 for x in xs)
+    return (xs[0].is_cuda and _have_triton() and d >= 16 and d & (d - 1) == 0 and all(x.stride(-1) == 1 for x in xs)
             and all(w.is_contiguous() for w in weights))
 
 
