@@ -86,9 +86,9 @@ def kernel_kind(name: str) -> str:
     return "other elementwise"
 
 
-def top_kernels(fn, iters: int = 3, n: int = 40) -> list[dict]:
-    """The `n` kernels with the most GPU time per call of `fn` (torch.profiler): name, kind, ms and launches per
-    call; for comparing two implementations kernel by kernel."""
+def top_kernels(fn, iters: int = 3, n: int | None = 40) -> list[dict]:
+    """The `n` kernels (None: all) with the most GPU time per call of `fn` (torch.profiler): name, kind, ms and
+    launches per call; for comparing two implementations kernel by kernel."""
     from torch.profiler import ProfilerActivity, profile
 
     fn()
@@ -104,6 +104,14 @@ def top_kernels(fn, iters: int = 3, n: int = 40) -> list[dict]:
             rows.append({"name": evt.key[:120], "kind": kernel_kind(evt.key), "ms": us / 1e3 / iters,
                          "calls": evt.count / iters})
     return sorted(rows, key=lambda r: -r["ms"])[:n]
+
+
+def gpu_ms(fn, iters: int = 20) -> float:
+    """Milliseconds of GPU kernel time per call of `fn` (the profiler's sum over the kernels it launched): the host
+    cost of launching from Python is left out, as it would be inside a compiled graph. Wall time off CUDA."""
+    if not torch.cuda.is_available():
+        return time_ms(fn, warmup=1, iters=iters)
+    return sum(k["ms"] for k in top_kernels(fn, iters, n=None))
 
 
 def kernel_breakdown(fn, iters: int = 3) -> dict:

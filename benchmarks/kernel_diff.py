@@ -15,7 +15,7 @@ def main() -> None:
     ap.add_argument("--kinds", nargs="*", help="only these kernel kinds (default: all)")
     args = ap.parse_args()
     data = json.load(open(args.result))
-    for row in data["rows"] if "rows" in data else data.get("results", [data]):
+    for row in data["rows"]:
         print(f"== {row['model']} ({row['tokens']} tokens)")
         for who in ("ours", "diffusers_compiled"):
             kinds = row.get(f"kernels_{who}", {})

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchmarks.common import environment, time_ms, write_json  # noqa: E402
+from benchmarks.common import environment, gpu_ms, time_ms, write_json  # noqa: E402
 from gen.models.layers import RMSNorm, norm_rope  # noqa: E402
 import gen.transforms.norm_rope as fused_op  # noqa: E402  (registers the op)
 
@@ -23,20 +23,6 @@ SHAPES = [("FLUX.1-dev 1024^2 double block [txt, img]", 1, [512, 4096], 24, True
           ("Qwen-Image 1024^2 [txt, img]", 1, [60, 4096], 24, False),
           ("Qwen-Image 1024^2, CFG batched [txt, img]", 2, [60, 4096], 24, False),
           ("Qwen-Image 1328^2 [txt, img]", 1, [256, 6889], 24, False)]
-
-
-def gpu_us(fn, iters: int = 20) -> float:
-    """GPU kernel microseconds per call of `fn` (torch.profiler: the kernels alone, without the host's launch)."""
-    from torch.profiler import ProfilerActivity, profile
-
-    fn()
-    torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        for _ in range(iters):
-            fn()
-        torch.cuda.synchronize()
-    return sum(e.self_device_time_total for e in prof.key_averages()
-               if e.device_type == torch.autograd.DeviceType.CUDA) / iters
 
 
 def main() -> None:
@@ -77,9 +63,9 @@ def main() -> None:
             for block in (16, 32, 64, 128):
                 for warps in (2, 4, 8):
                     fused_op.LAUNCH.update(block=block, num_warps=warps)
-                    kernel_us[f"{block}x{warps}"] = gpu_us(fused)
+                    kernel_us[f"{block}x{warps}"] = 1e3 * gpu_ms(fused)
             fused_op.LAUNCH.update(block=16, num_warps=8)
-            kernel_us["plain compiled"] = gpu_us(plain)
+            kernel_us["plain compiled"] = 1e3 * gpu_ms(plain)
         for p in parts:
             del p[0].fused_rope
         err = ((got.float() - want.float()).norm() / want.float().norm()).item()

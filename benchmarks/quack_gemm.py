@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchmarks.common import time_ms, write_json  # noqa: E402
+from benchmarks.common import gpu_ms, write_json  # noqa: E402
 
 RANK = 64
 # FLUX.1-dev 1024^2 layer kinds: name -> (tokens, in, out)
@@ -42,22 +42,6 @@ TINY = {"tiny": (64, 32, 96)}
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a.float() - b.float()).norm() / b.float().norm()).item()
-
-
-def gpu_ms(fn, iters: int) -> float:
-    """Milliseconds of GPU kernel time per call of `fn` (the profiler's sum over the kernels it launched): the host
-    cost of a Python-side launch (quack's TVM-FFI call) is left out, as it would be inside a compiled graph."""
-    if not torch.cuda.is_available():
-        return time_ms(fn, warmup=1, iters=iters)
-    from torch.profiler import ProfilerActivity, profile
-
-    fn()
-    torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        for _ in range(iters):
-            fn()
-        torch.cuda.synchronize()
-    return sum(e.self_device_time_total for e in prof.key_averages()) / 1e3 / iters
 
 
 def quack_or_none():

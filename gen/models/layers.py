@@ -78,8 +78,14 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x.float() * torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + self.eps)
-        return x.to(self.weight.dtype) * self.weight
+        return rms_norm_rounded(x, self.weight, self.eps)
+
+
+def rms_norm_rounded(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """RMSNorm's arithmetic as diffusers has it (RMSNorm above): fp32 statistics, the normalized value rounded to the
+    weight's dtype, then multiplied by the weight (torch's F.rms_norm multiplies in fp32 and rounds once)."""
+    x = x.float() * torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + eps)
+    return x.to(weight.dtype) * weight
 
 
 class AdaNormOut(nn.Module):

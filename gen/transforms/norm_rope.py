@@ -24,6 +24,7 @@ import importlib.util
 from functools import lru_cache
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 _KERNEL = None
@@ -71,13 +72,11 @@ def _kernel():
 def reference(xs: list[torch.Tensor], weights: list[torch.Tensor], coss: list[torch.Tensor],
               sins: list[torch.Tensor], eps: float, weight_fp32: bool) -> torch.Tensor:
     """The plain ops: each part's RMSNorm and rotation, concatenated along the sequence (B, sum L_i, H, D)."""
-    from gen.models.layers import apply_rope
+    from gen.models.layers import apply_rope, rms_norm_rounded
 
     outs = []
     for x, w, cos, sin in zip(xs, weights, coss, sins):
-        xf = x.float()
-        y = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
-        y = (y * w).to(x.dtype) if weight_fp32 else y.to(w.dtype) * w
+        y = F.rms_norm(x, x.shape[-1:], w, eps) if weight_fp32 else rms_norm_rounded(x, w, eps)
         outs.append(apply_rope(y.to(x.dtype), cos[None, :, None], sin[None, :, None]))
     return outs[0] if len(outs) == 1 else torch.cat(outs, dim=1)
 
