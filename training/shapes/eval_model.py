@@ -214,8 +214,10 @@ combinations never seen in training, training templates; *paraphrase* = training
 words for size, shape and position that are in no training caption and in none of the enhancer's words or examples
 (world.EVAL_TEMPLATES, world.EVAL_WORDS); *synonyms* = training templates with held-out color words ("ruby", "cobalt",
 ...); *two objects* = two-object training scenes and templates, scored per object, "all" = both objects and the
-background right. Rows "+enhance": the same prompts rewritten by `--enhance-prompt` first (the model's
-prompt_guide.json; a prompt the model reads as it is stays unchanged and keeps its image).
+background right. Rows without "+enhance": the model alone, its prompt reader included (a prompt outside the
+sentences it was trained on is drawn from the sentence the reader reads it as; trained on the training and
+augmentation captions only; docs/SHAPES.md). Rows "+enhance": the same prompts rewritten by `--enhance-prompt` first
+(the model's prompt_guide.json; a prompt the model reads as it is stays unchanged and keeps its image).
 
 Accuracy (%):
 

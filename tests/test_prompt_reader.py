@@ -1,0 +1,177 @@
+"""gen-shapes' prompt reader (gen/models/prompt_reader.py; loaded by component_loaders/gguf_encoder.py, used by
+QwenImageLLMPipeline.read_prompt): a prompt the model reads as it is goes to the DiT unchanged, any other one-object
+prompt is drawn from the sentence the reader writes (shown as revised_prompt), two objects are left as they are; the
+reader's config and files are checked with the bad part named; the shipped reader's sentences are ones the model
+reads as they are, and it reads its own training vocabulary."""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from component_loaders.gguf_encoder import load_gguf_text_encoder
+from gen import Generator
+from gen.llm.gguf import smollm2_path
+from gen.models.prompt_reader import COUNT, PromptReader, PromptReaderConfig
+from gen.types import GenError
+from stages.enhance_prompt import PromptGuide
+from training.shapes import world
+
+try:
+    smollm2_path()
+except FileNotFoundError as e:
+    pytest.skip(str(e), allow_module_level=True)
+
+MODEL = Path(__file__).resolve().parents[1] / "assets" / "gen-shapes"
+SMALL = dict(height=64, width=64, num_inference_steps=2, seed=5)
+
+
+@pytest.fixture(scope="module")
+def generator():
+    return Generator.from_pretrained(MODEL, device="cpu", dtype="fp32")
+
+
+def shipped_config() -> dict:
+    return json.loads((MODEL / "text_encoder" / "reader_config.json").read_text())
+
+
+# ---------------------------------------------------------------- in the pipeline
+
+def test_prompt_the_model_reads_as_is_is_not_read(generator):
+    prompt = "a small red circle at the top left on a blue background"
+    assert generator.prompt_guide.read_as_is(prompt)
+    result = generator.generate(prompt, **SMALL)
+    assert result.revised_prompt is None and "read_prompt" not in result.timings
+    assert result.request.prompt == prompt
+
+
+def test_other_prompt_is_drawn_from_the_readers_sentence(generator):
+    prompt = "kindly sketch one little crimson round thing, upper left, set on blue"
+    pipe = generator.pipeline
+    hidden, mask = pipe.encoder.encode([prompt])
+    values = {k: v for k, (v, _) in pipe.encoder.reader.read(hidden, mask)[0].items()}
+    assert values.pop(COUNT) == "1"
+    sentence = pipe.encoder.reader.sentence(values)
+    assert generator.prompt_guide.read_as_is(sentence)
+
+    result = generator.generate(prompt, **SMALL)
+    assert result.revised_prompt == sentence and result.request.prompt == prompt
+    assert result.timings["read_prompt"] > 0
+    direct = generator.generate(sentence, **SMALL)
+    assert direct.revised_prompt is None
+    np.testing.assert_array_equal(np.asarray(result.images[0]), np.asarray(direct.images[0]))
+
+
+def test_two_objects_go_to_the_dit_as_they_are(generator):
+    prompt = "a red triangle on the left and a yellow circle on the right on a blue background"  # no sizes
+    assert not generator.prompt_guide.read_as_is(prompt)
+    assert generator.pipeline.read_prompt(prompt) is None
+    assert generator.generate(prompt, **SMALL).revised_prompt is None
+
+
+def test_empty_or_unreadable_prompts_are_left_to_validation(generator):
+    assert generator.pipeline.read_prompt("") is None and generator.pipeline.read_prompt("   ") is None
+    with pytest.raises(GenError, match="prompt"):
+        generator.generate("", **SMALL)
+
+
+# ---------------------------------------------------------------- the shipped reader
+
+def test_shipped_readers_sentences_are_read_as_is():
+    reader = PromptReader(PromptReaderConfig.from_dict(shipped_config()))
+    guide = PromptGuide.load(MODEL)
+    heads = {k: v for k, v in reader.config.heads.items() if k != COUNT}
+    rng = np.random.default_rng(0)
+    for _ in range(300):
+        values = {k: vs[rng.integers(len(vs))] for k, vs in heads.items()}
+        assert guide.read_as_is(reader.sentence(values)), reader.sentence(values)
+
+
+def test_shipped_reader_reads_its_training_vocabulary(generator):
+    rng = np.random.default_rng(3)
+    rows = []
+    while len(rows) < 40:
+        scene = world.sample_scene(rng, "train", two_object_rate=0.0)
+        rows.append((world.caption(scene, rng, "augmented"), scene))
+    pipe = generator.pipeline
+    hidden, mask = pipe.encoder.encode([t for t, _ in rows])
+    right = 0
+    for read, (_, scene) in zip(pipe.encoder.reader.read(hidden, mask), rows):
+        o = scene.objects[0]
+        want = {"size": o.size, "color": o.color, "shape": o.shape, "position": o.position,
+                "background": scene.background, COUNT: "1"}
+        right += all(read[k][0] == v for k, v in want.items())
+    assert right >= 38, right
+
+
+def test_short_prompt_reads_with_the_defaults(generator):
+    assert generator.pipeline.read_prompt("a red circle") == \
+        "a medium red circle in the center on a white background"
+
+
+# ---------------------------------------------------------------- config and files
+
+GOOD = dict(hidden_size=8, hidden_layer=2, width=8, num_attention_heads=2, members=1,
+            heads={"size": ["small", "large"], COUNT: ["1", "2"]}, phrases={"size": {"small": "s", "large": "l"}},
+            sentence="a {size} thing")
+
+
+@pytest.mark.parametrize("change, message", [
+    (dict(width=7), "not a multiple of num_attention_heads"),
+    (dict(members=0), "members must be an integer >= 1"),
+    (dict(hidden_layer=True), "hidden_layer must be an integer"),
+    (dict(heads={"size": ["small", "large"]}), "'objects'"),
+    (dict(heads={"size": ["small"], COUNT: ["1", "2"]}), "at least two values"),
+    (dict(sentence="a thing"), "one field per head"),
+    (dict(phrases={"size": {"small": "s"}}), "a phrase for every value"),
+    (dict(dropout=1.5), "dropout"),
+    (dict(optional={"size": "small"}), "optional must map"),
+    (dict(optional={"size": ["tiny"]}), "optional must map"),
+])
+def test_bad_reader_config_is_named(change, message):
+    with pytest.raises(ValueError, match=message):
+        PromptReaderConfig.from_dict({**GOOD, **change})
+    assert PromptReaderConfig.from_dict(GOOD).to_dict()["sentence"] == "a {size} thing"
+
+
+@pytest.fixture()
+def encoder_folder(tmp_path):
+    folder = tmp_path / "text_encoder"
+    shutil.copytree(MODEL / "text_encoder", folder)
+    return folder
+
+
+def test_reader_loads_with_its_encoder(encoder_folder):
+    enc = load_gguf_text_encoder(encoder_folder, "GGUFTextEncoder", torch.device("cpu"), torch.float32)
+    assert enc.reader is not None and not enc.reader.training
+    (encoder_folder / "reader_config.json").unlink()
+    (encoder_folder / "reader.safetensors").unlink()
+    assert load_gguf_text_encoder(encoder_folder, "GGUFTextEncoder", torch.device("cpu"), torch.float32).reader is None
+
+
+def test_reader_file_problems_are_named(encoder_folder):
+    def load():
+        return load_gguf_text_encoder(encoder_folder, "GGUFTextEncoder", torch.device("cpu"), torch.float32)
+
+    weights = encoder_folder / "reader.safetensors"
+    data = weights.read_bytes()
+    weights.write_bytes(data[: len(data) // 3])  # truncated
+    with pytest.raises(GenError, match="not a readable safetensors"):
+        load()
+    weights.unlink()
+    with pytest.raises(GenError, match="without reader.safetensors"):
+        load()
+    cfg = shipped_config()
+    from safetensors.torch import save_file
+
+    save_file({k: v.contiguous() for k, v in PromptReader(PromptReaderConfig.from_dict(
+        {**cfg, "width": cfg["width"] // 2})).state_dict().items()}, str(weights))
+    with pytest.raises(GenError, match="does not fit reader_config.json"):
+        load()
+    (encoder_folder / "reader_config.json").write_text(json.dumps({**cfg, "hidden_layer": cfg["hidden_layer"] + 1}))
+    with pytest.raises(GenError, match="hidden_layer .* is not the text encoder's"):
+        load()

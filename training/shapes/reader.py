@@ -1,0 +1,256 @@
+"""Train gen-shapes' prompt reader (gen/models/prompt_reader.py) on the CPU and write it beside the text encoder.
+
+The reader reads SmolLM2's layer-12 states of "Picture: " + prompt (the states the DiT reads) into the scene's
+attributes and the number of objects. It is trained on the augmented training captions only (world.AUGMENT_*: the
+vocabulary the DiT was fine-tuned on; one- and two-object scenes, the attributes taken from one-object captions),
+with cross-entropy. Configurations are chosen on the enhancer's development set (training/shapes/enhancer_dev.py),
+split into its words the augmentation also uses ("dev seen") and the rest ("dev unseen": other words for size, shape
+and position, plain color names, the development sentence forms: built like the evaluation's paraphrase split, with
+none of its words). The evaluation's own prompts are read only with `--measure-eval`, once the reader is final.
+
+    python -m training.shapes.reader --cache /tmp/reader.pt --json docs/shapes/reader.json \
+        --out assets/gen-shapes/text_encoder        # ~8 min on 2 cores
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from gen.models.prompt_reader import COUNT, SAID, PromptReader, PromptReaderConfig
+from training.shapes import world
+from training.shapes.configs import ENCODER_LAYER, PROMPT_TEMPLATE
+
+VALUES = {"size": list(world.SIZES), "color": list(world.COLORS), "shape": list(world.SHAPES),
+          "position": list(world.POSITIONS), "background": list(world.COLORS)}
+SENTENCE = "a {size} {color} {shape} {position} on a {background} background"  # the guide's one-object answer
+
+
+def reader_config(members: int, width: int = 128, heads: int = 4) -> PromptReaderConfig:
+    from training.shapes.guide import CANONICAL_POSITIONS
+
+    phrases = {k: {v: v for v in vs} for k, vs in VALUES.items()}
+    phrases["position"] = dict(CANONICAL_POSITIONS)
+    return PromptReaderConfig(hidden_size=576, hidden_layer=ENCODER_LAYER, width=width, num_attention_heads=heads,
+                              members=members, heads={**VALUES, COUNT: ["1", "2"]}, phrases=phrases,
+                              sentence=SENTENCE, optional=dict(OPTIONAL))
+
+
+# what a prompt that does not name them reads as: the enhancer's defaults (a white shape goes on black)
+OPTIONAL = {"size": ["medium"], "position": ["center"], "background": ["white", "black"]}
+
+
+@dataclasses.dataclass(frozen=True)
+class Partial(world.Scene):
+    """A scene of a caption that leaves `unsaid` attributes out (their values are the scene's, unnamed)."""
+
+    unsaid: frozenset = frozenset()
+
+
+def partial_caption(scene: world.Scene, rng: np.random.Generator) -> tuple[str, world.Scene]:
+    """A short caption that leaves out some of size, position and background ("a red circle", "a small red circle
+    on a blue background", ...; training and augmentation words), and its scene with those marked unsaid."""
+    omit = {k for k in OPTIONAL if rng.random() < 0.5} or set(OPTIONAL)
+    if len(scene.objects) > 1:
+        omit.discard("background")
+
+    def phrase(o: world.Obj) -> str:
+        words = [world._word(k, getattr(o, k), "augmented", rng, True) for k in ("size", "color", "shape", "position")]
+        return " ".join(w for k, w in zip(("size", "color", "shape", "position"), words) if k not in omit)
+
+    text = "a " + " and a ".join(phrase(o) for o in scene.objects)
+    if "background" not in omit:
+        text += f" on a {world._word('color', scene.background, 'augmented', rng, True)} background"
+    return world._articles(text), Partial(scene.background, scene.objects, frozenset(omit))
+
+
+def training_rows(n: int, seed: int, two_object_rate: float = 0.25,
+                  partial_rate: float = 0.15) -> list[tuple[str, world.Scene]]:
+    """Augmented captions of train-split scenes (AUGMENT_RATE raised so most use the augmentation vocabulary), and
+    `partial_rate` of short ones that leave attributes out (partial_caption)."""
+    rng = np.random.default_rng(seed)
+    rate = world.AUGMENT_RATE
+    world.AUGMENT_RATE = 0.8
+    try:
+        rows = []
+        while len(rows) < n:
+            scene = world.sample_scene(rng, "train", two_object_rate=two_object_rate)
+            if rng.random() < partial_rate:
+                rows.append(partial_caption(scene, rng))
+            else:
+                rows.append((world.caption(scene, rng, "augmented"), scene))
+        return rows
+    finally:
+        world.AUGMENT_RATE = rate
+
+
+def dev_rows(n: int = 300, seed: int = 7) -> dict[str, list[tuple[str, world.Scene]]]:
+    """The development set, split by whether the augmentation vocabulary holds its words."""
+    from training.shapes import enhancer_dev
+
+    seen = {w for table in world.AUGMENT_WORDS.values() for ps in table.values() for w in ps}
+    unseen_words = {k: {v: [w for w in ws if w not in seen] for v, ws in t.items()}
+                    for k, t in enhancer_dev.DEV_WORDS.items()}
+    rng = np.random.default_rng(seed)
+    rows = {"dev seen": [], "dev unseen": []}
+    for scene, prompt in enhancer_dev.dev_prompts(n, seed):
+        rows["dev seen"].append((prompt, scene))
+    while len(rows["dev unseen"]) < n:
+        scene = world.sample_scene(rng, "train", two_object_rate=0.0)
+        o = scene.objects[0]
+        fields = {k: getattr(o, k) if k == "color" else
+                  unseen_words[k][getattr(o, k)][rng.integers(len(unseen_words[k][getattr(o, k)]))]
+                  for k in ("size", "color", "shape", "position")}
+        template = enhancer_dev.DEV_TEMPLATES[rng.integers(len(enhancer_dev.DEV_TEMPLATES))]
+        rows["dev unseen"].append((world._articles(template.format(background=scene.background, **fields)), scene))
+    rows["dev two objects"] = []
+    while len(rows["dev two objects"]) < n // 3:
+        scene = world.sample_scene(rng, "train", two_object_rate=1.0)
+        if len(scene.objects) == 2:
+            rows["dev two objects"].append((world.caption(scene, rng, "augmented"), scene))
+    return rows
+
+
+def labels(scenes: list[world.Scene]) -> dict[str, torch.Tensor]:
+    """Per output head the value index per scene; -100 (ignored) for the attributes of two-object scenes and for
+    the values a partial caption leaves unsaid."""
+    out = {}
+    unsaid = [getattr(s, "unsaid", frozenset()) for s in scenes]
+    for k, values in VALUES.items():
+        out[k] = torch.tensor([-100 if len(s.objects) != 1 or k in u else values.index(
+            s.background if k == "background" else getattr(s.objects[0], k)) for s, u in zip(scenes, unsaid)])
+    out[COUNT] = torch.tensor([len(s.objects) - 1 for s in scenes])
+    for k in OPTIONAL:
+        out[k + SAID] = torch.tensor([-100 if len(s.objects) != 1 else int(k not in u) for s, u in zip(scenes, unsaid)])
+    return out
+
+
+def encode(llm, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+    hidden, masks = [], []
+    for i in range(0, len(texts), 64):
+        out = llm.encode([PROMPT_TEMPLATE.format(t) for t in texts[i:i + 64]], hidden_layer=ENCODER_LAYER)
+        hidden.append(out.hidden)
+        masks.append(out.mask)
+    t = max(h.shape[1] for h in hidden)
+    return (torch.cat([F.pad(h, (0, 0, 0, t - h.shape[1])) for h in hidden]),
+            torch.cat([F.pad(m, (0, t - m.shape[1])) for m in masks]).bool())
+
+
+def train_member(member, data, seed: int, steps: int, lr: float = 1e-3, batch: int = 128,
+                 token_drop: float = 0.0) -> None:
+    """AdamW with a one-cycle schedule on random batches; `token_drop`: share of a one-object caption's tokens
+    (after the template's first three) hidden from the reader in each step, so that it reads more than one cue."""
+    torch.manual_seed(seed)
+    hidden, mask, y = data
+    member.train()
+    opt = torch.optim.AdamW(member.parameters(), lr, weight_decay=0.01)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, lr, total_steps=steps, pct_start=0.1)
+    names = list(y)
+    for _ in range(steps):
+        idx = torch.randint(0, len(hidden), (batch,))
+        m = mask[idx]
+        drop = (torch.rand(m.shape) < token_drop) & m & (y[COUNT][idx] == 0)[:, None]
+        drop[:, :3] = False
+        outs = member(hidden[idx], m & ~drop)
+        loss = sum(F.cross_entropy(o, y[k][idx], ignore_index=-100) for o, k in zip(outs, names))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        sched.step()
+    member.eval()
+
+
+def accuracy(reader: PromptReader, hidden, mask, scenes) -> dict:
+    """Percent right per attribute and all at once (one-object scenes), and read as one object."""
+    rows = reader.read(hidden, mask)
+    if all(len(s.objects) == 2 for s in scenes):
+        return {"read as two objects": round(100 * float(np.mean([r[COUNT][0] == "2" for r in rows])), 1)}
+    right = {k: [] for k in VALUES}
+    ones = []
+    for r, s in zip(rows, scenes):
+        o = s.objects[0]
+        ones.append(r[COUNT][0] == "1")
+        for k in VALUES:
+            right[k].append(r[k][0] == (s.background if k == "background" else getattr(o, k)))
+    res = {k: round(100 * float(np.mean(v)), 1) for k, v in right.items()}
+    res["all"] = round(100 * float(np.mean([all(x) for x in zip(*right.values())])), 1)
+    res["one object"] = round(100 * float(np.mean(ones)), 1)
+    return res
+
+
+def save(reader: PromptReader, folder: Path) -> None:
+    from safetensors.torch import save_file
+
+    folder.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().half().contiguous() for k, v in reader.state_dict().items()}  # fp16 on disk: small
+    save_file(state, str(folder / "reader.safetensors"))
+    (folder / "reader_config.json").write_text(json.dumps(reader.config.to_dict(), indent=1) + "\n")
+
+
+def main() -> None:
+    from component_loaders.gguf_encoder import gguf_path
+    from gen.llm import registry
+    from training.shapes.configs import TEXT_ENCODER
+
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--train", type=int, default=4000, help="augmented training captions")
+    ap.add_argument("--members", type=int, default=5, help="independently trained members that vote")
+    ap.add_argument("--steps", type=int, default=1200, help="optimizer steps per member")
+    ap.add_argument("--width", type=int, default=128)
+    ap.add_argument("--token-drop", type=float, default=0.0)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--cache", help="a .pt file keeping the encoded captions between runs")
+    ap.add_argument("--out", help="the text_encoder folder to write reader.safetensors and reader_config.json into")
+    ap.add_argument("--measure-eval", action="store_true",
+                    help="also read the evaluation's paraphrase and synonym prompts (only once the reader is final)")
+    ap.add_argument("--json", help="write the accuracies here")
+    args = ap.parse_args()
+    torch.set_num_threads(2)
+    start = time.time()
+    rows = {"train": training_rows(args.train, 1), **dev_rows()}
+    if args.measure_eval:
+        for split, scene, prompt in world.eval_prompts(200, 200, 100, seed=1234, n_synonyms=100):
+            if split in ("paraphrase", "synonyms"):
+                rows.setdefault(f"eval {split}", []).append((prompt, scene))
+    cache = torch.load(args.cache) if args.cache and Path(args.cache).is_file() else {}
+    missing = [k for k in rows if k not in cache or cache[k]["texts"] != [t for t, _ in rows[k]]]
+    if missing:
+        llm = registry.get_llm(gguf_path(TEXT_ENCODER["package"], TEXT_ENCODER["file"]), torch.device("cpu"),
+                               torch.float32)
+        for k in missing:
+            cache[k] = {"texts": [t for t, _ in rows[k]], "states": encode(llm, [t for t, _ in rows[k]])}
+        if args.cache:
+            torch.save(cache, args.cache)
+    print(f"encoded in {time.time() - start:.0f} s", flush=True)
+    cfg = reader_config(args.members, args.width)
+    reader = PromptReader(cfg)
+    data = (*cache["train"]["states"], labels([s for _, s in rows["train"]]))
+    results = {}
+    for i, member in enumerate(reader.members):
+        t = time.time()
+        train_member(member, data, args.seed * 1000 + i, args.steps, token_drop=args.token_drop)
+        one = PromptReader(PromptReaderConfig(**{**cfg.to_dict(), "members": 1}))
+        one.members[0] = member
+        per = {k: accuracy(one, *cache[k]["states"], [s for _, s in rows[k]]) for k in rows if k != "train"}
+        results[f"member {i}"] = per
+        print(f"member {i} ({time.time() - t:.0f} s): " + "; ".join(f"{k} {v.get('all', v)}" for k, v in per.items()),
+              flush=True)
+    reader.eval()
+    results["vote"] = {k: accuracy(reader, *cache[k]["states"], [s for _, s in rows[k]]) for k in rows if k != "train"}
+    for k, v in results["vote"].items():
+        print(f"vote of {args.members}, {k}: {v}")
+    if args.json:
+        Path(args.json).write_text(json.dumps({"args": vars(args), "results": results}, indent=1) + "\n")
+    if args.out:
+        save(reader, Path(args.out))
+        print(f"wrote {args.out}/reader.safetensors")
+
+
+if __name__ == "__main__":
+    main()
