@@ -113,6 +113,29 @@ def test_short_prompt_reads_with_the_defaults(generator):
         "a medium red circle in the center on a white background"
 
 
+def test_factored_head_reads_as_the_product_of_its_own_and_its_factors_probabilities():
+    """A head with factors (a position's row and column) is read as the normalized product of its own probability
+    and its factors': a head unsure between two values is decided by the factor that tells them apart."""
+    cfg = PromptReaderConfig.from_dict({
+        **GOOD, "heads": {"size": ["small", "large"], "where": ["top left", "top right", "left"], COUNT: ["1", "2"]},
+        "phrases": {"size": {"small": "s", "large": "l"}, "where": {p: p for p in ("top left", "top right", "left")}},
+        "sentence": "a {size} thing {where}",
+        "factors": {"where": {"row": {"top left": "top", "top right": "top", "left": "middle"},
+                              "column": {"top left": "left", "top right": "right", "left": "left"}}}})
+    assert list(cfg.outputs) == ["size", "where", COUNT, "where row", "where column"]
+    assert cfg.outputs["where row"] == ["top", "middle"] and cfg.outputs["where column"] == ["left", "right"]
+    reader = PromptReader(cfg)
+    probs = [torch.tensor([[0.9, 0.1]]), torch.tensor([[0.4, 0.1, 0.5]]), torch.tensor([[1.0, 0.0]]),
+             torch.tensor([[0.8, 0.2]]), torch.tensor([[0.9, 0.1]])]
+    combined = reader.combined(probs)
+    want = torch.tensor([0.4 * 0.8 * 0.9, 0.1 * 0.8 * 0.1, 0.5 * 0.2 * 0.9])
+    torch.testing.assert_close(combined[1], (want / want.sum())[None])
+    assert int(combined[1].argmax()) == 0  # "left" alone was likelier; its row says "top"
+    assert all(c is p for i, (c, p) in enumerate(zip(combined, probs)) if i != 1)
+    reader.probabilities = lambda hidden, mask: probs  # read() uses the product
+    assert reader.read(torch.zeros(1, 3, 8), torch.ones(1, 3, dtype=torch.bool))[0]["where"][0] == "top left"
+
+
 # ---------------------------------------------------------------- config and files
 
 GOOD = dict(hidden_size=8, hidden_layer=2, width=8, num_attention_heads=2, members=1,
@@ -131,6 +154,9 @@ GOOD = dict(hidden_size=8, hidden_layer=2, width=8, num_attention_heads=2, membe
     (dict(dropout=1.5), "dropout"),
     (dict(optional={"size": "small"}), "optional must map"),
     (dict(optional={"size": ["tiny"]}), "optional must map"),
+    (dict(factors={"size": {"row": {"small": "a"}}}), "factors must map"),
+    (dict(factors={"size": {"row": {"small": "a", "large": "a"}}}), "factors must map"),  # one factor value
+    (dict(factors={"color": {"row": {"small": "a", "large": "b"}}}), "factors must map"),
 ])
 def test_bad_reader_config_is_named(change, message):
     with pytest.raises(ValueError, match=message):

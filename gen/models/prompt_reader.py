@@ -27,10 +27,12 @@ class PromptReaderConfig:
     """reader_config.json. heads: {head: [values]} in the order of the trained outputs (COUNT among them);
     optional: {head: [defaults]}: attributes a prompt may leave unsaid, each with a second head "<head> said" (after
     `heads`, in this order) reading whether it is named; unsaid, it takes the first default that no other attribute
-    was read as (a background that is not the shape's color); phrases: {head: {value:
-    phrase}} for writing the sentence; sentence: the model's own one-object sentence with {head} fields; members:
-    independently trained copies that vote; hidden_layer / hidden_size: the encoder states read (must be the text
-    encoder's)."""
+    was read as (a background that is not the shape's color); factors: {head: {factor: {value: factor value}}}:
+    parts of a head's values read apart as well (a position's row and column), each by its own head "<head> <factor>"
+    (after the "said" heads), and the head read as the product of its own probability and its factors'; phrases:
+    {head: {value: phrase}} for writing the sentence; sentence: the model's own one-object sentence with {head}
+    fields; members: independently trained copies that vote; hidden_layer / hidden_size: the encoder states read
+    (must be the text encoder's)."""
 
     hidden_size: int
     hidden_layer: int
@@ -41,6 +43,7 @@ class PromptReaderConfig:
     phrases: dict
     sentence: str
     optional: dict = dataclasses.field(default_factory=dict)
+    factors: dict = dataclasses.field(default_factory=dict)
     dropout: float = 0.1
 
     @classmethod
@@ -76,6 +79,14 @@ class PromptReaderConfig:
                 for h, v in optional.items())):
             raise ValueError(f"optional must map attribute heads to a list of their values (the default: the first "
                              f"that no other attribute was read as), got {optional!r}")
+        factors = d.get("factors", {})
+        if not (isinstance(factors, dict) and all(
+                h in heads and h != COUNT and isinstance(fs, dict) and fs and all(
+                    isinstance(m, dict) and set(m) == set(heads[h]) and all(isinstance(x, str) for x in m.values())
+                    and len(set(m.values())) >= 2 for m in fs.values())
+                for h, fs in factors.items())):
+            raise ValueError(f"factors must map attribute heads to {{factor: {{value: factor value}}}} covering every "
+                             f"value of the head, got {factors!r}")
         if "dropout" in d and not (isinstance(d["dropout"], (int, float)) and 0 <= d["dropout"] < 1):
             raise ValueError(f"dropout must be in [0, 1), got {d['dropout']!r}")
         return cls(**fields)
@@ -85,8 +96,10 @@ class PromptReaderConfig:
 
     @property
     def outputs(self) -> dict[str, list[str]]:
-        """Every trained output head with its values: `heads`, then a "<head> said" head per optional attribute."""
-        return {**self.heads, **{h + SAID: ["no", "yes"] for h in self.optional}}
+        """Every trained output head with its values: `heads`, then a "<head> said" head per optional attribute, then
+        a "<head> <factor>" head per factor (its values in first-seen order)."""
+        factors = {f"{h} {f}": list(dict.fromkeys(m.values())) for h, fs in self.factors.items() for f, m in fs.items()}
+        return {**self.heads, **{h + SAID: ["no", "yes"] for h in self.optional}, **factors}
 
 
 class SelfAttention(nn.Module):
@@ -142,10 +155,26 @@ class PromptReader(nn.Module):
         per_member = [[F.softmax(o.float(), -1) for o in m(hidden, mask)] for m in self.members]
         return [torch.stack(ps).mean(0) for ps in zip(*per_member)]
 
+    def combined(self, probs: list[torch.Tensor]) -> list[torch.Tensor]:
+        """`probs` with each factored head's replaced by the normalized product of its own probability and its
+        factors' (the factor value of each of its values)."""
+        names = list(self.config.outputs)
+        out = list(probs)
+        for h, fs in self.config.factors.items():
+            i = names.index(h)
+            logp = probs[i].clamp_min(1e-12).log()
+            for f, m in fs.items():
+                j = names.index(f"{h} {f}")
+                values = list(dict.fromkeys(m.values()))
+                index = torch.tensor([values.index(m[v]) for v in self.config.heads[h]], device=logp.device)
+                logp = logp + probs[j].clamp_min(1e-12).log()[:, index]
+            out[i] = F.softmax(logp, -1)
+        return out
+
     @torch.no_grad()
     def read(self, hidden: torch.Tensor, mask: torch.Tensor) -> list[dict[str, tuple[str, float]]]:
         dtype = next(self.parameters()).dtype
-        probs = self.probabilities(hidden.to(dtype), mask.bool())
+        probs = self.combined(self.probabilities(hidden.to(dtype), mask.bool()))
         outputs = self.config.outputs
         out = []
         for i in range(len(hidden)):
