@@ -27,7 +27,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from training.shapes import world
-from training.shapes.configs import PROMPT_TEMPLATE
+from training.shapes.reader import encode
 
 ATTRIBUTES = {"size": list(world.SIZES), "shape": list(world.SHAPES), "position": list(world.POSITIONS),
               "color": list(world.COLORS), "background": list(world.COLORS)}
@@ -106,18 +106,6 @@ def labels(scenes: list[world.Scene]) -> dict[str, torch.Tensor]:
                              for s in scenes]) for k in ATTRIBUTES}
 
 
-def encode(llm, texts: list[str], layers: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
-    hidden, masks = [], []
-    for i in range(0, len(texts), 64):
-        out = llm.encode([PROMPT_TEMPLATE.format(t) for t in texts[i:i + 64]],
-                         hidden_layer=layers if len(layers) > 1 else layers[0])
-        hidden.append(out.hidden)
-        masks.append(out.mask)
-    t = max(h.shape[1] for h in hidden)
-    return (torch.cat([F.pad(h, (0, 0, 0, t - h.shape[1])) for h in hidden]),
-            torch.cat([F.pad(m, (0, t - m.shape[1])) for m in masks]))
-
-
 class Probe(nn.Module):
     def __init__(self, dim: int, width: int = 192):
         super().__init__()
@@ -180,8 +168,9 @@ def main() -> None:
     train_rows = captions(args.train, "augmented", 1)
     test_rows = {"paraphrase": captions(400, "paraphrase", 99), "synonyms": captions(300, "synonyms", 98),
                  "training style": captions(300, "train", 97)}
-    train = (*encode(llm, [t for t, _ in train_rows], args.layers), labels([s for _, s in train_rows]))
-    tests = {k: (*encode(llm, [t for t, _ in v], args.layers), labels([s for _, s in v])) for k, v in test_rows.items()}
+    layer = args.layers if len(args.layers) > 1 else args.layers[0]
+    train = (*encode(llm, [t for t, _ in train_rows], layer), labels([s for _, s in train_rows]))
+    tests = {k: (*encode(llm, [t for t, _ in v], layer), labels([s for _, s in v])) for k, v in test_rows.items()}
     print(f"encoded {args.train + 1000} captions in {time.time() - start:.0f} s", flush=True)
     results = {seed: train_and_test(train, tests, seed) for seed in args.seeds}
     for seed, res in results.items():

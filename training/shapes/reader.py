@@ -208,15 +208,20 @@ def labels(scenes: list[world.Scene], factors: bool = False) -> dict[str, torch.
     return out
 
 
-def encode(llm, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
-    hidden, masks = [], []
+def pad_cat(parts: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(hidden (B, ..., T, D), mask (B, T)) parts padded to the longest T and concatenated; the mask as bool."""
+    t = max(h.shape[-2] for h, _ in parts)
+    return (torch.cat([F.pad(h, (0, 0, 0, t - h.shape[-2])) for h, _ in parts]),
+            torch.cat([F.pad(m, (0, t - m.shape[1])) for _, m in parts]).bool())
+
+
+def encode(llm, texts: list[str], layer: int | list[int] = ENCODER_LAYER) -> tuple[torch.Tensor, torch.Tensor]:
+    """The encoder's states of "Picture: " + each text at `layer` (several: training/shapes/probe.py), 64 a batch."""
+    parts = []
     for i in range(0, len(texts), 64):
-        out = llm.encode([PROMPT_TEMPLATE.format(t) for t in texts[i:i + 64]], hidden_layer=ENCODER_LAYER)
-        hidden.append(out.hidden)
-        masks.append(out.mask)
-    t = max(h.shape[1] for h in hidden)
-    return (torch.cat([F.pad(h, (0, 0, 0, t - h.shape[1])) for h in hidden]),
-            torch.cat([F.pad(m, (0, t - m.shape[1])) for m in masks]).bool())
+        out = llm.encode([PROMPT_TEMPLATE.format(t) for t in texts[i:i + 64]], hidden_layer=layer)
+        parts.append((out.hidden, out.mask))
+    return pad_cat(parts)
 
 
 def train_member(member, data, seed: int, steps: int, lr: float = 1e-3, batch: int = 128,
@@ -320,10 +325,7 @@ def main() -> None:
             have = cache.get(k, {"texts": []})
             n = len(have["texts"])
             if 0 < n < len(texts) and texts[:n] == have["texts"]:  # more of the same rows: encode the rest only
-                (h0, m0), (h1, m1) = have["states"], encode(llm, texts[n:])
-                t = max(h0.shape[1], h1.shape[1])
-                states = (torch.cat([F.pad(h, (0, 0, 0, t - h.shape[1])) for h in (h0, h1)]),
-                          torch.cat([F.pad(m, (0, t - m.shape[1])) for m in (m0, m1)]))
+                states = pad_cat([have["states"], encode(llm, texts[n:])])
             else:
                 states = encode(llm, texts)
             cache[k] = {"texts": texts, "states": states}
