@@ -23,11 +23,13 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchmarks.common import environment, kernel_breakdown, time_ms, write_json  # noqa: E402
+from benchmarks.common import environment, kernel_breakdown, time_ms, top_kernels, write_json  # noqa: E402
 from benchmarks.dit_step import build, call_ours, call_reference  # noqa: E402
 from gen.models.attention import select_attention_backend  # noqa: E402
 from gen.transforms.compile import compile_blocks  # noqa: E402
+from gen.transforms.epilogue import fuse_gelu_epilogues  # noqa: E402
 from gen.transforms.join import join_projections  # noqa: E402
+from gen.transforms.norm_rope import fuse_norm_rope  # noqa: E402
 from gen.transforms.lora import LoraAdapters  # noqa: E402
 from pipelines.flux import FLUX_DIT  # noqa: E402
 
@@ -71,6 +73,17 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--no-reference", action="store_true", help="skip diffusers' PEFT side")
     p.add_argument("--profile", action="store_true",
                    help="also GPU kernel ms per step by kind (torch.profiler): no LoRA and each unfused row")
+    p.add_argument("--plain", action="store_true",
+                   help="only joined projections (as before 2026-11-29), not the GELU epilogues and fused q/k norm + "
+                        "RoPE that gen applies by default (gen/transforms: join)")
+    p.add_argument("--top-kernels", type=int, default=0,
+                   help="with --profile: also the N longest kernels of no LoRA and of the top rank's wide layout")
+    p.add_argument("--interleave", type=int, default=0,
+                   help="N rounds of no LoRA and the top rank's wide layout timed one after the other (the clocks "
+                        "drift between runs by a few percent: the per-round ratio's median is the number to read)")
+    p.add_argument("--ab", action="store_true",
+                   help="at the top rank, also the wide layout as before 2026-11-29 (one buffer per joined group, the "
+                        "single block's proj_out over the concatenation): an A/B of the two changes in one run")
     p.add_argument("--out", help="JSON output (default: $OUT/lora_step.json when OUT is set)")
     args = p.parse_args(argv)
     device = torch.device("cpu") if args.tiny or not torch.accelerator.is_available() \
@@ -88,10 +101,14 @@ def main(argv: list[str] | None = None) -> dict:
     ref, ours, inputs, tokens = build("flux", args.tiny, device, dtype)
     select_attention_backend(device, dtype, "auto")
     join_projections(ours)
+    if not args.plain:  # the rest of what TransformOptions.join applies, as a served model runs
+        fuse_gelu_epilogues(ours)
+        fuse_norm_rope(ours)
     pipeline = type("P", (), {"dits": lambda self: [("transformer", ours, FLUX_DIT)], "device": device,
                               "dtype": dtype})()
     step = lambda: call_ours("flux", ours, inputs)
-    rows, result = [], {"env": environment(), "tokens": tokens, "device": str(device), "dtype": str(dtype)}
+    rows, result = [], {"env": environment(), "tokens": tokens, "device": str(device), "dtype": str(dtype),
+                        "transforms": "join" if args.plain else "join, gelu epilogues, norm+rope"}
     with tempfile.TemporaryDirectory() as tmp, torch.no_grad():
         files = {r: [write_lora(ours, r, seed, Path(tmp)) for seed in (1, 2)] for r in ranks}
         unfused = LoraAdapters(pipeline, max_cache_mb=1e6)  # the default: the wide layout where layers widen
@@ -101,6 +118,7 @@ def main(argv: list[str] | None = None) -> dict:
         cold = timed_s(step)
         none_ms = time_ms(step, warmup, iters)
         kernels = {"ours compiled, no LoRA": kernel_breakdown(step)} if args.profile else {}
+        top_rows = {"no LoRA": top_kernels(step, n=args.top_kernels)} if args.profile and args.top_kernels else {}
         rows.append(("ours compiled, no LoRA", none_ms, cold))
         top = max(ranks)
         fused_switch = timed_s(lambda: fused.set([(files[top][0], 1.0)]))
@@ -115,9 +133,43 @@ def main(argv: list[str] | None = None) -> dict:
                 rows.append((f"ours compiled, unfused rank {r} ({layout})", time_ms(step, warmup, iters), cold))
                 if args.profile:
                     kernels[rows[-1][0]] = kernel_breakdown(step)
+                    if top_rows and r == max(ranks) and layout == "wide":
+                        top_rows[f"rank {r} wide"] = top_kernels(step, n=args.top_kernels)
                 outs.append(step().float())
                 adapters.remove()
             agreement[r] = ((outs[0] - outs[1]).norm() / outs[1].norm()).item()
+        if args.ab:  # the same wide layout without this session's two changes, each alone off
+            import gen.models.flux as flux_module
+            import gen.transforms.lora as lora_module
+
+            split_last, of_cat = lora_module._split_last, flux_module.linear_of_cat
+            for label, patch in (("one buffer per group", lambda: setattr(lora_module, "_split_last", lambda l: False)),
+                                 ("proj_out over the concatenation", lambda: setattr(
+                                     flux_module, "linear_of_cat", lambda parts, layer: layer(torch.cat(parts, -1))))):
+                patch()
+                unfused.set([(files[top][0], 1.0)])
+                cold = timed_s(step)
+                rows.append((f"ours compiled, unfused rank {top} (wide, {label})", time_ms(step, warmup, iters), cold))
+                if args.profile:
+                    kernels[rows[-1][0]] = kernel_breakdown(step)
+                unfused.remove()
+                lora_module._split_last, flux_module.linear_of_cat = split_last, of_cat
+            unfused.set([(files[top][0], 1.0)])  # as shipped, once more: the spread between runs
+            step()
+            rows.append((f"ours compiled, unfused rank {top} (wide, as shipped, again)", time_ms(step, warmup, iters), None))
+            unfused.remove()
+        if args.interleave:  # both structures' graphs are compiled by now: switching back and forth recompiles none
+            pairs = []
+            for _ in range(args.interleave):
+                unfused.remove()
+                base = time_ms(step, 2, iters)
+                unfused.set([(files[top][0], 1.0)])
+                pairs.append((base, time_ms(step, 2, iters)))
+            unfused.remove()
+            ratios = sorted(w / b for b, w in pairs)
+            result["interleaved"] = {"rounds": pairs, "median_ratio": ratios[len(ratios) // 2],
+                                     "no_lora_ms_median": sorted(b for b, _ in pairs)[len(pairs) // 2],
+                                     "wide_ms_median": sorted(w for _, w in pairs)[len(pairs) // 2]}
         # switching between two cached rank-`top` sets: contents copied in place, no new graph
         unfused.set([(files[top][1], 1.0)])
         step()
@@ -135,6 +187,8 @@ def main(argv: list[str] | None = None) -> dict:
         result["wide_vs_separate_rel_err"] = agreement
         if kernels:
             result["kernel_ms"] = kernels
+        if top_rows:
+            result["top_kernels"] = top_rows
         ref_rows = []
         if not args.no_reference:
             ref_step = lambda: call_reference("flux", ref, inputs)
@@ -155,6 +209,15 @@ def main(argv: list[str] | None = None) -> dict:
         print("\nGPU kernel ms per step by kind\n| kind | " + " | ".join(kernels) + " |\n" + "|---" * (len(kernels) + 1) + "|")
         for k in kinds:
             print(f"| {k} | " + " | ".join(f"{b.get(k, 0):.2f}" for b in kernels.values()) + " |")
+    for label, top_list in result.get("top_kernels", {}).items():
+        print(f"\nlongest kernels, {label} (ms per step, launches per step)")
+        for k in top_list:
+            print(f"{k['ms']:8.3f} {k['calls']:5.0f}  {k['kind'][:12]:12} {k['name'][:80]}")
+    if "interleaved" in result:
+        il = result["interleaved"]
+        print(f"\ninterleaved, {len(il['rounds'])} rounds: no LoRA {il['no_lora_ms_median']:.2f} ms, rank {max(ranks)} wide "
+              f"{il['wide_ms_median']:.2f} ms (medians); per-round ratio median {il['median_ratio']:.3f} "
+              f"(each: {', '.join(f'{w / b:.3f}' for b, w in il['rounds'])})")
     print("wide vs separate ups, relative difference of the outputs: "
           + ", ".join(f"rank {r} {e:.1e}" for r, e in agreement.items()))
     print(f"switch between two cached rank-{top} sets: {switch_ms:.1f} ms, {recompiles} graphs compiled while "

@@ -120,9 +120,14 @@ def test_wide_layout_equals_the_up_products_and_compacts_back():
     assert fc1.weight.data_ptr() == fc1.lora_wide.data_ptr() and fc1.lora_up.data_ptr() != fc1.lora_wide.data_ptr()
     assert type(out).__name__ == "LoraLinear" and out.weight.is_contiguous()  # 32 -> 32: adds its up product
     first = single.attn.to_q
-    group, cap = first.joined_lora_wide, first.joined_lora_ranks[0]  # q, k, v, mlp: 32 + 32 + 32 + 128 rows
-    assert group.shape == (224, 32 + 4 * cap) and single.proj_mlp.weight.data_ptr() == group[96:].data_ptr()
-    assert torch.count_nonzero(group[:32, 32 + cap:]) == 0  # q's rows: only q's up columns
+    # q, k, v (32 rows each) in one buffer [their ups | W], the MLP (128 rows, as wide as the rest) in its own
+    group, last, cap = first.joined_lora_wide, first.joined_lora_wide_last, first.joined_lora_ranks[0]
+    assert group.shape == (96, 3 * cap + 32) and last.shape == (128, 32 + cap) and first.joined_weight is None
+    assert single.proj_mlp.weight.data_ptr() == last.data_ptr() and single.attn.to_k.weight.data_ptr() == \
+        group[32:, 3 * cap:].data_ptr()
+    assert torch.count_nonzero(group[:32, cap:3 * cap]) == 0  # q's rows: only q's up columns
+    qkv = block.attn.to_q  # q/k/v alone: one buffer [W | their ups]
+    assert torch.count_nonzero(qkv.joined_lora_wide[:32, 32 + qkv.joined_lora_ranks[0]:]) == 0
     with torch.no_grad():
         assert rel_err(model(**x), separate(**x)) < 1e-5
         a.set([])
@@ -135,6 +140,31 @@ def test_wide_layout_equals_the_up_products_and_compacts_back():
         # same values; the output may differ in the last bit only because the CPU's GEMM picks its kernel by the
         # weight's address alignment (the loaded weights sit in the file's buffer, the compacted ones are aligned)
         assert rel_err(model(**x), plain(**x)) < 1e-6
+
+
+def test_the_single_blocks_lora_paths_without_concatenations_compute_the_same():
+    """What the single FLUX block runs on CUDA with LoRAs (the GELU epilogue transform on): project with the GELU on
+    its last output, and proj_out over [attention | MLP] as GEMMs over the parts (linear_of_cat); on the CPU their
+    arithmetic is checked against the concatenated path, with and without a LoRA on the layer."""
+    import torch.nn.functional as F
+
+    from gen.models.layers import linear_of_cat, project
+
+    model = flux_model(join=True)
+    adapters(model).set([(KOHYA, 0.7), (DIFFUSERS, -0.4)])
+    single = model.single_transformer_blocks[0]
+    a, g = single.attn, torch.Generator().manual_seed(3)
+    h = torch.randn(2, 7, 32, generator=g)
+    with torch.no_grad():
+        *qkv, mlp = project(h, a.to_q, a.to_k, a.to_v, single.proj_mlp)
+        *qkv2, mlp2 = project(h, a.to_q, a.to_k, a.to_v, single.proj_mlp, gelu_last=True, epilogue=True)
+        assert all(torch.equal(x, y) for x, y in zip(qkv, qkv2))
+        assert torch.equal(mlp2, F.gelu(mlp, approximate="tanh"))
+        parts = [torch.randn(2, 7, n, generator=g) for n in (32, 128)]
+        plain = torch.nn.Linear(160, 32)
+        for layer in (single.proj_out, plain):  # LoraLinear, nn.Linear
+            assert rel_err(linear_of_cat(parts, layer), layer(torch.cat(parts, -1))) < 1e-6
+        assert type(single.proj_out).__name__ == "LoraLinear"
 
 
 def test_fused_equals_unfused_and_unfusing_is_bit_exact():

@@ -8,8 +8,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from gen.models.attention import attention
-from gen.models.layers import (AdaNormOut, FeedForward, MLPEmbedder, apply_rope, linear_gelu_tanh, norm_rope,
-                               plain_linears, project, timestep_embedding, unbatch_ids)
+from gen.models.layers import (AdaNormOut, FeedForward, MLPEmbedder, apply_rope, linear_gelu_tanh, linear_of_cat,
+                               norm_rope, plain_linears, project, timestep_embedding, unbatch_ids)
 
 Rope = tuple[torch.Tensor, torch.Tensor]  # (cos, sin), each (S, head_dim / 2) float32
 
@@ -226,9 +226,12 @@ class FluxSingleBlock(nn.Module):
         if self.gelu_epilogue and h.is_cuda and plain_linears(h, a.to_q, a.to_k, a.to_v, self.proj_mlp, self.proj_out):
             out = self.mlp_in_epilogue(h, rope)
         else:
-            q, k, v, mlp = project(h, a.to_q, a.to_k, a.to_v, self.proj_mlp)
-            mlp = F.gelu(mlp, approximate="tanh")  # (B, S, mlp_dim)
-            out = self.proj_out(torch.cat([a(q, k, v, rope), mlp], dim=-1))  # (B, S, dim)
+            # LoRA adapters (gen/transforms/lora.py) keep the GELU epilogue where the MLP has a GEMM of its own
+            q, k, v, mlp = project(h, a.to_q, a.to_k, a.to_v, self.proj_mlp, gelu_last=True,
+                                   epilogue=self.gelu_epilogue)  # mlp: (B, S, mlp_dim), GELU applied
+            parts = [a(q, k, v, rope), mlp]
+            out = linear_of_cat(parts, self.proj_out) if self.gelu_epilogue and h.is_cuda \
+                else self.proj_out(torch.cat(parts, dim=-1))  # (B, S, dim)
         return _clip_fp16(x + gate[:, None] * out)
 
     def mlp_in_epilogue(self, h: torch.Tensor, rope: Rope) -> torch.Tensor:

@@ -37,8 +37,12 @@ class GeluProj(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         p = self.proj
-        if self.gelu_epilogue and x.is_cuda and plain_linears(x, p):
-            return linear_gelu_tanh(x, p.weight, p.bias)
+        if self.gelu_epilogue and x.is_cuda:
+            if plain_linears(x, p):
+                return linear_gelu_tanh(x, p.weight, p.bias)
+            wide = getattr(p, "lora_wide", None)  # a LoRA's wide layout (gen/transforms/lora.py): GELU kept there
+            if wide is not None and p.bias is not None and wide.dtype == x.dtype:
+                return linear_gelu_tanh(wide_lora_input(x, p.lora_down), wide, p.bias)
         return F.gelu(p(x), approximate=self.approximate)
 
 
@@ -146,33 +150,79 @@ def unbatch_ids(ids: torch.Tensor, name: str) -> torch.Tensor:
     return ids
 
 
-def project(x: torch.Tensor, *layers: nn.Module) -> tuple[torch.Tensor, ...]:
+def project(x: torch.Tensor, *layers: nn.Module, gelu_last: bool = False,
+            epilogue: bool = False) -> tuple[torch.Tensor, ...]:
     """`x` through several Linear layers that all read it: one matmul when gen/transforms/join.py joined exactly this
     group (the first layer then holds the joined weight), else one call per layer. LoRA adapters on a joined group
     (gen/transforms/lora.py: the members' down matrices stacked on the first layer) add one down matmul for the
     group and each member's up product added to its slice of the joined output (in place when eager: see
-    add_lora; the LoRA scales are already in the down rows)."""
-    first = layers[0]
+    add_lora; the LoRA scales are already in the down rows), or, in the wide layout, run as part of the GEMM.
+    `gelu_last`: the last output through tanh GELU; `epilogue` (CUDA): in its matmul's epilogue where that member
+    is a GEMM of its own (unjoined, or the wide layout's last segment)."""
+    first, last = layers[0], layers[-1]
     sizes = getattr(first, "joined_sizes", None)
     if sizes is None:
-        return tuple(layer(x) for layer in layers)
+        if gelu_last and epilogue and x.is_cuda and plain_linears(x, last):
+            return *(layer(x) for layer in layers[:-1]), linear_gelu_tanh(x, last.weight, last.bias)
+        return _gelu_last(tuple(layer(x) for layer in layers), gelu_last)
     if len(sizes) != len(layers):
         raise RuntimeError(f"layer joined as a group of {len(sizes)} called as a group of {len(layers)}")
     down = getattr(first, "joined_lora_down", None)
     wide = getattr(first, "joined_lora_wide", None)
+    last_wide = getattr(first, "joined_lora_wide_last", None)
+    if last_wide is not None:  # two segments of one buffer [h_rest | x | h_last]: the rest's GEMM, the last's GEMM
+        rest, k = wide.shape[1] - x.shape[-1], x.shape[-1]
+        h = F.linear(x, down)
+        buf = torch.cat([h[..., :rest], x, h[..., rest:]], dim=-1)
+        n = wide.shape[0]
+        bias = first.joined_bias
+        b_rest, b_last = (None, None) if bias is None else (bias[:n], bias[n:])
+        out = F.linear(buf[..., :rest + k], wide, b_rest).split(sizes[:-1], dim=-1)
+        if gelu_last and epilogue and x.is_cuda and b_last is not None:
+            return *out, linear_gelu_tanh(buf[..., rest:], last_wide, b_last)
+        return _gelu_last((*out, F.linear(buf[..., rest:], last_wide, b_last)), gelu_last)
     if wide is not None:  # LoRA's wide layout: one GEMM over [x | x A^T] against [W | the members' ups]
-        return wide_lora_linear(x, down, wide, first.joined_bias).split(sizes, dim=-1)
+        return _gelu_last(wide_lora_linear(x, down, wide, first.joined_bias).split(sizes, dim=-1), gelu_last)
     out = F.linear(x, first.joined_weight, first.joined_bias).split(sizes, dim=-1)
-    if down is None:
-        return out
-    h = F.linear(x, down).split(first.joined_lora_ranks, dim=-1)  # (..., R) each
-    return tuple(add_lora(o, hi, layer.lora_up) for o, hi, layer in zip(out, h, layers))
+    if down is not None:
+        h = F.linear(x, down).split(first.joined_lora_ranks, dim=-1)  # (..., R) each
+        out = tuple(add_lora(o, hi, layer.lora_up) for o, hi, layer in zip(out, h, layers))
+    return _gelu_last(out, gelu_last)
+
+
+def _gelu_last(out: tuple[torch.Tensor, ...], gelu: bool) -> tuple[torch.Tensor, ...]:
+    return (*out[:-1], F.gelu(out[-1], approximate="tanh")) if gelu else tuple(out)
+
+
+def linear_of_cat(parts: list[torch.Tensor], layer: nn.Module) -> torch.Tensor:
+    """layer(torch.cat(parts, dim=-1)) without writing the concatenation: one GEMM per part over its column block of
+    the weight, accumulated (addmm), and for a LoRA layer (gen/transforms/lora.py) its down product the same way
+    before its up product is added. Other layers (FP8, a LoRA's wide layout) get the concatenation."""
+    if not (isinstance(layer, nn.Linear) and layer.weight.dtype == parts[0].dtype and "lora_wide" not in layer._buffers):
+        return layer(torch.cat(parts, dim=-1))
+    w, down = layer.weight, layer._buffers.get("lora_down")
+    y = h = None
+    col = 0
+    for part in parts:
+        rows, cols = part.flatten(0, -2), slice(col, col + part.shape[-1])
+        y = F.linear(rows, w[:, cols], layer.bias) if y is None else torch.addmm(y, rows, w[:, cols].t())
+        if down is not None:
+            h = F.linear(rows, down[:, cols]) if h is None else torch.addmm(h, rows, down[:, cols].t())
+        col = cols.stop
+    if down is not None:
+        y = add_lora(y, h, layer.lora_up)
+    return y.view(*parts[0].shape[:-1], w.shape[0])
+
+
+def wide_lora_input(x: torch.Tensor, down: torch.Tensor) -> torch.Tensor:
+    """[x | x down^T]: the input of a wide-layout LoRA linear (gen/transforms/lora.py)."""
+    return torch.cat([x, F.linear(x, down)], dim=-1)
 
 
 def wide_lora_linear(x: torch.Tensor, down: torch.Tensor, wide: torch.Tensor, bias: torch.Tensor | None):
     """A linear with LoRAs in the wide layout (gen/transforms/lora.py): [x | x down^T] @ wide^T + bias, where `wide` is
     [W | ups]."""
-    return F.linear(torch.cat([x, F.linear(x, down)], dim=-1), wide, bias)
+    return F.linear(wide_lora_input(x, down), wide, bias)
 
 
 def add_lora(y: torch.Tensor, h: torch.Tensor, up: torch.Tensor) -> torch.Tensor:

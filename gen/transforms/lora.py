@@ -23,10 +23,12 @@ gen/lora (key maps per format and family, an LRU cache bounded in MB). Two ways 
   (`wide=True`, the default): the weight is the view `buf[:, :in]` of an (out, in + R) buffer whose spare columns
   hold the ups (a joined group's members each in their own rows and their own R columns, the rest zero), and the
   layer runs one GEMM over [x | x A^T]: the input copied once instead of an up product as wide as the output
-  written and read (FLUX.1-dev-sized step, rank 64, H200: +7.2% over no LoRA against +10.5%; docs/LORA.md). The
-  buffer is made when banks are attached and the weight compacted back (same values, contiguous) when they come
-  off, so requests without LoRAs run the plain GEMM as before; both are structure changes (the swaps that recompile
-  anyway). `wide=False`: every layer adds its own up product.
+  written and read (FLUX.1-dev-sized step, rank 64, H200: +7.2% over no LoRA against +10.5%; docs/LORA.md). A
+  group whose last member is as wide as the rest together (FLUX.1's single block: q, k, v | MLP) gets two buffers,
+  run as two GEMMs over column ranges of one input [h_rest | x | h_last]: fewer zero blocks, and the MLP keeps its
+  GELU epilogue (`_split_last`). The buffer is made when banks are attached and the weight compacted back (same
+  values, contiguous) when they come off, so requests without LoRAs run the plain GEMM as before; both are
+  structure changes (the swaps that recompile anyway). `wide=False`: every layer adds its own up product.
 - fused (`fuse=True`): W += sum_i scale_i B_i A_i, computed in fp32; no cost per step. The original weights are
   kept (in host memory when the model is on an accelerator) and copied back before another set goes in: unfusing
   restores them bit for bit.
@@ -161,6 +163,7 @@ class LoraAdapters:
         self._users = 0
         self._cond = threading.Condition()
         self._groups = {slot: self._joined_groups(m) for slot, m in self.models.items()}
+        self._index: dict[str, dict[str, nn.Module]] = {}  # slot -> path -> module, made at each switch
 
     # ---- requests
 
@@ -235,9 +238,18 @@ class LoraAdapters:
 
     # ---- swapping sets
 
+    def _index_modules(self) -> None:
+        """Path -> module of every model, once per switch: a switch looks up each adapted layer several times, and
+        walking the path each time was most of a switch's host time (FLUX.1: ~500 layers)."""
+        self._index = {slot: dict(m.named_modules()) for slot, m in self.models.items()}
+
+    def _module(self, slot: str, path: str) -> nn.Module | None:
+        return self._index[slot].get(path)
+
     @torch.no_grad()
     def _switch(self, specs: tuple[LoraSpec, ...], key: tuple) -> None:
         start = time.perf_counter()
+        self._index_modules()
         uses = [_Use(self.cache.get(s.path, self.family), s.scale, self.slots if s.target is None else (s.target,))
                 for s in specs]
         plans = {slot: self._plan(slot, [u for u in uses if slot in u.slots]) for slot in self.slots}
@@ -272,7 +284,7 @@ class LoraAdapters:
         for u in uses:
             src = u.weights.source
             for path, pair in (u.weights.encoders.get(slot, {}) if encoder else u.weights.pairs).items():
-                layer = _submodule(model, path)
+                layer = self._module(slot, path)
                 if layer is None or not _is_linear(layer):
                     raise GenError(f"LoRA {src} adapts {path}, which this {slot} " + (
                         "lacks" if layer is None else f"has as a {type(layer).__name__}, not a linear layer"),
@@ -282,7 +294,7 @@ class LoraAdapters:
                                    f"{slot}, the LoRA's is {pair.down.shape[1]} -> {pair.up.shape[0]} (a LoRA of "
                                    "another model size?)", param="loras")
                 pairs.setdefault(path, []).append((pair, u.scale))
-            params = dict(model.named_parameters())
+            params = dict(model.named_parameters()) if u.weights.deltas and not encoder else {}
             for name, delta in () if encoder else u.weights.deltas.items():
                 p = params.get(name)
                 if p is None:
@@ -319,7 +331,7 @@ class LoraAdapters:
     def _fuse(self, slot: str, pairs: dict) -> None:
         model = self.models[slot]
         for path, items in pairs.items():
-            layer = model.get_submodule(path)
+            layer = self._module(slot, path)
             if type(layer) is not nn.Linear:
                 raise GenError(f"fuse_lora merges LoRAs into full-precision weights; {path} is a "
                                f"{type(layer).__name__} (load without fp8 / a quantized file, or without fuse_lora)",
@@ -345,14 +357,15 @@ class LoraAdapters:
 
     def _layers(self, slot: str, key: tuple) -> list[tuple[str, nn.Module]]:
         """(path, layer) of every layer a uniform key covers."""
-        model, (attr, inner) = self.models[slot], key
+        attr, inner = key
         if attr is None:
-            return [(inner, model.get_submodule(inner))]
+            return [(inner, self._module(slot, inner))]
         found = []
-        for i, block in enumerate(model.get_submodule(attr)):
-            layer = _submodule(block, inner)
+        for i in range(len(self._module(slot, attr))):
+            path = f"{attr}.{i}.{inner}"
+            layer = self._module(slot, path)
             if layer is not None:
-                found.append((f"{attr}.{i}.{inner}", layer))
+                found.append((path, layer))
         return found
 
     @staticmethod
@@ -399,14 +412,21 @@ class LoraAdapters:
         banks = [t for _, layer in self._all_layers(slot) for t in (layer.lora_down, layer.lora_up)]
         if banks:
             torch._foreach_zero_(banks)
-        for path, items in pairs.items():
-            layer = self.models[slot].get_submodule(path)
+        targets, sources, downs, scales = [], [], [], []  # copied in two batched calls (one launch per layer was
+        for path, items in pairs.items():                # most of a switch's time on a GPU's host)
+            layer = self._module(slot, path)
             row = 0
             for pair, s in items:
                 r = pair.down.shape[0]
-                layer.lora_down[row:row + r].copy_(pair.down).mul_(s)  # the scale folded into its rows
-                layer.lora_up[:, row:row + r].copy_(pair.up)
+                down = layer.lora_down[row:row + r]
+                targets += [down, layer.lora_up[:, row:row + r]]
+                sources += [pair.down, pair.up]
+                downs.append(down)
+                scales.append(s)  # the scale folded into its rows
                 row += r
+        if targets:
+            torch._foreach_copy_(targets, sources)
+            torch._foreach_mul_(downs, scales)
         return bool(changed)
 
     def _all_layers(self, slot: str) -> list[tuple[str, nn.Module]]:
@@ -421,7 +441,7 @@ class LoraAdapters:
                     continue
                 dtype = self.dtypes[slot]
                 if path in groups:
-                    members = [(p, self.models[slot].get_submodule(p)) for p in groups[path]]
+                    members = [(p, self._module(slot, p)) for p in groups[path]]
                     _attach_group(members, cap, dtype, self.wide and _widens([m for _, m in members], dtype))
                     done.update(p for p, _ in members)
                 else:
@@ -448,6 +468,7 @@ class LoraAdapters:
     def remove(self) -> None:
         """Every LoRA off: merged parameters restored, banks removed, layers back to their own classes."""
         with self._cond:
+            self._index_modules()
             self._restore()
             changed = False
             for slot in self.all_slots:
@@ -481,28 +502,62 @@ def _attach_layer(layer: nn.Module, cap: int, dtype: torch.dtype, down: torch.Te
 
 def _attach_group(members: list[tuple[str, nn.Module]], cap: int, dtype: torch.dtype, wide: bool = False) -> None:
     """A joined group: one down tensor on the first layer, each member's its rows (views). `wide`: the joined weight
-    moved into an (out, in + n cap) buffer, member i's up bank its rows of columns in + i cap .. in + (i + 1) cap."""
+    moved into an (out, in + n cap) buffer, member i's up bank its rows of columns in + i cap .. in + (i + 1) cap;
+    or, where the last member is as wide as the rest together (`_split_last`), two buffers: the rest's
+    (out_rest, (n-1) cap + in) = [their ups | W_rest] and the last's (out_last, in + cap) = [W_last | its up], read
+    as two GEMMs over column ranges of one input [h_rest | x | h_last] (gen.models.layers.project)."""
     first = members[0][1]
     n, d = len(members), first.in_features
+    layers = [layer for _, layer in members]
     down = torch.zeros(n * cap, d, device=first.weight.device, dtype=dtype)
-    buf = None
-    if wide:
-        joined = first.joined_weight
+    joined = first.joined_weight
+    blocks = []  # per member: (buffer, its first row, its weight's first column, its up's first column)
+    if wide and _split_last(layers):
+        rest, n_rest = (n - 1) * cap, joined.shape[0] - layers[-1].out_features
+        left = torch.zeros(n_rest, rest + d, device=joined.device, dtype=dtype)
+        left[:, rest:].copy_(joined[:n_rest])
+        last = torch.zeros(layers[-1].out_features, d + cap, device=joined.device, dtype=dtype)
+        last[:, :d].copy_(joined[n_rest:])
+        row = 0
+        for i, layer in enumerate(layers[:-1]):
+            blocks.append((left, row, rest, i * cap))
+            row += layer.out_features
+        blocks.append((last, 0, 0, d))
+        first.register_buffer("joined_weight", None, persistent=False)  # no one tensor holds the weights now
+        first.register_buffer("joined_lora_wide", left, persistent=False)
+        first.register_buffer("joined_lora_wide_last", last, persistent=False)
+    elif wide:
         buf = torch.zeros(joined.shape[0], d + n * cap, device=joined.device, dtype=dtype)
         buf[:, :d].copy_(joined)
+        row = 0
+        for i, layer in enumerate(layers):
+            blocks.append((buf, row, 0, d + i * cap))
+            row += layer.out_features
         first.register_buffer("joined_weight", buf[:, :d], persistent=False)
         first.register_buffer("joined_lora_wide", buf, persistent=False)
-        first.__dict__["_wide_weights"] = [layer.weight for _, layer in members]
-    row = 0
-    for i, (_, layer) in enumerate(members):
+    if wide:
+        first.__dict__["_wide_weights"] = [layer.weight for layer in layers]
+    for i, layer in enumerate(layers):
         up = None
-        if buf is not None:
-            layer.weight.data = buf[row:row + layer.out_features, :d]
-            up = buf[row:row + layer.out_features, d + i * cap:d + (i + 1) * cap]
-            row += layer.out_features
+        if blocks:
+            buf, row, col, up_col = blocks[i]
+            rows = slice(row, row + layer.out_features)
+            layer.weight.data = buf[rows, col:col + d]
+            up = buf[rows, up_col:up_col + cap]
         _attach_layer(layer, cap, dtype, down[i * cap:(i + 1) * cap], up)
     first.register_buffer("joined_lora_down", down, persistent=False)
     first.joined_lora_ranks = [cap] * n
+
+
+def _split_last(layers: list[nn.Module]) -> bool:
+    """Whether a joined group's wide layout splits its last member off (project runs two GEMMs): where the last
+    (the single FLUX block's MLP beside q, k, v) and the rest are each at least WIDE_RATIO x the input wide. A
+    member's up columns then meet only its own segment's rows (fewer zeros to multiply), and the last member's
+    GEMM can take an epilogue (GELU) of its own. FLUX.1-dev's single block, rank 64, H200: the layer 1.27 -> 1.01 ms
+    against 0.91 without LoRA (benchmarks/lora_layouts.py); splitting q off q/k/v is slower (0.34 -> 0.41 ms)."""
+    d, last = layers[0].in_features, layers[-1].out_features
+    rest = sum(layer.out_features for layer in layers[:-1])
+    return len(layers) >= 2 and min(last, rest) >= WIDE_RATIO * d
 
 
 def _detach_layer(layer: nn.Module) -> None:
@@ -510,25 +565,20 @@ def _detach_layer(layer: nn.Module) -> None:
     if "lora_wide" in layer._buffers:
         layer.weight.data = layer.weight.data.contiguous()
     if "joined_lora_wide" in layer._buffers:
-        joined = layer.joined_weight.contiguous()
+        weights = layer.__dict__.pop("_wide_weights")
+        joined = torch.cat([w.data for w in weights]) if "joined_lora_wide_last" in layer._buffers \
+            else layer.joined_weight.contiguous()
         layer.register_buffer("joined_weight", joined, persistent=False)
         row = 0
-        for w in layer.__dict__.pop("_wide_weights"):
+        for w in weights:
             w.data = joined[row:row + w.shape[0]]
             row += w.shape[0]
-    for name in ("lora_down", "lora_up", "lora_wide", "joined_lora_down", "joined_lora_wide"):
+    for name in ("lora_down", "lora_up", "lora_wide", "joined_lora_down", "joined_lora_wide", "joined_lora_wide_last"):
         if name in layer._buffers:
             del layer._buffers[name]
     layer.__dict__.pop("joined_lora_ranks", None)
     if isinstance(layer, LoraLayer):
         layer.__class__ = next(c for c in type(layer).__mro__[1:] if not issubclass(c, LoraLayer))
-
-
-def _submodule(model: nn.Module, path: str) -> nn.Module | None:
-    try:
-        return model.get_submodule(path)
-    except AttributeError:
-        return None
 
 
 def _parameter(model: nn.Module, name: str) -> torch.Tensor:
