@@ -10,6 +10,7 @@
 - the plain layer (no LoRA) beside each, with its GELU epilogue where the model has one.
 
   python benchmarks/lora_layouts.py            # GPU, well under a minute
+  python benchmarks/lora_layouts.py --tiny     # CPU smoke check (every size / 16, fp32, wall time)
 """
 from __future__ import annotations
 
@@ -101,14 +102,18 @@ def group_case(m: int, k: int, sizes: list[int], rank: int, split: int, gelu_las
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser()
     p.add_argument("--rank", type=int, default=64)
+    p.add_argument("--tiny", action="store_true", help="every size / 16 on the CPU in fp32 (smoke check)")
     p.add_argument("--out", help="JSON output (default: $OUT/lora_layouts.json when OUT is set)")
     args = p.parse_args(argv)
-    dev, dtype, r = torch.device("cuda"), torch.bfloat16, args.rank
+    gpu = torch.accelerator.is_available() and not args.tiny
+    dev = torch.accelerator.current_accelerator() if gpu else torch.device("cpu")
+    dtype, f = (torch.bfloat16, 1) if gpu else (torch.float32, 16)
+    r = args.rank // f
     result = {"env": environment(), "rank": r, "downs": {}, "groups": {}}
     g = torch.Generator(device=dev).manual_seed(1)
     with torch.no_grad():
         for name, (m, k, n) in DOWNS.items():
-            n = n * r // 64
+            m, k, n = m // f, k // f, n * r // 64
             x = torch.randn(m, k, device=dev, generator=g).to(dtype)
             a = (torch.randn(n, k, device=dev, generator=g) * k ** -0.5).to(dtype)
             ref = x.float() @ a.float().T
@@ -119,8 +124,9 @@ def main(argv=None) -> dict:
                 row[f"split{parts}_rel_err"] = rel(split_k_linear(x, a, parts), ref)
             row["tflops_cublas"] = 2 * m * k * n / row["cublas_ms"] / 1e9
             result["downs"][name] = row
-        result["groups"]["single q/k/v/mlp"] = group_case(4608, 3072, [3072] * 3 + [12288], r, 3, True, dev, dtype)
-        result["groups"]["double img q/k/v"] = group_case(4096, 3072, [3072] * 3, r, 1, False, dev, dtype)
+        d = 3072 // f
+        result["groups"]["single q/k/v/mlp"] = group_case(4608 // f, d, [d] * 3 + [4 * d], r, 3, True, dev, dtype)
+        result["groups"]["double img q/k/v"] = group_case(4096 // f, d, [d] * 3, r, 1, False, dev, dtype)
     print(f"\ndown products x A^T (rank {r} per member), kernel ms; x per step")
     print("| layer | M x K x N | cuBLAS | split 2 | split 4 | split 8 | cuBLAS TFLOP/s | per step |\n|---|---|---:|---:|---:|---:|---:|---|")
     for name, d in result["downs"].items():
