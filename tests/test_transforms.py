@@ -97,7 +97,27 @@ def test_fp8_and_compile_together():
     (TransformOptions(max_batch=2, step_cache=0.1), False, "step_cache cannot be combined"),
     (TransformOptions(cfg_batch=True), True, "cfg_batch works in one process"),
     (TransformOptions(step_cache=2.0), False, "step_cache must be a threshold between 0 and 1"),
+    (TransformOptions(kernel_tuning=True), False, "kernel_tuning tunes the compiled blocks' kernels: add compile"),
 ])
 def test_combinations_that_cannot_work_are_refused(options, parallel, message):
     with pytest.raises(GenError, match=message):
         check_options(options, CPU, torch.float32, parallel)
+
+
+def test_kernel_tuning_is_passed_to_inductor_only_when_asked_and_nothing_else_chose():
+    """compile_blocks(tune_kernels=True) compiles with inductor's coordinate-descent tuning unless a backend, mode or
+    options were given (they win); without it, the blocks compile as before."""
+    seen = []
+
+    class Block(torch.nn.Module):
+        def compile(self, **kw):
+            seen.append(kw)
+
+    model = torch.nn.Module()
+    model.blocks = torch.nn.ModuleList([Block(), Block()])
+    assert compile_blocks(model, ("blocks",), tune_kernels=True) == 2
+    assert compile_blocks(model, ("blocks",)) == 2
+    compile_blocks(model, ("blocks",), tune_kernels=True, backend="eager")
+    compile_blocks(model, ("blocks",), tune_kernels=True, mode="max-autotune")
+    assert seen == [{"options": {"coordinate_descent_tuning": True}}] * 2 + [{}] * 2 + [{"backend": "eager"}] * 2 \
+        + [{"mode": "max-autotune"}] * 2

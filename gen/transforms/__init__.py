@@ -50,6 +50,7 @@ class TransformOptions:
     """Which transforms to apply (the Generator.from_pretrained / CLI flags of the same names)."""
 
     compile: bool = False
+    kernel_tuning: bool = False  # with compile, on accelerators: inductor's coordinate-descent tuning of its kernels
     attention: str = "auto"
     fp8: bool = False
     step_cache: float | None = None
@@ -77,6 +78,8 @@ def check_options(options: TransformOptions, device: torch.device, dtype: torch.
     from gen.transforms.fp8 import check_fp8
     from gen.transforms.step_cache import check_threshold
 
+    if options.kernel_tuning and not options.compile:
+        raise GenError("kernel_tuning tunes the compiled blocks' kernels: add compile", param="kernel_tuning")
     if options.step_cache is not None:
         check_threshold(options.step_cache)
         if parallel:
@@ -230,7 +233,8 @@ def apply_transforms(pipeline, options: TransformOptions = TransformOptions(), p
         if options.compile:
             from gen.transforms.compile import compile_blocks, uncompile_blocks
 
-            n = sum(compile_blocks(m, dit.blocks) for _, m, dit in dits)
+            tune = options.kernel_tuning and pipeline.device.type != "cpu"
+            n = sum(compile_blocks(m, dit.blocks, tune_kernels=tune) for _, m, dit in dits)
             applied.append(Step("compiled_blocks", n, lambda: [uncompile_blocks(m, dit.blocks) for _, m, dit in dits]))
         if options.step_cache is not None:
             from gen.transforms.step_cache import StepCache
