@@ -111,7 +111,7 @@ def load_reader(folder: Path, encoder_cfg: dict, device: torch.device):
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
-    from gen.models.prompt_reader import PromptReader, PromptReaderConfig
+    from gen.models.prompt_reader import PromptReader, PromptReaderConfig, unpack_state
 
     config_file, weights_file = folder / READER_CONFIG, folder / READER_WEIGHTS
     for f in (config_file, weights_file):
@@ -127,8 +127,8 @@ def load_reader(folder: Path, encoder_cfg: dict, device: torch.device):
             raise GenError(f"{config_file}: {key} {getattr(cfg, key)} is not the text encoder's {encoder_cfg[key]} "
                            "(the reader reads the encoder's states)", param="model_path")
     try:
-        state = load_file(str(weights_file))
-    except (SafetensorError, OSError) as e:
+        state = unpack_state(load_file(str(weights_file)))
+    except (SafetensorError, OSError, ValueError) as e:
         raise GenError(f"{weights_file}: not a readable safetensors file ({e})", param="model_path") from None
     reader = PromptReader(cfg)
     want = reader.state_dict()
@@ -137,5 +137,5 @@ def load_reader(folder: Path, encoder_cfg: dict, device: torch.device):
     if missing or unexpected or wrong:
         raise GenError(f"{weights_file} does not fit {READER_CONFIG}: missing {missing[:3]}, unexpected "
                        f"{unexpected[:3]}, wrong shapes {wrong[:3]}", param="model_path")
-    reader.load_state_dict({k: v.float() for k, v in state.items()})
+    reader.load_state_dict(state)
     return reader.to(device).eval()

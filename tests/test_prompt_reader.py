@@ -16,7 +16,7 @@ import torch
 from component_loaders.gguf_encoder import load_gguf_text_encoder
 from gen import Generator
 from gen.llm.gguf import smollm2_path
-from gen.models.prompt_reader import COUNT, PromptReader, PromptReaderConfig
+from gen.models.prompt_reader import COUNT, SCALE, PromptReader, PromptReaderConfig, pack_state, unpack_state
 from gen.types import GenError
 from stages.enhance_prompt import PromptGuide
 from training.shapes import world
@@ -198,6 +198,33 @@ def test_reader_file_problems_are_named(encoder_folder):
         {**cfg, "width": cfg["width"] // 2})).state_dict().items()}, str(weights))
     with pytest.raises(GenError, match="does not fit reader_config.json"):
         load()
+    packed = pack_state(PromptReader(PromptReaderConfig.from_dict(cfg)).state_dict())
+    name = next(k for k, v in packed.items() if v.dtype == torch.int8)
+    save_file({k: v for k, v in packed.items() if k != name + SCALE}, str(weights))  # an int8 matrix, no scale
+    with pytest.raises(GenError, match=f"{name} is int8 without a per-row scale"):
+        load()
     (encoder_folder / "reader_config.json").write_text(json.dumps({**cfg, "hidden_layer": cfg["hidden_layer"] + 1}))
     with pytest.raises(GenError, match="hidden_layer .* is not the text encoder's"):
         load()
+
+
+def test_stored_reader_is_int8_matrices_with_row_scales():
+    """reader.safetensors holds each matrix as int8 with a scale per row (half of float16's bytes): unpacked, every
+    weight is within 0.6 of a step (its row's scale) of the original (half a step of rounding, the float16 scale's
+    own rounding times up to 127), and the small tensors are float16."""
+    torch.manual_seed(0)
+    state = PromptReader(PromptReaderConfig.from_dict(shipped_config())).state_dict()
+    packed = pack_state(state)
+    back = unpack_state(packed)
+    assert set(back) == set(state)
+    for k, v in state.items():
+        if v.ndim == 2 and v.shape[1] >= 16:
+            assert packed[k].dtype == torch.int8 and packed[k + SCALE].shape == (v.shape[0], 1)
+            step = v.abs().amax(1, keepdim=True) / 127
+            assert ((back[k] - v).abs() <= step * 0.6 + 1e-6).all()
+        else:
+            assert packed[k].dtype == torch.float16 and torch.allclose(back[k], v, rtol=1e-3, atol=1e-4)
+    from safetensors.torch import load_file
+
+    shipped = load_file(str(MODEL / "text_encoder" / "reader.safetensors"))
+    assert any(v.dtype == torch.int8 for v in shipped.values())  # the shipped file is stored this way

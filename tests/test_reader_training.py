@@ -3,7 +3,9 @@ the world's, the development set's or the evaluation's in some attributes' place
 unlabelled; a position's row and column are labelled apart."""
 from __future__ import annotations
 
+import numpy as np
 import pytest
+import torch
 
 from training.shapes import enhancer_dev, reader, world
 
@@ -57,3 +59,21 @@ def test_position_row_and_column_labels():
         ("left", "middle", "left"), ("center", "middle", "center"), ("right", "middle", "right"),
         ("bottom left", "bottom", "left"), ("bottom", "bottom", "center"), ("bottom right", "bottom", "right")]
 
+
+
+def test_vote_sizes_reads_subsets_of_the_members():
+    """vote_sizes: for each k, 8 seeded k-member subsets (all members once when k is their number), "all" per
+    development split as mean / min / max; two-object splits and training rows are left out."""
+    from gen.models.prompt_reader import PromptReader
+    from training.shapes.reader import reader_config, vote_sizes
+
+    torch.manual_seed(0)
+    reader = PromptReader(reader_config(3, width=16, heads=2, factors=True)).eval()
+    rng = np.random.default_rng(1)
+    scenes = [world.sample_scene(rng, "train", two_object_rate=0.0) for _ in range(6)]
+    rows = {"train": [], "dev a": [("x", s) for s in scenes], "dev two objects": []}
+    cache = {"dev a": {"states": (torch.randn(6, 5, 576), torch.ones(6, 5, dtype=torch.bool))}}
+    out = vote_sizes(reader, [1, 3], cache, rows)
+    assert set(out) == {1, 3} and set(out[1]) == {"dev a"}
+    assert out[3]["dev a"]["min"] == out[3]["dev a"]["max"] == out[3]["dev a"]["mean"]
+    assert out[1]["dev a"]["min"] <= out[1]["dev a"]["mean"] <= out[1]["dev a"]["max"]

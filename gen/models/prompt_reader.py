@@ -195,3 +195,43 @@ class PromptReader(nn.Module):
         phrases = {h: self.config.phrases[h][values[h]] for h in self.config.heads if h != COUNT}
         text = self.config.sentence.format(**phrases)
         return re.sub(r"\ba (?=[aeiou])", "an ", text)
+
+
+# ---------------------------------------------------------------- storage
+
+SCALE = ".int8_scale"  # suffix of the per-row scales of a matrix stored as int8
+
+
+def pack_state(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The reader's weights as stored (reader.safetensors): matrices as int8 with a float16 scale per row (symmetric,
+    the row's largest magnitude -> 127), everything else as float16. Half the bytes of float16, so that more members
+    fit the model's size."""
+    out = {}
+    for k, v in state.items():
+        v = v.detach().float()
+        if v.ndim == 2 and v.shape[1] >= 16:
+            scale = v.abs().amax(1, keepdim=True).clamp_min(1e-12) / 127
+            out[k] = torch.round(v / scale).to(torch.int8).contiguous()
+            out[k + SCALE] = scale.half()
+        else:
+            out[k] = v.half().contiguous()
+    return out
+
+
+def unpack_state(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """pack_state's tensors (or plain float ones) back to float32 weights; an int8 matrix without its scale, or a
+    scale without its matrix, is a ValueError naming it."""
+    out = {}
+    for k, v in state.items():
+        if k.endswith(SCALE):
+            if k[:-len(SCALE)] not in state:
+                raise ValueError(f"{k} scales a matrix the file lacks")
+            continue
+        if v.dtype == torch.int8:
+            scale = state.get(k + SCALE)
+            if scale is None or scale.shape != (v.shape[0], 1):
+                raise ValueError(f"{k} is int8 without a per-row scale {k + SCALE} of shape ({v.shape[0]}, 1)")
+            out[k] = v.float() * scale.float()
+        else:
+            out[k] = v.float()
+    return out
