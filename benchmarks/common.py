@@ -69,6 +69,16 @@ def write_json(path, data) -> None:
         json.dump(data, f, indent=2)
 
 
+def save_result(out: str | None, name: str, data) -> str | None:
+    """Write `data` as JSON to `out`, else to $OUT/`name` when the device tool's OUT is set; the path, or None."""
+    import os
+
+    path = out or (os.path.join(os.environ["OUT"], name) if os.environ.get("OUT") else None)
+    if path:
+        write_json(path, data)
+    return path
+
+
 KERNEL_KINDS = (  # (kind, substrings of the lower-cased kernel name), first match wins
     ("communication (nccl)", ("nccl",)),
     ("attention", ("flash", "fmha", "sdpa", "attention", "attn")),

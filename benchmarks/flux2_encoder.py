@@ -19,7 +19,6 @@ than the 48 GB of shared weights).
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import types
 from pathlib import Path
@@ -27,7 +26,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchmarks.common import cold_start_s, time_ms, write_json  # noqa: E402
+from benchmarks.common import cold_start_s, save_result, time_ms  # noqa: E402
 
 LAYERS = [10, 20, 30]  # FLUX.2 [dev]'s text_encoder_out_layers
 PAD_TO = 512  # its max_sequence_length: every prompt padded to this
@@ -180,9 +179,7 @@ def main(argv: list[str] | None = None) -> dict:
         p.error(f"--real-tokens must be in 1..{PAD_TO}, got {args.real_tokens}")
     torch.manual_seed(0)
     result = run(args)
-    out = args.out or (os.path.join(os.environ["OUT"], "flux2_encoder.json") if os.environ.get("OUT") else None)
-    if out:
-        write_json(out, result)
+    save_result(args.out, "flux2_encoder.json", result)
     print(result["env"], result["model"])
     print(table(result))
     return result

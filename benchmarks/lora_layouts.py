@@ -15,7 +15,6 @@
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from pathlib import Path
 
@@ -23,7 +22,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchmarks.common import environment, gpu_ms, write_json  # noqa: E402
+from benchmarks.common import environment, gpu_ms, save_result  # noqa: E402
 from gen.models.layers import linear_gelu_tanh  # noqa: E402
 
 DOWNS = {  # name: (tokens M, in K, stacked rank N) at rank 64 per member
@@ -138,9 +137,7 @@ def main(argv=None) -> dict:
         cells = [f"{c[v]['ms']:.4f}" + ("" if c[v]["rel_err_vs_fp32"] is None else f" ({c[v]['rel_err_vs_fp32']:.1e})")
                  for v in ("base", "wide, one GEMM", "split, two GEMMs")]
         print(f"| {name} | " + " | ".join(cells) + " |")
-    out = args.out or (os.path.join(os.environ["OUT"], "lora_layouts.json") if os.environ.get("OUT") else None)
-    if out:
-        write_json(out, result)
+    save_result(args.out, "lora_layouts.json", result)
     return result
 
 

@@ -14,7 +14,6 @@ format .safetensors to a temporary folder and read through gen/lora like any oth
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import tempfile
 import time
@@ -23,7 +22,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchmarks.common import environment, kernel_breakdown, time_ms, top_kernels, write_json  # noqa: E402
+from benchmarks.common import environment, kernel_breakdown, save_result, time_ms, top_kernels  # noqa: E402
 from benchmarks.dit_step import build, call_ours, call_reference  # noqa: E402
 from gen.models.attention import select_attention_backend  # noqa: E402
 from gen.transforms.compile import compile_blocks  # noqa: E402
@@ -222,9 +221,7 @@ def main(argv: list[str] | None = None) -> dict:
           + ", ".join(f"rank {r} {e:.1e}" for r, e in agreement.items()))
     print(f"switch between two cached rank-{top} sets: {switch_ms:.1f} ms, {recompiles} graphs compiled while "
           f"switching; fused switch (restore + merge): {1000 * fused_switch:.0f} ms")
-    out = args.out or (os.path.join(os.environ["OUT"], "lora_step.json") if os.environ.get("OUT") else None)
-    if out:
-        write_json(out, result)
+    save_result(args.out, "lora_step.json", result)
     return result
 
 

@@ -31,7 +31,6 @@ Variants (gen/transforms/lora.py runs `fold`; eager, `inplace`):
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from pathlib import Path
 
@@ -39,7 +38,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchmarks.common import environment, time_ms, write_json  # noqa: E402
+from benchmarks.common import environment, save_result, time_ms  # noqa: E402
 
 VARIANTS = ("mul", "fold", "addmm", "inplace", "inplace_op", "catk", "wide_base")
 JOINED_VARIANTS = VARIANTS + ("bmm",)
@@ -202,9 +201,7 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"| {r['case']} | {r['rank']} | {r['mode']} | {r['base_ms']:.3f} | " + " | ".join(cells) + " |")
     print("variants agree with `mul` (wide_base with the base)" if result["all_agree"]
           else "SOME VARIANT DISAGREES with `mul` (rel_err in the JSON)")
-    out = args.out or (os.path.join(os.environ["OUT"], "lora_variants.json") if os.environ.get("OUT") else None)
-    if out:
-        write_json(out, result)
+    save_result(args.out, "lora_variants.json", result)
     return result
 
 

@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import gc
 import json
-import os
 import statistics
 import sys
 import tempfile
@@ -28,7 +27,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from benchmarks.batching import PROMPTS, add_load_arguments, load, run_threads, use_random_encoder  # noqa: E402
-from benchmarks.common import environment, write_json  # noqa: E402
+from benchmarks.common import environment, save_result  # noqa: E402
 from gen.device import resolve_device, resolve_dtype  # noqa: E402
 
 
@@ -113,9 +112,7 @@ def main(argv=None) -> dict:
     result = {"env": {**environment(), "torch_device": str(device), "dtype": str(dtype)}, "model": model,
               "request": body, "max_batch": args.max_batch, "batch_wait_ms": args.batch_wait_ms,
               "compile": args.compile, "rows": rows}
-    out = args.out or (os.path.join(os.environ["OUT"], "serve_batching.json") if os.environ.get("OUT") else None)
-    if out:
-        write_json(out, result)
+    save_result(args.out, "serve_batching.json", result)
     print(json.dumps(result["env"]))
     print("| model | request | clients | --max-batch | images/min | p50 s | p95 s | DiT forwards / calls |")
     print("|---|---|---|---|---|---|---|---|")

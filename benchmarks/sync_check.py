@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import os
 import sys
 import time
 import traceback
@@ -30,7 +29,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from benchmarks.common import _sync, environment, write_json  # noqa: E402
+from benchmarks.common import _sync, environment, save_result  # noqa: E402
 
 CASES = {  # asset folder, request keywords (CFG on, so both branches run)
     "flux": ("flux-tiny", dict(height=64, width=64, negative_prompt="blue", true_cfg_scale=2.0)),
@@ -165,9 +164,7 @@ def main(argv: list[str] | None = None) -> dict:
         del gen
     results["unipc_step"] = unipc_steps(resolve_device(None), (1, 4, 3, 6, 8) if args.tiny else WAN_480P_LATENT)
     print(results["unipc_step"], flush=True)
-    out = args.out or (os.path.join(os.environ["OUT"], "sync_check.json") if os.environ.get("OUT") else None)
-    if out:
-        write_json(out, results)
+    save_result(args.out, "sync_check.json", results)
     print("| pipeline | scheduler | host-device syncs in the denoise loop |\n|---|---|---|")
     for name, r in results["pipelines"].items():
         print(f"| {name} ({r['steps']} steps, CFG) | {', '.join(r['scheduler'])} | {r['syncs']} |")
