@@ -85,9 +85,12 @@ def test_refusals_name_the_problem(tmp_path, monkeypatch, capsys):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (run through the device tool)")
 @pytest.mark.parametrize("name", sorted(CASES))
 def test_on_cuda_graph_replays_equal_the_plain_generation(name):
-    """Real CUDA graphs (one shared pool; Qwen-Image's two signatures replay alternately) against eager calls."""
+    """Real CUDA graphs (one shared pool; Qwen-Image's two signatures replay alternately) against eager calls. The
+    graphs are put on after loading, so the modulation schedule, which --cuda-graphs turns off (a replay would reuse
+    the captured step's rows), is off from the start; the CFG branches run as two calls, as on the CPU (on CUDA they
+    are batched into one by default), so that Qwen-Image's two signatures are both captured and replayed."""
     folder, kw, signatures = CASES[name]
-    gen = Generator.from_pretrained(ASSETS / folder, device="cuda")
+    gen = Generator.from_pretrained(ASSETS / folder, device="cuda", modulation_schedule=False, cfg_batch=False)
     outputs = {}
     for graphed in (False, True):
         if graphed:
@@ -98,3 +101,37 @@ def test_on_cuda_graph_replays_equal_the_plain_generation(name):
         b = np.asarray(replayed.images[0] if replayed.images else replayed.frames[0]).astype(float)
         assert np.abs(a - b).max() <= 1  # same kernels on the same inputs; at most a rounding step of uint8
     assert [g.captures for g in calls] == [signatures] * len(calls)
+
+
+def test_dropping_every_graph_takes_a_new_capture_pool(monkeypatch):
+    """A structure change (LoRA banks on or off: gen/transforms/lora.py) drops every captured graph; the next capture
+    must not go into the pool those graphs shared (on CUDA that fails an allocator assertion), so drop() takes a new
+    pooled capture. The LoRA adapters drop the graphs of a model with CUDA graphs on when a set changes structure."""
+    import gen.transforms.cuda_graph as cg
+    from gen.transforms.lora import LoraAdapters
+
+    pools = []
+
+    def pooled():
+        pools.append(object())
+        return lambda fn, args, kwargs: eager_capture(fn, args, kwargs)
+
+    monkeypatch.setattr(cg, "pooled_cuda_capture", pooled)
+    g = GraphedCall(lambda x: x + 1)
+    g(torch.ones(2))
+    assert len(pools) == 1 and len(g.graphs) == 1
+    g.drop()
+    assert len(pools) == 2 and not g.graphs
+    torch.testing.assert_close(g(torch.ones(2)), torch.full((2,), 2.0))
+    assert g.captures == 2
+    given = GraphedCall(lambda x: x, capture=eager_capture)
+    given.drop()
+    assert given.capture is eager_capture and len(pools) == 2  # a capture given is kept
+
+    model = torch.nn.Linear(2, 2)
+    wrapped = enable_cuda_graphs(model, capture=eager_capture)
+    model(torch.ones(1, 2))
+    adapters = LoraAdapters.__new__(LoraAdapters)
+    adapters.slots, adapters.models = ("transformer",), {"transformer": model}
+    adapters._forget_graphs()
+    assert not wrapped.graphs

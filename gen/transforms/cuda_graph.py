@@ -98,7 +98,8 @@ class GraphedCall:
         if max_graphs < 1:
             raise ValueError(f"max_graphs must be at least 1, got {max_graphs}")
         self.fn, self.max_graphs = fn, max_graphs
-        self.capture = capture if capture is not None else pooled_cuda_capture()
+        self._new_capture = (lambda: capture) if capture is not None else pooled_cuda_capture
+        self.capture = self._new_capture()
         self.graphs: OrderedDict[tuple, tuple[list, Callable[[], None], Any]] = OrderedDict()
         self.captures = 0
 
@@ -117,6 +118,13 @@ class GraphedCall:
         with torch.no_grad():
             replay()
         return tree_map(lambda t: t.clone() if isinstance(t, torch.Tensor) else t, out)
+
+    def drop(self) -> None:
+        """Every captured graph dropped (a change of the model's structure: LoRA banks added or removed), and with
+        them their memory pool: the next capture starts a new one (capturing into the pool of graphs that are all
+        gone fails an allocator assertion)."""
+        self.graphs.clear()
+        self.capture = self._new_capture()
 
     def _capture(self, leaves: list, spec, key: tuple):
         static = [x.clone() if isinstance(x, torch.Tensor) else x for x in leaves]

@@ -459,8 +459,8 @@ class LoraAdapters:
 
         for slot in self.slots:
             graphed = forward_wrapper(self.models[slot], "cuda_graphs")
-            if graphed is not None and hasattr(graphed, "graphs"):
-                graphed.graphs.clear()
+            if graphed is not None and hasattr(graphed, "drop"):
+                graphed.drop()
 
     # ---- undo
 
