@@ -186,8 +186,8 @@ def check_volume(store: JobStore, output_dir: Path) -> None:
     directory's marker file): a replica with a directory of its own would find every file missing."""
     marker = output_dir / VOLUME_MARKER
 
-    def read_marker() -> str | None:
-        return marker.read_text().strip() if marker.is_file() else None
+    def read_marker() -> str | None:  # None also while another writer has created the file but not yet written it
+        return (marker.read_text().strip() or None) if marker.is_file() else None
 
     mine = read_marker()
     stored, new = store.volume(mine or uuid.uuid4().hex)
