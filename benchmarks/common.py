@@ -124,6 +124,47 @@ def gpu_ms(fn, iters: int = 20) -> float:
     return sum(k["ms"] for k in top_kernels(fn, iters, n=None))
 
 
+def idle_gaps(fn, n: int = 15) -> dict:
+    """Where the GPU waits during one call of `fn` (torch.profiler, kernels only): see gaps_of."""
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()
+    _sync()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        fn()
+        _sync()
+    return gaps_of([(e.time_range.start, e.time_range.end, e.name[:100]) for e in prof.events()
+                    if e.device_type == torch.autograd.DeviceType.CUDA], n)
+
+
+def gaps_of(spans: list[tuple[float, float, str]], n: int = 15) -> dict:
+    """Kernel spans (start us, end us, name) -> the time no kernel ran between the first and the last, summed by
+    the kernel that came next (what the GPU waited to be given), with the count of gaps over 5 us, and the `n`
+    largest gaps with their neighbours. Launch gaps of a few us sit before every kernel; longer ones before the same
+    kernel in every block point at the host. (Under the profiler the host is slower: read the sums as relative.)"""
+    spans = sorted(s for s in spans if s[1] > s[0])
+    by_next: dict[str, list] = {}
+    largest = []
+    busy_until = spans[0][1] if spans else 0.0
+    prev = spans[0][2] if spans else ""
+    for start, end, name in spans[1:]:
+        gap = start - busy_until
+        if gap > 0:
+            row = by_next.setdefault(name, [0.0, 0, 0])
+            row[0] += gap / 1e3
+            row[1] += 1
+            row[2] += gap > 5
+            largest.append((gap, prev, name))
+        if end > busy_until:
+            busy_until, prev = end, name
+    largest.sort(reverse=True)
+    return {"kernels": len(spans), "idle_ms": sum(r[0] for r in by_next.values()),
+            "span_ms": (spans[-1][1] - spans[0][0]) / 1e3 if spans else 0.0,
+            "by_next_kernel": [{"next": k, "ms": v[0], "gaps": v[1], "over_5us": v[2]}
+                               for k, v in sorted(by_next.items(), key=lambda kv: -kv[1][0])[:n]],
+            "largest": [{"us": g, "after": a, "before": b} for g, a, b in largest[:n]]}
+
+
 def kernel_breakdown(fn, iters: int = 3) -> dict:
     """GPU kernel milliseconds per call of `fn` by kind (torch.profiler), plus the wall time per call and the
     share of it no kernel ran ('gpu idle'): launch gaps and host waits."""

@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchmarks.common import environment, kernel_breakdown, save_result, time_ms, top_kernels  # noqa: E402
+from benchmarks.common import environment, idle_gaps, kernel_breakdown, save_result, time_ms, top_kernels  # noqa: E402
 from benchmarks.dit_step import build, call_ours, call_reference  # noqa: E402
 from gen.models.attention import select_attention_backend  # noqa: E402
 from gen.transforms.compile import compile_blocks  # noqa: E402
@@ -49,6 +49,13 @@ def write_lora(model, rank: int, seed: int, folder: Path) -> str:
     path = folder / f"lora_r{rank}_{seed}.safetensors"
     save_file(tensors, path)
     return str(path)
+
+
+def _concatenated_input(x, down, before=0):
+    """The wide layout's input as built before 2026-11-29's seventh session (--ab): the down product first, then x
+    and it concatenated (x, already a buffer of its own for the down product, copied once more)."""
+    h = torch.nn.functional.linear(x, down)
+    return torch.cat([h[..., :before], x, h[..., before:]], -1).reshape(-1, x.shape[-1] + down.shape[0])
 
 
 def _sync():
@@ -80,9 +87,15 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--interleave", type=int, default=0,
                    help="N rounds of no LoRA and the top rank's wide layout timed one after the other (the clocks "
                         "drift between runs by a few percent: the per-round ratio's median is the number to read)")
+    p.add_argument("--gaps", type=int, default=0,
+                   help="with --profile: also where the GPU waits between kernels (the N kernels most waited for and "
+                        "the N largest gaps), no LoRA and the top rank's wide layout")
+    p.add_argument("--graphed", type=int, default=0,
+                   help="N more interleaved rounds with the step replayed from CUDA graphs (gen's --cuda-graphs; on "
+                        "CUDA): what is left of the LoRA's cost without the host's launches")
     p.add_argument("--ab", action="store_true",
-                   help="at the top rank, also the wide layout as before 2026-11-29 (one buffer per joined group, the "
-                        "single block's proj_out over the concatenation): an A/B of the two changes in one run")
+                   help="at the top rank, also the wide layout with its input concatenated after the down product (as "
+                        "before 2026-11-29's seventh session), then as shipped again: an A/B in one run")
     p.add_argument("--out", help="JSON output (default: $OUT/lora_step.json when OUT is set)")
     args = p.parse_args(argv)
     device = torch.device("cpu") if args.tiny or not torch.accelerator.is_available() \
@@ -118,6 +131,7 @@ def main(argv: list[str] | None = None) -> dict:
         none_ms = time_ms(step, warmup, iters)
         kernels = {"ours compiled, no LoRA": kernel_breakdown(step)} if args.profile else {}
         top_rows = {"no LoRA": top_kernels(step, n=args.top_kernels)} if args.profile and args.top_kernels else {}
+        gap_rows = {"no LoRA": idle_gaps(step, args.gaps)} if args.profile and args.gaps else {}
         rows.append(("ours compiled, no LoRA", none_ms, cold))
         top = max(ranks)
         fused_switch = timed_s(lambda: fused.set([(files[top][0], 1.0)]))
@@ -134,29 +148,28 @@ def main(argv: list[str] | None = None) -> dict:
                     kernels[rows[-1][0]] = kernel_breakdown(step)
                     if top_rows and r == max(ranks) and layout == "wide":
                         top_rows[f"rank {r} wide"] = top_kernels(step, n=args.top_kernels)
+                    if gap_rows and r == max(ranks) and layout == "wide":
+                        gap_rows[f"rank {r} wide"] = idle_gaps(step, args.gaps)
                 outs.append(step().float())
                 adapters.remove()
             agreement[r] = ((outs[0] - outs[1]).norm() / outs[1].norm()).item()
-        if args.ab:  # the same wide layout without this session's two changes, each alone off
-            import gen.models.flux as flux_module
-            import gen.transforms.lora as lora_module
+        if args.ab:  # the wide layout with its input concatenated after the down product, as before 2026-11-29's
+            import gen.models.layers as layers_module  # seventh session, then as shipped again
 
-            split_last, of_cat = lora_module._split_last, flux_module.linear_of_cat
-            for label, patch in (("one buffer per group", lambda: setattr(lora_module, "_split_last", lambda l: False)),
-                                 ("proj_out over the concatenation", lambda: setattr(
-                                     flux_module, "linear_of_cat", lambda parts, layer: layer(torch.cat(parts, -1))))):
-                patch()
+            in_place, ab_outs = layers_module.wide_lora_input, []
+            for label, fn in (("input concatenated", _concatenated_input), ("as shipped, again", in_place)):
+                layers_module.wide_lora_input = fn
+                torch._dynamo.reset()  # the blocks' graphs are built again with this input
                 unfused.set([(files[top][0], 1.0)])
                 cold = timed_s(step)
                 rows.append((f"ours compiled, unfused rank {top} (wide, {label})", time_ms(step, warmup, iters), cold))
                 if args.profile:
                     kernels[rows[-1][0]] = kernel_breakdown(step)
+                ab_outs.append(step().float())
                 unfused.remove()
-                lora_module._split_last, flux_module.linear_of_cat = split_last, of_cat
-            unfused.set([(files[top][0], 1.0)])  # as shipped, once more: the spread between runs
-            step()
-            rows.append((f"ours compiled, unfused rank {top} (wide, as shipped, again)", time_ms(step, warmup, iters), None))
-            unfused.remove()
+            result["ab_rel_err"] = ((ab_outs[0] - ab_outs[1]).norm() / ab_outs[1].norm()).item()
+            layers_module.wide_lora_input = in_place
+            torch._dynamo.reset()
         if args.interleave:  # both structures' graphs are compiled by now: switching back and forth recompiles none
             pairs = []
             for _ in range(args.interleave):
@@ -169,6 +182,22 @@ def main(argv: list[str] | None = None) -> dict:
             result["interleaved"] = {"rounds": pairs, "median_ratio": ratios[len(ratios) // 2],
                                      "no_lora_ms_median": sorted(b for b, _ in pairs)[len(pairs) // 2],
                                      "wide_ms_median": sorted(w for _, w in pairs)[len(pairs) // 2]}
+        if args.graphed and device.type == "cuda":  # the same rounds replayed from CUDA graphs
+            from gen.transforms.cuda_graph import disable_cuda_graphs, enable_cuda_graphs
+
+            enable_cuda_graphs(ours)
+            pairs = []
+            for _ in range(args.graphed):
+                unfused.remove()  # (a structure change: the adapters drop the captured graphs, the step recaptures)
+                base = time_ms(step, 2, iters)
+                unfused.set([(files[top][0], 1.0)])
+                pairs.append((base, time_ms(step, 2, iters)))
+            unfused.remove()
+            disable_cuda_graphs(ours)
+            ratios = sorted(w / b for b, w in pairs)
+            result["graphed"] = {"rounds": pairs, "median_ratio": ratios[len(ratios) // 2],
+                                 "no_lora_ms_median": sorted(b for b, _ in pairs)[len(pairs) // 2],
+                                 "wide_ms_median": sorted(w for _, w in pairs)[len(pairs) // 2]}
         # switching between two cached rank-`top` sets: contents copied in place, no new graph
         unfused.set([(files[top][1], 1.0)])
         step()
@@ -188,6 +217,8 @@ def main(argv: list[str] | None = None) -> dict:
             result["kernel_ms"] = kernels
         if top_rows:
             result["top_kernels"] = top_rows
+        if gap_rows:
+            result["idle_gaps"] = gap_rows
         ref_rows = []
         if not args.no_reference:
             ref_step = lambda: call_reference("flux", ref, inputs)
@@ -212,11 +243,21 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"\nlongest kernels, {label} (ms per step, launches per step)")
         for k in top_list:
             print(f"{k['ms']:8.3f} {k['calls']:5.0f}  {k['kind'][:12]:12} {k['name'][:80]}")
-    if "interleaved" in result:
-        il = result["interleaved"]
-        print(f"\ninterleaved, {len(il['rounds'])} rounds: no LoRA {il['no_lora_ms_median']:.2f} ms, rank {max(ranks)} wide "
-              f"{il['wide_ms_median']:.2f} ms (medians); per-round ratio median {il['median_ratio']:.3f} "
-              f"(each: {', '.join(f'{w / b:.3f}' for b, w in il['rounds'])})")
+    for label, gaps in result.get("idle_gaps", {}).items():
+        print(f"\nGPU idle, {label}: {gaps['idle_ms']:.2f} ms between {gaps['kernels']} kernels "
+              f"({gaps['span_ms']:.1f} ms from first to last); most waited for:")
+        for g in gaps["by_next_kernel"]:
+            print(f"{g['ms']:8.3f} ms {g['gaps']:5d} gaps ({g['over_5us']} over 5 us) before {g['next'][:70]}")
+        print("largest: " + "; ".join(f"{g['us']:.0f} us {g['after'][:30]} -> {g['before'][:30]}"
+                                      for g in gaps["largest"][:5]))
+    for key, what in (("interleaved", "interleaved"), ("graphed", "interleaved, CUDA graphs")):
+        if key in result:
+            il = result[key]
+            print(f"\n{what}, {len(il['rounds'])} rounds: no LoRA {il['no_lora_ms_median']:.2f} ms, rank {max(ranks)} "
+                  f"wide {il['wide_ms_median']:.2f} ms (medians); per-round ratio median {il['median_ratio']:.3f} "
+                  f"(each: {', '.join(f'{w / b:.3f}' for b, w in il['rounds'])})")
+    if "ab_rel_err" in result:
+        print(f"input concatenated vs as shipped, relative difference of the outputs: {result['ab_rel_err']:.1e}")
     print("wide vs separate ups, relative difference of the outputs: "
           + ", ".join(f"rank {r} {e:.1e}" for r, e in agreement.items()))
     print(f"switch between two cached rank-{top} sets: {switch_ms:.1f} ms, {recompiles} graphs compiled while "

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from benchmarks.common import kernel_kind
+from benchmarks.common import gaps_of, kernel_kind
 from benchmarks.sync_check import watched_denoise
 from gen import Generator
 
@@ -20,6 +20,18 @@ def test_kernel_kinds():
     assert kernel_kind("void at::native::vectorized_elementwise_kernel<4, CUDAFunctor_add>") == "other elementwise"
     assert kernel_kind("Memcpy DtoD (Device -> Device)") == "copy / cat"
     assert kernel_kind("ncclDevKernel_SendRecv(ncclDevKernelArgsStorage<4096ul>)") == "communication (nccl)"
+
+
+def test_idle_gaps_sum_the_time_no_kernel_ran_by_the_kernel_waited_for():
+    """Overlapping kernels leave no gap; each gap is charged to the kernel that ends it, its predecessor the kernel
+    that had run longest."""
+    spans = [(0, 10, "gemm"), (12, 20, "norm"), (15, 30, "copy"), (30, 31, "norm"), (40, 50, "gemm"), (5, 5, "empty")]
+    g = gaps_of(spans, n=2)
+    assert g["kernels"] == 5 and g["span_ms"] == 0.05
+    assert g["idle_ms"] == (2 + 9) / 1e3  # 10 -> 12 and 31 -> 40; 20 -> 15 overlaps, 30 -> 30 touches
+    assert [(r["next"], r["gaps"], r["over_5us"]) for r in g["by_next_kernel"]] == [("gemm", 1, 1), ("norm", 1, 0)]
+    assert g["largest"][0] == {"us": 9, "after": "norm", "before": "gemm"}
+    assert gaps_of([])["idle_ms"] == 0
 
 
 def test_sync_check_watches_only_the_denoise_stage():

@@ -4,6 +4,7 @@ torch.compile, counted with dynamo's counters); FP8 layers take unfused LoRAs; f
 input refused; concurrent generations with different sets; the CLI flags."""
 from __future__ import annotations
 
+import re
 import types
 from pathlib import Path
 
@@ -351,3 +352,39 @@ def test_add_lora_in_place_eager_equals_the_compiled_add():
     transposed = joined[..., 8:16].transpose(0, 1)  # rows not mergeable into one stride
     out = add_lora(transposed, h.transpose(0, 1), up)
     assert out.data_ptr() != transposed.data_ptr() and rel_err(out, want.transpose(0, 1)) < 1e-6
+
+
+def test_wide_input_is_written_in_place_by_its_producer_under_inductor():
+    """The wide layout's input [x | x A^T] (or a split group's [h_rest | x | h_last]) under inductor, with a norm
+    producing x as in the blocks: the norm writes x straight into the GEMM's buffer in the one kernel that makes it
+    (no buffer of x's own, which a concatenation after the down product had to copy; no second pass over the whole
+    buffer, which assigning into slices of it made), the down product reads x there and writes into the buffer in
+    place, and the GEMM over the 2-D rows keeps its bias (addmm; a 3-D strided view ran a bmm and added the bias
+    apart). Values equal eager."""
+    import torch.nn.functional as F
+    from torch._inductor.utils import run_and_get_code
+
+    from gen.models.layers import wide_lora_input
+
+    def layer(inp, s, down, wide, bias, before):
+        x = F.layer_norm(inp, inp.shape[-1:]) * (1 + s)
+        return F.linear(wide_lora_input(x, down, before), wide, bias)
+
+    g = torch.Generator().manual_seed(0)
+    inp, s, down = torch.randn(2, 40, 32, generator=g), torch.randn(32, generator=g), torch.randn(24, 32, generator=g)
+    wide, bias = torch.randn(96, 56, generator=g), torch.randn(96, generator=g)
+    x = F.layer_norm(inp, inp.shape[-1:]) * (1 + s)
+    h = x @ down.T
+    for before in (0, 8):
+        want = torch.cat([h[..., :before], x, h[..., before:]], -1).reshape(80, 56) @ wide.T + bias
+        assert rel_err(layer(inp, s, down, wide, bias, before), want) < 1e-6
+        torch._dynamo.reset()
+        got, (code,) = run_and_get_code(torch.compile(layer, fullgraph=True), inp, s, down, wide, bias, before)
+        assert rel_err(got, want) < 1e-5
+        allocated = [line for line in code.splitlines() if "empty_strided" in line and "= empty_strided" in line]
+        assert not any("(80, 32)" in a or "(2, 40, 32)" in a for a in allocated), allocated  # no buffer of x alone
+        assert sum("(80, 56)" in a for a in allocated) == 1, allocated
+        assert "extern_kernels.addmm(" in code and "bmm(" not in code
+        kernels = [line for line in code.splitlines() if re.match(r"\s*cpp_fused\w*\(", line)]  # calls
+        assert len(kernels) == 1, kernels  # the norm, its cat and the zero columns
+        assert "torch.ops.gen.lora_down_into.default(buf" in code  # in place, on the buffer itself

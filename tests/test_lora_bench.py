@@ -12,11 +12,13 @@ from benchmarks.lora_step import main  # noqa: E402
 
 def test_lora_step_benchmark_runs_on_cpu(tmp_path, capsys):
     out = tmp_path / "lora.json"
-    result = main(["--tiny", "--ranks", "2,4", "--interleave", "2", "--out", str(out)])
+    result = main(["--tiny", "--ranks", "2,4", "--interleave", "2", "--ab", "--out", str(out)])
     assert set(result["ours"]) == {"ours compiled, no LoRA", "ours compiled, fused rank 4",
                                    "ours compiled, no LoRA again (the spread between runs)",
                                    *(f"ours compiled, unfused rank {r} ({layout})" for r in (2, 4)
-                                     for layout in ("wide", "separate ups"))}
+                                     for layout in ("wide", "separate ups")),
+                                   *(f"ours compiled, unfused rank 4 (wide, {v})"
+                                     for v in ("input concatenated", "as shipped, again"))}
     assert all(e <= 1e-5 for e in result["wide_vs_separate_rel_err"].values())  # the same function (fp32 here)
     assert result["recompiles_while_switching"] == 0 and result["switch_ms"] > 0
     assert len(result["diffusers"]) == 3 and json.loads(out.read_text())["tokens"] == result["tokens"]

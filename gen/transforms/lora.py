@@ -23,7 +23,7 @@ gen/lora (key maps per format and family, an LRU cache bounded in MB). Two ways 
   (`wide=True`, the default): the weight is the view `buf[:, :in]` of an (out, in + R) buffer whose spare columns
   hold the ups (a joined group's members each in their own rows and their own R columns, the rest zero), and the
   layer runs one GEMM over [x | x A^T]: the input copied once instead of an up product as wide as the output
-  written and read (FLUX.1-dev-sized step, rank 64, H200: +7.2% over no LoRA against +10.5%; docs/LORA.md). A
+  written and read (FLUX.1-dev-sized step, rank 64, H200: +6.1% over no LoRA; separate ups +10-14%; docs/LORA.md). A
   group whose last member is as wide as the rest together (FLUX.1's single block: q, k, v | MLP) gets two buffers,
   run as two GEMMs over column ranges of one input [h_rest | x | h_last]: fewer zero blocks, and the MLP keeps its
   GELU epilogue (`_split_last`). The buffer is made when banks are attached and the weight compacted back (same
