@@ -14,6 +14,7 @@ format .safetensors to a temporary folder and read through gen/lora like any oth
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import tempfile
 import time
@@ -96,8 +97,20 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--ab", action="store_true",
                    help="at the top rank, also the wide layout with its input concatenated after the down product (as "
                         "before 2026-11-29's seventh session), then as shipped again: an A/B in one run")
+    p.add_argument("--compile-options", default="",
+                   help="JSON of inductor options for the blocks' compile, e.g. '{\"max_autotune_gemm\": true, "
+                        "\"max_autotune_gemm_backends\": \"TRITON,ATEN\", \"benchmark_epilogue_fusion\": true}' "
+                        "(Triton GEMM templates, where the up products' adds can join their consumers' kernels)")
     p.add_argument("--out", help="JSON output (default: $OUT/lora_step.json when OUT is set)")
     args = p.parse_args(argv)
+    try:
+        options = json.loads(args.compile_options) if args.compile_options else None
+    except json.JSONDecodeError as e:
+        p.error(f"--compile-options is not JSON ({e}): {args.compile_options!r}")
+    if options is not None and not isinstance(options, dict):
+        p.error(f"--compile-options must be a JSON object, got {args.compile_options!r}")
+    if options and args.tiny:
+        print("--compile-options: inductor's; --tiny compiles with the eager backend, so they are not used")
     device = torch.device("cpu") if args.tiny or not torch.accelerator.is_available() \
         else torch.accelerator.current_accelerator()
     dtype = torch.float32 if device.type == "cpu" else torch.bfloat16
@@ -126,7 +139,9 @@ def main(argv: list[str] | None = None) -> dict:
         unfused = LoraAdapters(pipeline, max_cache_mb=1e6)  # the default: the wide layout where layers widen
         separate = LoraAdapters(pipeline, max_cache_mb=1e6, wide=False)  # every layer adds its up product
         fused = LoraAdapters(pipeline, fuse=True, max_cache_mb=1e6)
-        compile_blocks(ours, FLUX_DIT.blocks, **({"backend": "eager"} if args.tiny else {}))
+        result["compile_options"] = options
+        compile_blocks(ours, FLUX_DIT.blocks, **({"backend": "eager"} if args.tiny else
+                                                 {"options": options} if options else {}))
         cold = timed_s(step)
         none_ms = time_ms(step, warmup, iters)
         kernels = {"ours compiled, no LoRA": kernel_breakdown(step)} if args.profile else {}

@@ -52,3 +52,12 @@ def test_lora_layouts_benchmark_runs_on_cpu(tmp_path):
                                              for p in (2, 4, 8))
     for case in result["groups"].values():
         assert all(case[v]["rel_err_vs_fp32"] <= 1e-5 for v in ("wide, one GEMM", "split, two GEMMs"))
+
+
+def test_lora_step_refuses_compile_options_that_are_not_a_json_object(capsys):
+    import pytest
+
+    for bad, said in (("{max_autotune: 1}", "is not JSON"), ("[1]", "must be a JSON object")):
+        with pytest.raises(SystemExit) as info:
+            main(["--tiny", "--compile-options", bad])
+        assert info.value.code == 2 and said in capsys.readouterr().err
