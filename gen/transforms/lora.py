@@ -22,9 +22,10 @@ gen/lora (key maps per format and family, an LRU cache bounded in MB). Two ways 
   Widening layers (out >= 2 x in: the joined q/k/v(+MLP) groups, the MLP's first linear) take the "wide" layout
   (`wide=True`, the default): the weight is the view `buf[:, :in]` of an (out, in + R) buffer whose spare columns
   hold the ups (a joined group's members each in their own rows and their own R columns, the rest zero), and the
-  layer runs one GEMM over [x | x A^T]: the input copied once instead of an up product as wide as the output
-  written and read (FLUX.1-dev-sized step, rank 64, H200: +6.1% over no LoRA; separate ups +10-14%; docs/LORA.md). A
-  group whose last member is as wide as the rest together (FLUX.1's single block: q, k, v | MLP) gets two buffers,
+  layer runs one GEMM over [x | x A^T] (gen.models.layers.wide_lora_input: under torch.compile x's producer writes
+  it into that buffer; eager, it is copied once) instead of an up product as wide as the output written and read
+  (FLUX.1-dev-sized step, rank 64, H200: +6.1% over no LoRA; separate ups +10-14%; docs/LORA.md). A group whose
+  last member is as wide as the rest together (FLUX.1's single block: q, k, v | MLP) gets two buffers,
   run as two GEMMs over column ranges of one input [h_rest | x | h_last]: fewer zero blocks, and the MLP keeps its
   GELU epilogue (`_split_last`). The buffer is made when banks are attached and the weight compacted back (same
   values, contiguous) when they come off, so requests without LoRAs run the plain GEMM as before; both are
